@@ -1,0 +1,1 @@
+"""cas_jax: Channel-wise Activation Suppressing (ICLR 2021) and adversarial training in JAX."""

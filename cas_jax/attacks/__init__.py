@@ -1,0 +1,1 @@
+"""Attacks on any JAX classifier, all built on one engine (`engine.ascend`)."""

@@ -1,0 +1,90 @@
+"""The attack engine: start in the L-inf ball, then a compiled loop of gradient -> step rule -> projection.
+
+Every white-box attack in cas_jax (and the adversaries of `train_step`) is `ascend` with
+its own per-example loss and step rule:
+
+    loss_fn = lambda x_adv: losses.cross_entropy(logits_fn(x_adv), y)
+    x_adv = engine.ascend(loss_fn, x, eps=8/255, step_size=2/255, steps=10, key=key)
+
+`loss_fn(x_adv)` returns one loss per example; the engine ascends their sum, which gives
+per-example gradients because examples do not interact in an evaluation-mode forward pass.
+"""
+from typing import Any, Callable, Tuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+LossFn = Callable[[Array], Array]
+StepRule = Callable[[Array, Array, Any], Array]
+
+STARTS = ("uniform", "normal", "none")
+
+
+def split_outputs(outputs) -> Tuple[Array, tuple]:
+  """(logits, cas_logits) from a model function's output: an array or a (logits, cas) pair."""
+  if isinstance(outputs, (tuple, list)):
+    logits, cas_logits = outputs
+    return logits, tuple(cas_logits)
+  return outputs, ()
+
+
+def project(x_adv: Array, x: Array, eps) -> Array:
+  """Clip x_adv into the L-inf ball of radius eps around x and into [0, 1]."""
+  return jnp.clip(jnp.clip(x_adv, x - eps, x + eps), 0.0, 1.0)
+
+
+def check_eps(eps) -> None:
+  """Raise one clear ValueError when a (Python) eps is outside (0, 1]."""
+  if isinstance(eps, (int, float)) and not 0.0 < eps <= 1.0:
+    raise ValueError(f"eps={eps} is outside (0, 1]; images are in [0, 1], e.g. eps=8/255.")
+
+
+def example_keys(key: Array, n: int) -> Array:
+  """One key per example: key folded with 0..n-1, or `key` itself when it is already a batch of n.
+
+  Randomness drawn per example (not per batch) makes an attack's result on an image
+  independent of the batch it is in: evaluation passes keys folded with global image indices.
+  """
+  is_typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+  if key.ndim == (1 if is_typed else 2):
+    if key.shape[0] != n:
+      raise ValueError(f"got {key.shape[0]} per-example keys for a batch of {n} examples")
+    return key
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
+
+
+def per_example(sample_fn: Callable[[Array, tuple], Array], key: Array, shape: tuple) -> Array:
+  """Draw sample_fn(key_i, shape[1:]) for each example i of a batch of shape `shape`."""
+  return jax.vmap(lambda k: sample_fn(k, shape[1:]))(example_keys(key, shape[0]))
+
+
+def random_start(key: Array, x: Array, eps, start: str = "uniform", sigma: float = 0.001) -> Array:
+  """A starting point: uniform in the eps-ball, x + sigma * N(0, 1) (TRADES / MART), or x itself."""
+  if start == "uniform":
+    x0 = x + per_example(lambda k, s: jax.random.uniform(k, s, x.dtype, -eps, eps), key, x.shape)
+  elif start == "normal":
+    x0 = x + sigma * per_example(lambda k, s: jax.random.normal(k, s, x.dtype), key, x.shape)
+  elif start == "none":
+    x0 = x
+  else:
+    raise ValueError(f"unknown start {start!r}; valid: {', '.join(STARTS)}")
+  return project(x0, x, eps)
+
+
+def sign_step(x_adv: Array, grad: Array, step_size) -> Array:
+  """The PGD step rule: x + step_size * sign(grad)."""
+  return x_adv + step_size * jnp.sign(grad)
+
+
+def ascend(loss_fn: LossFn, x: Array, *, eps, step_size, steps: int, key: Array,
+           start: str = "uniform", sigma: float = 0.001, step_rule: StepRule = sign_step) -> Array:
+  """Maximise sum(loss_fn(x_adv)) over the eps-ball around x with `steps` projected steps."""
+  check_eps(eps)
+  grad_fn = jax.grad(lambda z: jnp.sum(loss_fn(z)))
+
+  def body(_, x_adv):
+    return project(step_rule(x_adv, grad_fn(x_adv), step_size), x, eps)
+
+  x_adv = jax.lax.fori_loop(0, steps, body, random_start(key, x, eps, start, sigma))
+  return jax.lax.stop_gradient(x_adv)

@@ -1,0 +1,1 @@
+"""Flax CAS networks (placeholder until the models land)."""
