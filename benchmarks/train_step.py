@@ -1,0 +1,71 @@
+"""Compile time and steady-state throughput of `train_step` for any config; prints and writes JSON.
+
+  python benchmarks/train_step.py --config=configs/cifar10_at_cas.py --steps=20 --out=bench.json
+  python benchmarks/train_step.py --config=configs/smoke.py --config.batch_size=64
+"""
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cas_jax import train  # pylint: disable=g-import-not-at-top
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "A config file from configs/.")
+flags.DEFINE_integer("steps", 10, "Timed steps after the compile step.")
+flags.DEFINE_string("out", "", "Write the results as JSON here.")
+flags.mark_flags_as_required(["config"])
+
+
+def main(_):
+  """Time one compile and FLAGS.steps steady-state training steps on random images."""
+  config = FLAGS.config
+  train.validate_config(config)
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  data_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  size, batch = config.data.image_size, config.batch_size
+  model = train.create_model(config, config.data.num_classes)
+  state = train.create_train_state(jax.random.PRNGKey(0), model, config, 100, (size, size, 3))
+  state = jax.device_put(state, replicated)
+  rng = np.random.default_rng(0)
+  batch_arrays = jax.device_put({
+      "image": rng.random((batch, size, size, 3), dtype=np.float32),
+      "label": rng.integers(0, config.data.num_classes, batch).astype(np.int32)}, data_sharding)
+  step_fn = jax.jit(lambda s, b, k: train.train_step(s, b, k, config=config),
+                    donate_argnums=(0,), out_shardings=(replicated, replicated))
+  key = jax.random.PRNGKey(1)
+
+  start = time.perf_counter()
+  state, metrics = step_fn(state, batch_arrays, key)
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - start
+
+  start = time.perf_counter()
+  for _ in range(FLAGS.steps):
+    state, metrics = step_fn(state, batch_arrays, key)
+  jax.block_until_ready((state, metrics))
+  step_s = (time.perf_counter() - start) / FLAGS.steps
+
+  result = {
+      "model": config.model.name, "width": config.model.width or "full",
+      "cas_stages": str(config.model.cas_stages), "objective": config.loss.objective,
+      "attack_steps": config.attack.steps if config.loss.objective != "natural" else 0,
+      "dtype": config.model.dtype, "batch_size": batch, "devices": jax.device_count(),
+      "device_kind": jax.devices()[0].device_kind, "compile_and_first_step_s": compile_s,
+      "step_s": step_s, "images_per_s": batch / step_s}
+  print(json.dumps(result, indent=2))
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)

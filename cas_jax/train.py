@@ -1,0 +1,266 @@
+"""Adversarial training with CAS: the train state, one compiled `train_step`, and the training loop.
+
+    state, metrics = train_step(state, batch, rng, model=model, config=config)
+
+`train_step` crafts the adversaries with the model in evaluation mode (a `lax.fori_loop`
+in `attacks.engine.ascend`), computes the objective of `config.loss` in training mode and
+applies one SGD update. `train_and_evaluate(config, workdir)` runs it data-parallel over
+every device (a 1-D mesh, batch sharded on "data"), evaluates, logs and checkpoints.
+"""
+import functools
+import time
+from typing import Any, Dict, Tuple
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax.training import train_state
+from jax.sharding import NamedSharding, PartitionSpec as P
+import tqdm
+
+from cas_jax import checkpointing
+from cas_jax import input_pipeline
+from cas_jax import losses
+from cas_jax import metric_writers
+from cas_jax import models
+from cas_jax.attacks import engine
+from cas_jax.attacks import pgd as pgd_lib
+
+OBJECTIVES = ("natural", "at", "trades", "mart")
+BATCH_NORM_MODES = ("running", "batch")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class TrainState(train_state.TrainState):
+  """Flax TrainState that also carries the BatchNorm running averages."""
+  batch_stats: Any = None
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raise one ValueError naming the fix for a config that cannot train."""
+  def check(ok, message):
+    if not ok:
+      raise ValueError(message)
+  check(config.loss.objective in OBJECTIVES,
+        f"loss.objective={config.loss.objective!r}; valid: {', '.join(OBJECTIVES)}")
+  check(config.attack.batch_norm in BATCH_NORM_MODES,
+        f"attack.batch_norm={config.attack.batch_norm!r}; valid: {', '.join(BATCH_NORM_MODES)}")
+  check(config.attack.start in engine.STARTS,
+        f"attack.start={config.attack.start!r}; valid: {', '.join(engine.STARTS)}")
+  check(config.model.dtype in DTYPES,
+        f"model.dtype={config.model.dtype!r}; valid: {', '.join(DTYPES)}")
+  for name in ("attack", "eval"):
+    engine.check_eps(config[name].eps)
+  devices = jax.device_count()
+  for name in ("batch_size", "eval_batch_size"):
+    check(config[name] % devices == 0,
+          f"{name}={config[name]} must be a multiple of the {devices} devices")
+
+
+def model_options(model_config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """models.create keyword arguments from config.model (width, cas_stages, cas_suppress, dtype)."""
+  options = {"cas_suppress": model_config.cas_suppress, "dtype": DTYPES[model_config.dtype]}
+  if model_config.width:
+    options["width"] = model_config.width
+  stages = str(model_config.cas_stages).strip()
+  if stages == "none":
+    options["cas_stages"] = ()
+  elif stages != "default":
+    try:
+      options["cas_stages"] = tuple(int(s) for s in stages.strip("()").split(",") if s.strip())
+    except ValueError:
+      raise ValueError(f"model.cas_stages={stages!r}; use 'default', 'none' or stage numbers "
+                       "such as '3,4'") from None
+  return options
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int):
+  """The network of config.model, with its CAS placement."""
+  return models.create(config.model.name, num_classes=num_classes, **model_options(config.model))
+
+
+def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int):
+  """lr divided by 1/gamma at each epoch milestone (torch's MultiStepLR)."""
+  boundaries = {int(m) * steps_per_epoch: config.schedule.gamma
+                for m in config.schedule.milestones}
+  return optax.piecewise_constant_schedule(config.optim.lr, boundaries)
+
+
+def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
+  """torch-style SGD: weight decay added to the gradient of every parameter, then momentum."""
+  return optax.chain(
+      optax.add_decayed_weights(config.optim.weight_decay),
+      optax.sgd(create_learning_rate_fn(config, steps_per_epoch),
+                momentum=config.optim.momentum, nesterov=config.optim.nesterov))
+
+
+def create_train_state(key: jax.Array, model, config: ml_collections.ConfigDict,
+                       steps_per_epoch: int, image_shape: Tuple[int, ...]) -> TrainState:
+  """Initial parameters, BatchNorm statistics and optimiser state."""
+  variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+  return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                           batch_stats=variables["batch_stats"],
+                           tx=create_optimizer(config, steps_per_epoch))
+
+
+def attack_model_fn(state: TrainState, batch_norm: str = "running"):
+  """model_fn(x) -> (logits, cas_logits) in evaluation mode, as attacks see the model.
+
+  batch_norm="batch" normalises with the batch's own statistics and discards their update.
+  """
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  if batch_norm == "running":
+    return lambda x: state.apply_fn(variables, x, train=False)
+  return lambda x: state.apply_fn(variables, x, train=False, bn_train=True,
+                                  mutable=["batch_stats"])[0]
+
+
+def craft_training_adversaries(state: TrainState, x: jax.Array, y: jax.Array, key: jax.Array,
+                               config: ml_collections.ConfigDict) -> jax.Array:
+  """The objective's training adversaries (joint CE for AT / MART, joint KL for TRADES)."""
+  model_fn = attack_model_fn(state, config.attack.batch_norm)
+  beta = config.loss.beta
+  if config.loss.objective == "trades":
+    nat_logits, nat_cas = jax.lax.stop_gradient(model_fn(x))
+    loss_fn = lambda z: losses.joint_kl(*model_fn(z), nat_logits, nat_cas, beta)
+  else:
+    loss_fn = lambda z: losses.joint_ce(*model_fn(z), y, beta)
+  return engine.ascend(loss_fn, x, eps=config.attack.eps, step_size=config.attack.step_size,
+                       steps=config.attack.steps, key=key, start=config.attack.start)
+
+
+def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *,
+               config: ml_collections.ConfigDict) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  """One update: craft adversaries (eval mode), objective in training mode, SGD step."""
+  x, y = batch["image"], batch["label"]
+  objective, beta, lam = config.loss.objective, config.loss.beta, config.loss.lam
+  x_adv = None
+  if objective != "natural":
+    x_adv = craft_training_adversaries(state, x, y, jax.random.fold_in(rng, state.step), config)
+
+  def forward(params, batch_stats, images):
+    (logits, cas_logits), updates = state.apply_fn(
+        {"params": params, "batch_stats": batch_stats}, images, labels=y, train=True,
+        mutable=["batch_stats"])
+    return logits, cas_logits, updates["batch_stats"]
+
+  def loss_fn(params):
+    if objective in ("natural", "at"):
+      images, objective_fn = (x, losses.natural_loss) if objective == "natural" else (
+          x_adv, losses.at_loss)
+      logits, cas_logits, batch_stats = forward(params, state.batch_stats, images)
+      loss = objective_fn(logits, cas_logits, y, beta)
+    else:  # TRADES / MART: natural and adversarial batches in two training-mode passes.
+      nat_logits, nat_cas, batch_stats = forward(params, state.batch_stats, x)
+      logits, cas_logits, batch_stats = forward(params, batch_stats, x_adv)
+      objective_fn = losses.trades_loss if objective == "trades" else losses.mart_loss
+      loss = objective_fn(nat_logits, nat_cas, logits, cas_logits, y, beta, lam)
+    return loss, (batch_stats, logits)
+
+  (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  metrics = {"train_loss": loss, "train_accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
+  return state, metrics
+
+
+def eval_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *,
+              config: ml_collections.ConfigDict) -> Dict[str, jax.Array]:
+  """Counts of correct natural and PGD predictions over the real (unpadded) images of a batch."""
+  x, y, mask = batch["image"], batch["label"], batch["mask"]
+  model_fn = attack_model_fn(state)
+  keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(batch["index"])
+  x_adv = pgd_lib.pgd(model_fn, x, y, eps=config.eval.eps, steps=config.eval.steps,
+                      step_size=config.eval.step_size, loss=config.eval.loss,
+                      beta=config.loss.beta, key=keys)
+  natural = jnp.argmax(model_fn(x)[0], -1) == y
+  robust = jnp.argmax(model_fn(x_adv)[0], -1) == y
+  return {"natural": jnp.sum(natural & mask), "pgd": jnp.sum(robust & mask),
+          "count": jnp.sum(mask)}
+
+
+def evaluate(eval_fn, state: TrainState, dataset, rng: jax.Array, batch_size: int,
+             num_images: int, sharding) -> Dict[str, float]:
+  """Natural and PGD accuracy over the first num_images test images (0 = all)."""
+  totals = {"natural": 0, "pgd": 0, "count": 0}
+  for batch in dataset.eval_batches(batch_size, num_images=num_images or None):
+    counts = jax.device_get(eval_fn(state, input_pipeline.to_global(batch, sharding), rng))
+    totals = {k: totals[k] + int(counts[k]) for k in totals}
+  return {"natural_acc": totals["natural"] / totals["count"],
+          "pgd_acc": totals["pgd"] / totals["count"], "eval_images": totals["count"]}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Train (resuming from workdir's latest checkpoint), evaluate each epoch, checkpoint, log."""
+  validate_config(config)
+  # --- Mesh: one data axis over every device of every host.
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  data_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+
+  # --- Input and model.
+  dataset = input_pipeline.create_dataset(config)
+  steps_per_epoch = dataset.steps_per_epoch
+  model = create_model(config, dataset.num_classes)
+  init_key, train_key, eval_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+  state = create_train_state(init_key, model, config, steps_per_epoch, dataset.image_shape)
+
+  # --- Checkpoint: resume from the latest one, if any.
+  manager = checkpointing.create_manager(workdir, async_save=config.ckpt.async_save)
+  state = jax.device_put(checkpointing.restore_or_init(manager, state), replicated)
+  start_step = int(state.step)
+  if start_step:
+    logging.info("Resumed from step %d in %s", start_step, workdir)
+
+  # --- Compiled steps.
+  p_train_step = jax.jit(functools.partial(train_step, config=config), donate_argnums=(0,),
+                         out_shardings=(replicated, replicated))
+  p_eval_step = jax.jit(functools.partial(eval_step, config=config), out_shardings=replicated)
+
+  writer = metric_writers.MetricWriter(workdir)
+  num_epochs = config.schedule.num_epochs
+  lr_fn = create_learning_rate_fn(config, steps_per_epoch)
+  step = start_step
+  try:
+    for epoch in range(start_step // steps_per_epoch, num_epochs):
+      first = step - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
+      progress = tqdm.tqdm(total=steps_per_epoch * config.batch_size, unit="img",
+                           unit_scale=True, desc=f"epoch {epoch + 1}/{num_epochs}",
+                           disable=jax.process_index() != 0, leave=False)
+      epoch_start, train_metrics = time.time(), {}
+      for i, batch in enumerate(dataset.train_batches(epoch)):
+        if i < first:
+          continue
+        state, metrics = p_train_step(state, input_pipeline.to_global(batch, data_sharding),
+                                      train_key)
+        step += 1
+        progress.update(config.batch_size)
+        if step % config.log_every_steps == 0 or i == steps_per_epoch - 1:
+          train_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          train_metrics["lr"] = float(lr_fn(step - 1))
+          writer.write_scalars(step, train_metrics)
+          progress.set_postfix(loss=f"{train_metrics['train_loss']:.3f}")
+      progress.close()
+      epoch_time = time.time() - epoch_start
+      eval_metrics = {}
+      last = epoch + 1 == num_epochs
+      if (epoch + 1) % config.eval.every_epochs == 0 or last:
+        eval_metrics = evaluate(p_eval_step, state, dataset, eval_key, config.eval_batch_size,
+                                config.eval.num_images, data_sharding)
+      summary = {"epoch": epoch + 1, "epoch_time_s": epoch_time,
+                 "train_images_per_s": (steps_per_epoch - first) * config.batch_size / epoch_time,
+                 **eval_metrics}
+      writer.write_scalars(step, summary)
+      logging.info("epoch %d/%d step %d: %s", epoch + 1, num_epochs, step, " ".join(
+          f"{k}={v:.4g}" for k, v in {**train_metrics, **summary}.items() if k != "epoch"))
+      if (epoch + 1) % config.ckpt.every_epochs == 0 or last:
+        checkpointing.save(manager, state, metrics={k: v for k, v in eval_metrics.items()
+                                                    if k.endswith("acc")} or None)
+  except KeyboardInterrupt:
+    logging.warning("Interrupted at step %d: saving a checkpoint before exiting.", step)
+    checkpointing.save(manager, state)
+    raise
+  finally:
+    manager.wait_until_finished()
+    writer.close()
+  return state
