@@ -36,6 +36,21 @@ def _other_class_max(values: Array, labels: Array) -> Array:
   return jnp.max(jnp.where(is_label, -jnp.inf, values), axis=-1)
 
 
+def _check_num_classes(logits: Array, minimum: int, loss_name: str) -> None:
+  """Raises when there are too few classes: jnp clamps out-of-range indices silently."""
+  if logits.shape[-1] < minimum:
+    raise ValueError(f"{loss_name} needs logits with at least {minimum} classes, shape (N, C) with "
+                     f"C >= {minimum}; got shape {logits.shape}. Use margin() for fewer classes.")
+
+
+def _paired_heads(nat_cas_logits: CasLogits, adv_cas_logits: CasLogits):
+  """zip of natural and adversarial CAS heads; raises if their counts differ."""
+  if len(nat_cas_logits) != len(adv_cas_logits):
+    raise ValueError(f"natural and adversarial outputs must have the same number of CAS heads; got "
+                     f"{len(nat_cas_logits)} and {len(adv_cas_logits)}.")
+  return zip(nat_cas_logits, adv_cas_logits)
+
+
 def _label_value(values: Array, labels: Array) -> Array:
   return jnp.take_along_axis(values, labels[:, None], axis=-1)[:, 0]
 
@@ -54,12 +69,14 @@ def margin(logits: Array, labels: Array) -> Array:
 
 def dlr(logits: Array, labels: Array) -> Array:
   """Croce & Hein's DLR loss -(z_y - max_{k != y} z_k) / (z_pi1 - z_pi3 + 1e-12)."""
+  _check_num_classes(logits, 3, "dlr")
   top = jnp.sort(logits, axis=-1)[:, ::-1]
   return margin(logits, labels) / (top[:, 0] - top[:, 2] + 1e-12)
 
 
 def targeted_dlr(logits: Array, labels: Array, targets: Array) -> Array:
   """Targeted DLR -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)."""
+  _check_num_classes(logits, 4, "targeted_dlr")
   top = jnp.sort(logits, axis=-1)[:, ::-1]
   scale = top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12
   return (_label_value(logits, targets) - _label_value(logits, labels)) / scale
@@ -85,7 +102,7 @@ def joint_kl(logits: Array, cas_logits: CasLogits, nat_logits: Array,
              nat_cas_logits: CasLogits, beta: float) -> Array:
   """Per-example KL(nat || adv) of the main head + beta * mean_s of the heads' KL (TRADES attack)."""
   main = kl_divergence(nat_logits, logits)
-  heads = [kl_divergence(n, a) for n, a in zip(nat_cas_logits, cas_logits)]
+  heads = [kl_divergence(n, a) for n, a in _paired_heads(nat_cas_logits, cas_logits)]
   return main + beta * _mean_over_heads(heads, main)
 
 
@@ -142,6 +159,6 @@ def mart_loss(nat_logits: Array, nat_cas_logits: CasLogits, adv_logits: Array,
       nat_logits, adv_logits)
   heads = [
       boosted_cross_entropy(a, labels) + lam * weight * kl_divergence(n, a)
-      for n, a in zip(nat_cas_logits, adv_cas_logits)
+      for n, a in _paired_heads(nat_cas_logits, adv_cas_logits)
   ]
   return jnp.mean(main + beta * _mean_over_heads(heads, main))

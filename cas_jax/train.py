@@ -181,11 +181,11 @@ def eval_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *,
 
 
 def evaluate(eval_fn, state: TrainState, dataset, rng: jax.Array, batch_size: int,
-             num_images: int, sharding) -> Dict[str, float]:
+             num_images: int, mesh) -> Dict[str, float]:
   """Natural and PGD accuracy over the first num_images test images (0 = all)."""
   totals = {"natural": 0, "pgd": 0, "count": 0}
   for batch in dataset.eval_batches(batch_size, num_images=num_images or None):
-    counts = jax.device_get(eval_fn(state, input_pipeline.to_global(batch, sharding), rng))
+    counts = jax.device_get(eval_fn(state, input_pipeline.to_global_array(batch, mesh), rng))
     totals = {k: totals[k] + int(counts[k]) for k in totals}
   return {"natural_acc": totals["natural"] / totals["count"],
           "pgd_acc": totals["pgd"] / totals["count"], "eval_images": totals["count"]}
@@ -195,15 +195,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """Train (resuming from workdir's latest checkpoint), evaluate each epoch, checkpoint, log."""
   validate_config(config)
   # --- Mesh: one data axis over every device of every host.
-  mesh = jax.make_mesh((jax.device_count(),), ("data",))
-  data_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  mesh = input_pipeline.data_mesh()
+  replicated = NamedSharding(mesh, P())
 
   # --- Input and model.
   dataset = input_pipeline.create_dataset(config)
   steps_per_epoch = dataset.steps_per_epoch
   model = create_model(config, dataset.num_classes)
   init_key, train_key, eval_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)
-  state = create_train_state(init_key, model, config, steps_per_epoch, dataset.image_shape)
+  state = create_train_state(init_key, model, config, steps_per_epoch, dataset.train_images.shape[1:])
 
   # --- Checkpoint: resume from the latest one, if any.
   manager = checkpointing.create_manager(workdir, async_save=config.ckpt.async_save)
@@ -231,7 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       for i, batch in enumerate(dataset.train_batches(epoch)):
         if i < first:
           continue
-        state, metrics = p_train_step(state, input_pipeline.to_global(batch, data_sharding),
+        state, metrics = p_train_step(state, input_pipeline.to_global_array(batch, mesh),
                                       train_key)
         step += 1
         progress.update(config.batch_size)
@@ -246,7 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       last = epoch + 1 == num_epochs
       if (epoch + 1) % config.eval.every_epochs == 0 or last:
         eval_metrics = evaluate(p_eval_step, state, dataset, eval_key, config.eval_batch_size,
-                                config.eval.num_images, data_sharding)
+                                config.eval.num_images, mesh)
       summary = {"epoch": epoch + 1, "epoch_time_s": epoch_time,
                  "train_images_per_s": (steps_per_epoch - first) * config.batch_size / epoch_time,
                  **eval_metrics}

@@ -16,6 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.dataset = "cifar10"  # "cifar10" | "cifar100" | "svhn_cropped"
   config.data.cifar_dir = ""  # a folder in the official python layout, for source="cifar_dir"
   config.data.tfds_data_dir = ""
+  config.data.tfds_download = True  # let TFDS download and prepare the dataset on first use
   config.data.num_train = 0  # 0 = all
   config.data.num_test = 0
   config.data.num_classes = 10
