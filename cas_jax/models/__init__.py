@@ -1,1 +1,113 @@
-"""Flax CAS networks (placeholder until the models land)."""
+"""Flax CAS networks: CIFAR ResNet-18/34, WideResNet, VGG16-BN, built by name.
+
+    from cas_jax import models
+    model = models.create("resnet18", num_classes=10)           # CAS after both stage-4 blocks
+    variables = model.init(jax.random.key(0), x, train=False)   # {'params', 'batch_stats'}
+    logits, cas_logits = model.apply(variables, x, train=False)            # eval: argmax masks
+    (logits, cas_logits), updates = model.apply(
+        variables, x, labels=y, train=True, mutable=["batch_stats"])       # train: label masks
+    # Adversaries with batch statistics but predicted-class masks:
+    (logits, cas_logits), _ = model.apply(
+        variables, x, train=False, bn_train=True, mutable=["batch_stats"])
+
+Options (all keyword): `cas_stages` (ResNet: any subset of (1, 2, 3, 4), default (4,); WRN/VGG:
+None = the official placement, () = none), `cas_suppress` (False: keep the CAS heads but do not
+mask), `dtype` (computation dtype, e.g. jnp.bfloat16; params stay float32), `width` (ResNet
+first-stage width / VGG first conv width, default 64), `depth` and `widen_factor` ("wrn" only,
+default 34 and 10). `cas_logits` is a tuple with one (N, C) array per CAS module.
+"""
+import operator
+from typing import Any, Dict
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from cas_jax.models import cas, resnet, vgg, wrn
+from cas_jax.models.cas import CAS
+from cas_jax.models.resnet import ResNet, ResNet18, ResNet34
+from cas_jax.models.vgg import VGG16
+from cas_jax.models.wrn import WideResNet
+
+NAMES = ("resnet18", "resnet34", "wrn34_10", "wrn", "vgg16")
+
+_COMMON_OPTIONS = ("cas_stages", "cas_suppress", "dtype")
+_OPTIONS = {
+    "resnet18": ("width",) + _COMMON_OPTIONS,
+    "resnet34": ("width",) + _COMMON_OPTIONS,
+    "wrn34_10": _COMMON_OPTIONS,
+    "wrn": ("depth", "widen_factor") + _COMMON_OPTIONS,
+    "vgg16": ("width",) + _COMMON_OPTIONS,
+}
+
+
+def _positive_int(value: Any, what: str) -> int:
+  """`value` as an int; ValueError unless it is a positive integer."""
+  try:
+    if isinstance(value, bool):
+      raise TypeError
+    number = operator.index(value)
+  except TypeError:
+    number = 0
+  if number < 1:
+    raise ValueError(f"{what}={value!r} invalid; choose a positive integer.")
+  return number
+
+
+def _floating_dtype(value: Any) -> Any:
+  """`value` as a floating jnp dtype; ValueError otherwise."""
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"dtype={value!r} invalid; choose a floating dtype such as jnp.float32 or "
+                     "jnp.bfloat16.")
+  return dtype
+
+
+def _checked_options(name: str, options: Dict[str, Any]) -> Dict[str, Any]:
+  """Validated, normalised options for model `name`."""
+  unknown = sorted(set(options) - set(_OPTIONS[name]))
+  if unknown:
+    hint = " (use 'wrn' to choose depth/widen_factor)" if name == "wrn34_10" else ""
+    raise ValueError(f"unknown option(s) {', '.join(unknown)} for {name}; valid: "
+                     f"{', '.join(_OPTIONS[name])}{hint}")
+  checked = dict(options)
+  for key in ("width", "depth", "widen_factor"):
+    if key in checked:
+      checked[key] = _positive_int(checked[key], key)
+  if "dtype" in checked:
+    checked["dtype"] = _floating_dtype(checked["dtype"])
+  if "cas_suppress" in checked and not isinstance(checked["cas_suppress"], bool):
+    raise ValueError(f"cas_suppress={checked['cas_suppress']!r} invalid; choose True or False.")
+  if "cas_stages" in checked:
+    if name.startswith("resnet"):
+      checked["cas_stages"] = resnet.check_cas_stages(checked["cas_stages"], name)
+    elif name.startswith("wrn"):
+      checked["cas_stages"] = wrn.check_cas_stages(checked["cas_stages"], name)
+    else:
+      checked["cas_stages"] = vgg.check_cas_stages(checked["cas_stages"], name)
+  if name == "wrn":
+    wrn.check_depth_and_width(checked.get("depth", 34), checked.get("widen_factor", 10))
+  return checked
+
+
+def create(name: str, num_classes: int = 10, **options) -> nn.Module:
+  """The network `name` (one of NAMES) with `num_classes` outputs and CAS heads."""
+  if name not in NAMES:
+    raise ValueError(f"unknown model {name!r}; valid: {', '.join(NAMES)}")
+  num_classes = _positive_int(num_classes, "num_classes")
+  options = _checked_options(name, options)
+  if name == "resnet18":
+    return ResNet18(num_classes=num_classes, **options)
+  if name == "resnet34":
+    return ResNet34(num_classes=num_classes, **options)
+  if name == "wrn34_10":
+    return WideResNet(depth=34, widen_factor=10, num_classes=num_classes, **options)
+  if name == "wrn":
+    return WideResNet(num_classes=num_classes, **options)
+  return VGG16(num_classes=num_classes, **options)
+
+
+__all__ = ["NAMES", "create", "CAS", "ResNet", "ResNet18", "ResNet34", "WideResNet", "VGG16",
+           "cas", "resnet", "vgg", "wrn"]

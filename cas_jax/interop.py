@@ -1,0 +1,180 @@
+"""PyTorch checkpoints of the official CAS code -> Flax variables for `models.create`.
+
+    from cas_jax import interop, models
+    variables = interop.load_torch_checkpoint("resnet18", "model-res-last.pt")
+    model = models.create("resnet18")
+    logits, cas_logits = model.apply(variables, x, train=False)   # x NHWC in [0, 1]
+
+    # Or from a state_dict already in memory (name -> array or torch tensor):
+    variables = interop.from_torch_state_dict("wrn34_10", state_dict)
+
+The key layout is that of the authors' released models (github.com/bymavis/CAS_ICLR2021):
+ResNet-18 with CAS blocks in `layer4` (`layer4.0.fc.weight`, `layer2.0.shortcut.0.weight`,
+`linear.weight`, ...), their WideResNet (`block3.layer.4.fc.weight`, `convShortcut`, `extra_fc`;
+the unused `sub_block1.*` group is ignored) and their VGG16 (`layer5.0.conv/bn/fc`, `layer6.0`,
+`layer6.1`, `layer8`). Options such as `width=8` or `depth=16, widen_factor=2` are forwarded to
+`models.create`; the defaults are the released full-width networks. `num_batches_tracked`
+entries are ignored.
+"""
+import re
+from typing import Any, Callable, Dict, Iterable, Mapping, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cas_jax import models
+
+_IGNORED_SUFFIXES = ("num_batches_tracked",)
+_IGNORED_PREFIXES = {"wrn34_10": ("sub_block1.",), "wrn": ("sub_block1.",)}
+_TORCH_LEAF_NAMES = {
+    ("params", "kernel"): "weight",
+    ("params", "scale"): "weight",
+    ("params", "bias"): "bias",
+    ("batch_stats", "mean"): "running_mean",
+    ("batch_stats", "var"): "running_var",
+}
+_SHOWN = 5  # how many offending keys an error message lists
+
+
+def _resnet_module(path: Tuple[str, ...]) -> str:
+  """Torch module name of a flax module path in models.resnet."""
+  renames = {"shortcut_conv": "shortcut.0", "shortcut_bn": "shortcut.1", "cas": None}
+  parts = [re.sub(r"^layer(\d)_(\d+)$", r"layer\1.\2", p) for p in path]
+  return ".".join(renames.get(p, p) for p in parts if renames.get(p, p) is not None)
+
+
+def _wrn_module(path: Tuple[str, ...]) -> str:
+  """Torch module name of a flax module path in models.wrn."""
+  if path[:1] == ("extra_cas",):
+    return "extra_fc"
+  renames = {"conv_shortcut": "convShortcut", "cas": None}
+  parts = [re.sub(r"^block(\d)_(\d+)$", r"block\1.layer.\2", p) for p in path]
+  return ".".join(renames.get(p, p) for p in parts if renames.get(p, p) is not None)
+
+
+def _vgg_module(path: Tuple[str, ...], has_cas: bool) -> str:
+  """Torch module name of a flax module path in models.vgg."""
+  head = path[0]
+  layer = re.fullmatch(r"layer(\d)_(\d+)", head)
+  if layer:
+    prefix = f"layer{layer[1]}.{layer[2]}"
+    if has_cas:  # the official Conv_FC_Block names its parts
+      return prefix + {"conv": ".conv", "bn": ".bn", "cas": ".fc"}[path[1]]
+    return prefix + {"conv": ".0", "bn": ".1"}[path[1]]
+  classifier = re.fullmatch(r"(layer\d)_(linear|bn)", head)
+  if classifier:
+    return classifier[1] + (".0" if classifier[2] == "linear" else ".1")
+  return head
+
+
+def _torch_module_fn(name: str, flax_paths: Iterable[Tuple[str, ...]]) -> Callable:
+  if name.startswith("resnet"):
+    return _resnet_module
+  if name.startswith("wrn"):
+    return _wrn_module
+  with_cas = {path[0] for path in flax_paths if "cas" in path}
+  return lambda path: _vgg_module(path, path[0] in with_cas)
+
+
+def _to_torch_layout(shape: Tuple[int, ...]) -> Tuple[int, ...]:
+  if len(shape) == 4:  # HWIO -> OIHW
+    return (shape[3], shape[2], shape[0], shape[1])
+  if len(shape) == 2:  # (in, out) -> (out, in)
+    return (shape[1], shape[0])
+  return tuple(shape)
+
+
+def _to_flax_layout(array: np.ndarray) -> np.ndarray:
+  if array.ndim == 4:
+    return np.transpose(array, (2, 3, 1, 0))
+  if array.ndim == 2:
+    return array.T
+  return array
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+  if hasattr(value, "detach"):  # a torch tensor, without importing torch
+    value = value.detach().cpu().numpy()
+  return np.asarray(value, dtype=np.float32)
+
+
+def _strip_module_prefix(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+  """Drop DataParallel's 'module.' prefix when every key has it."""
+  if state_dict and all(k.startswith("module.") for k in state_dict):
+    return {k[len("module."):]: v for k, v in state_dict.items()}
+  return dict(state_dict)
+
+
+def _listed(keys) -> str:
+  keys = list(keys)
+  more = f", ... ({len(keys)} in all)" if len(keys) > _SHOWN else ""
+  return ", ".join(keys[:_SHOWN]) + more
+
+
+def from_torch_state_dict(name: str, state_dict: Mapping[str, Any], num_classes: int = 10,
+                          **options) -> Dict[str, Any]:
+  """Flax {'params', 'batch_stats'} for models.create(name, num_classes, **options)."""
+  model = models.create(name, num_classes=num_classes, **options)
+  state_dict = _strip_module_prefix(state_dict)
+  abstract = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+  flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
+  leaf_paths = [tuple(k.key for k in keys) for keys, _ in flat]
+  torch_module = _torch_module_fn(name, [p[1:-1] for p in leaf_paths])
+
+  missing, mismatched, used, leaves = [], [], set(), []
+  for path, (_, leaf) in zip(leaf_paths, flat):
+    collection, modules, leaf_name = path[0], path[1:-1], path[-1]
+    key = f"{torch_module(modules)}.{_TORCH_LEAF_NAMES[(collection, leaf_name)]}"
+    expected = _to_torch_layout(leaf.shape)
+    if key not in state_dict:
+      missing.append(key)
+      leaves.append(None)
+      continue
+    used.add(key)
+    array = _as_numpy(state_dict[key])
+    if array.shape != expected:
+      mismatched.append((key, f"{key}: got {array.shape}, expected {expected}"))
+    leaves.append(_to_flax_layout(array))
+  order = {key: index for index, key in enumerate(state_dict)}
+  mismatched = [text for _, text in sorted(mismatched, key=lambda item: order[item[0]])]
+  ignored_prefixes = _IGNORED_PREFIXES.get(name, ())
+  unexpected = [k for k in state_dict if k not in used and not k.endswith(_IGNORED_SUFFIXES)
+                and not k.startswith(ignored_prefixes)]
+
+  if missing or unexpected or mismatched:
+    problems = []
+    if missing:
+      problems.append(f"missing keys: {_listed(missing)}")
+    if unexpected:
+      problems.append(f"unexpected keys: {_listed(unexpected)}")
+    if mismatched:
+      problems.append(f"shape mismatches: {_listed(mismatched)}")
+    shown = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    raise ValueError(
+        f"state_dict does not match {name} (num_classes={num_classes}"
+        f"{', ' + shown if shown else ''}): {'; '.join(problems)}. Pass the options (width, "
+        "depth, widen_factor, cas_stages) the checkpoint was trained with.")
+  treedef = jax.tree_util.tree_structure(abstract)
+  return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(a) for a in leaves])
+
+
+def load_torch_checkpoint(name: str, path: str, num_classes: int = 10,
+                          **options) -> Dict[str, Any]:
+  """Flax variables from a .pth/.pt file holding a state_dict (or one under 'state_dict' etc.)."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as error:
+    raise ImportError("load_torch_checkpoint needs PyTorch (pip install torch); or convert the "
+                      "checkpoint elsewhere and call from_torch_state_dict with numpy arrays."
+                      ) from error
+  checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+  for wrapper in ("state_dict", "model", "net"):
+    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get(wrapper), Mapping):
+      checkpoint = checkpoint[wrapper]
+      break
+  if not isinstance(checkpoint, Mapping):
+    raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state_dict; save "
+                     "model.state_dict() (a whole pickled module is not supported).")
+  return from_torch_state_dict(name, checkpoint, num_classes=num_classes, **options)
