@@ -33,7 +33,7 @@ def main(_):
   data_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
   size, batch = config.data.image_size, config.batch_size
   model = train.create_model(config, config.data.num_classes)
-  state = train.create_train_state(jax.random.PRNGKey(0), model, config, 100, (size, size, 3))
+  state = train.create_train_state(0, model, config, 100, (size, size, 3))
   state = jax.device_put(state, replicated)
   rng = np.random.default_rng(0)
   batch_arrays = jax.device_put({

@@ -24,8 +24,10 @@ def create_manager(workdir: str, async_save: bool = True) -> ocp.CheckpointManag
       policies.LatestN(n=1),
       policies.BestN(get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False),
   ])
+  # best_fn also makes a fresh manager read the saved metrics back (for resume and best_step).
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=keep, enable_async_checkpointing=async_save, create=True)
+      preservation_policy=keep, best_fn=_best_metric, best_mode="max",
+      enable_async_checkpointing=async_save, create=True)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                options=options)
 

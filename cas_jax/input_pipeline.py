@@ -314,7 +314,9 @@ def create_dataset(config, *, process_index: Optional[int] = None,
 
 def data_mesh() -> jax.sharding.Mesh:
   """A 1-D mesh over every device, with the batch axis named "data"."""
-  return jax.make_mesh((jax.device_count(),), ("data",))
+  # Auto axes: XLA propagates the batch sharding through the model (no sharding-in-types).
+  return jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def to_global_array(host_batch: Batch, mesh: jax.sharding.Mesh):

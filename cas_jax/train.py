@@ -96,10 +96,13 @@ def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
                 momentum=config.optim.momentum, nesterov=config.optim.nesterov))
 
 
-def create_train_state(key: jax.Array, model, config: ml_collections.ConfigDict,
+def create_train_state(seed: int, model, config: ml_collections.ConfigDict,
                        steps_per_epoch: int, image_shape: Tuple[int, ...]) -> TrainState:
-  """Initial parameters, BatchNorm statistics and optimiser state."""
-  variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+  """Initial parameters (drawn from `seed`), BatchNorm statistics and optimiser state."""
+  # An "rbg" key: compiling threefry for every parameter tensor takes ~30 s on a CPU.
+  key = jax.random.key(seed, impl="rbg")
+  images = jnp.zeros((1, *image_shape), jnp.float32)
+  variables = jax.jit(lambda k: model.init(k, images, train=False))(key)
   return TrainState.create(apply_fn=model.apply, params=variables["params"],
                            batch_stats=variables["batch_stats"],
                            tx=create_optimizer(config, steps_per_epoch))
@@ -202,8 +205,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   dataset = input_pipeline.create_dataset(config)
   steps_per_epoch = dataset.steps_per_epoch
   model = create_model(config, dataset.num_classes)
-  init_key, train_key, eval_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)
-  state = create_train_state(init_key, model, config, steps_per_epoch, dataset.train_images.shape[1:])
+  train_key, eval_key = jax.random.split(jax.random.PRNGKey(config.seed))
+  state = create_train_state(config.seed, model, config, steps_per_epoch,
+                             dataset.train_images.shape[1:])
 
   # --- Checkpoint: resume from the latest one, if any.
   manager = checkpointing.create_manager(workdir, async_save=config.ckpt.async_save)

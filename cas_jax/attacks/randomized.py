@@ -1,0 +1,67 @@
+"""PGD against randomized defenses: EOT and Avg-PGD (paper Table 1: kWTA, SAP, PCL vs CAS).
+
+A randomized model is `random_model_fn(x, keys) -> outputs`, where `keys` holds one PRNG key
+per example (shape (N,)): a model that draws example i's randomness from keys[i] gives each
+image a result independent of its batch. Each step averages the loss gradient over `draws`
+fresh draws (Expectation over Transformation, Athalye et al. 2018); `noise_std` > 0 also
+evaluates every draw at x_adv + N(0, noise_std^2), averaging the gradient over nearby points.
+
+    x_adv = eot_pgd(random_model_fn, x, y, eps=8/255, steps=20, draws=10, key=key)
+    x_adv = avg_pgd(random_model_fn, x, y, eps=8/255, key=key)     # Avg-PGD-100, margin loss
+    x_adv = avg_pgd(lambda z, keys: model_fn(z), x, y, eps=8/255, key=key, noise_std=0.01)
+"""
+import jax
+import jax.numpy as jnp
+
+from cas_jax.attacks import engine
+from cas_jax.attacks.pgd import attack_loss
+
+Array = jax.Array
+
+# fold_in tags separating the per-example streams: the start uses the example key itself (as
+# `pgd` does), the model's draws and the input noise get streams of their own.
+_MODEL_STREAM, _NOISE_STREAM = 1, 2
+
+
+def _fold(keys: Array, *data) -> Array:
+  for d in data:
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, d)
+  return keys
+
+
+def eot_pgd(random_model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 20,
+            draws: int = 10, key: Array, step_size=None, loss="ce", beta: float = 2.0,
+            noise_std: float = 0.0, start: str = "uniform") -> Array:
+  """PGD whose every step ascends the loss gradient averaged over `draws` random draws (EOT)."""
+  engine.check_eps(eps)
+  if draws < 1:
+    raise ValueError(f"draws={draws} must be a positive number of random draws per step")
+  loss_fn = attack_loss(loss, beta)
+  step_size = eps / 10 if step_size is None else step_size
+  keys = engine.example_keys(key, x.shape[0])
+
+  def draw_loss(z, step, draw):
+    model_keys = _fold(keys, _MODEL_STREAM, step, draw)
+    if noise_std:
+      noise_keys = _fold(keys, _NOISE_STREAM, step, draw)
+      z = z + noise_std * engine.per_example(
+          lambda k, s: jax.random.normal(k, s, z.dtype), noise_keys, z.shape)
+    return jnp.sum(loss_fn(random_model_fn(z, model_keys), y))
+
+  draw_grad = jax.grad(draw_loss)
+
+  def step(i, x_adv):
+    total = jax.lax.fori_loop(0, draws, lambda d, g: g + draw_grad(x_adv, i, d),
+                              jnp.zeros_like(x_adv))
+    return engine.project(engine.sign_step(x_adv, total / draws, step_size), x, eps)
+
+  x_adv = jax.lax.fori_loop(0, steps, step, engine.random_start(keys, x, eps, start))
+  return jax.lax.stop_gradient(x_adv)
+
+
+def avg_pgd(random_model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 100,
+            draws: int = 10, key: Array, step_size=None, loss="cw", beta: float = 2.0,
+            noise_std: float = 0.0) -> Array:
+  """Avg-PGD-100 (Tramer et al. 2020): PGD on the margin loss averaged over random draws."""
+  return eot_pgd(random_model_fn, x, y, eps=eps, steps=steps, draws=draws, key=key,
+                 step_size=step_size, loss=loss, beta=beta, noise_std=noise_std)
