@@ -3,6 +3,8 @@
   python main.py --config=configs/cifar10_at_cas.py --workdir=runs/at_cas
   python main.py --config=configs/cifar10_at_cas.py --workdir=runs/at_cas --mode=eval
 """
+import logging as python_logging
+import os
 import sys
 
 from absl import app
@@ -19,10 +21,20 @@ flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (mult
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(python_logging.Filter):
+  """Keep INFO lines from cas_jax and main.py; libraries (Orbax, JAX) only from WARNING up."""
+
+  def filter(self, record):
+    ours = "cas_jax" in record.pathname or record.pathname == os.path.abspath(__file__)
+    return ours or record.levelno >= python_logging.WARNING
+
+
 def main(argv):
   """Dispatch to training or evaluation; configuration mistakes end with one error line."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  if FLAGS.verbosity <= 0:  # --verbosity=1 shows every library's INFO lines
+    logging.get_absl_handler().addFilter(_QuietLibraries())
   if FLAGS.distributed:
     jax.distributed.initialize()
   logging.info("JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(),

@@ -52,7 +52,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check(config.model.dtype in DTYPES,
         f"model.dtype={config.model.dtype!r}; valid: {', '.join(DTYPES)}")
   for name in ("attack", "eval"):
-    engine.check_eps(config[name].eps)
+    try:
+      engine.check_eps(config[name].eps)
+    except ValueError as error:
+      raise ValueError(f"config.{name}.{error}") from None
   devices = jax.device_count()
   for name in ("batch_size", "eval_batch_size"):
     check(config[name] % devices == 0,

@@ -155,7 +155,7 @@ def test_steps_on_real_images_lower_the_loss(tmp_path):
 def test_bad_config_gives_one_clear_error():
   config = tiny_config()
   config.attack.eps = 8.0
-  with pytest.raises(ValueError, match="eps=8.0 is outside"):
+  with pytest.raises(ValueError, match="config.attack.eps=8.0 is outside"):
     train.validate_config(config)
   config = tiny_config()
   config.loss.objective = "pgd"
