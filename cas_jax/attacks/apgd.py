@@ -1,0 +1,256 @@
+"""Auto-PGD (Croce & Hein, ICML 2020): L-inf PGD with momentum and a self-tuning step size.
+
+Each image starts at step 2 * eps and halves its own step at the checkpoints of
+`checkpoints(steps)` when its loss stalled, restarting from its best point. `loss` names what
+is ascended; the joint losses reach the CAS heads (the adaptive attack for CAS models):
+
+    x_adv = apgd(model_fn, x, y, eps=8/255, key=key)                              # APGD-CE
+    x_adv = apgd(model_fn, x, y, eps=8/255, key=key, loss="targeted_dlr",
+                 target_ranks=range(2, 11))                                     # APGD-T
+    x_adv = apgd(model_fn, x, y, eps=8/255, key=key, loss="joint_ce", beta=2.0)   # adaptive
+    x_adv = apgd(random_model_fn, x, y, eps=8/255, key=key, loss="dlr", eot=20)   # randomized
+
+The result is the adversarial example where one was found and x elsewhere. `model_fn(x)`
+returns logits or (logits, cas_logits); with `eot` set it is `model_fn(x, keys)` with one
+key per example (the convention of attacks/randomized.py). `key` is one key or N keys.
+"""
+import functools
+from typing import Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cas_jax import losses
+from cas_jax.attacks import engine
+
+Array = jax.Array
+
+APGD_LOSSES = ("ce", "dlr", "targeted_dlr", "joint_ce", "joint_dlr", "joint_targeted_dlr")
+TARGETED_LOSSES = ("targeted_dlr", "joint_targeted_dlr")
+MOMENTUM = 0.75
+# fold_in tags of the per-example streams: a run's random start and model draws (under the
+# stream of its round: restart / target rank), and the clean prediction.
+_START, _MODEL, _PREDICT, _ROUND = 0, 1, 2, 3
+
+
+def checkpoints(steps: int) -> tuple:
+  """Iterations w_j = ceil(p_j * steps) at which APGD checks its step size (w_0 = 0).
+
+  p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), kept in hundredths
+  so that the arithmetic is exact: for 100 steps, (0, 22, 41, 57, 70, 80, 87, 93, 99).
+  """
+  found, previous, current = [0], 0, 22
+  while current <= 100:
+    w = -(-current * steps // 100)
+    if found[-1] < w <= steps:
+      found.append(w)
+    previous, current = current, current + max(current - previous - 3, 6)
+  return tuple(found)
+
+
+def apgd_loss(name: str, beta: float = 2.0):
+  """The per-example loss `(outputs, y, targets) -> (N,)` that APGD ascends under `name`."""
+  per_name = {
+      "ce": lambda z, cas, y, t: losses.cross_entropy(z, y),
+      "dlr": lambda z, cas, y, t: losses.dlr(z, y),
+      "targeted_dlr": lambda z, cas, y, t: losses.targeted_dlr(z, y, t),
+      "joint_ce": lambda z, cas, y, t: losses.joint_ce(z, cas, y, beta),
+      "joint_dlr": lambda z, cas, y, t: losses.joint_dlr(z, cas, y, beta),
+      "joint_targeted_dlr": lambda z, cas, y, t: losses.joint_targeted_dlr(z, cas, y, t, beta),
+  }
+  if name not in per_name:
+    raise ValueError(f"unknown APGD loss {name!r}; valid: {', '.join(APGD_LOSSES)}")
+  fn = per_name[name]
+  return lambda outputs, y, targets: fn(*engine.split_outputs(outputs), y, targets)
+
+
+def fold_keys(keys: Array, *data) -> Array:
+  """Each per-example key folded with the integers `data` in turn."""
+  for d in data:
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, d)
+  return keys
+
+
+def jit_with_model(*static_argnames: str):
+  """jax.jit for functions of (model_fn, ...): model_fn travels as a jax.tree_util.Partial.
+
+  A plain function is wrapped in a Partial without arguments (compiled once per function
+  object). A Partial(apply_fn, variables) passes its arrays as traced inputs: the weights are
+  not baked into the program as constants, and new weights reuse the compilation.
+  """
+  def decorate(fn):
+    compiled = jax.jit(fn, static_argnames=static_argnames)
+
+    @functools.wraps(fn)
+    def call(model_fn, *args, **kwargs):
+      if not isinstance(model_fn, jax.tree_util.Partial):
+        model_fn = jax.tree_util.Partial(model_fn)
+      return compiled(model_fn, *args, **kwargs)
+    return call
+  return decorate
+
+
+def _call(model_fn, x: Array, keys: Array, randomized: bool):
+  return model_fn(x, keys) if randomized else model_fn(x)
+
+
+@jit_with_model("randomized")
+def predict(model_fn, x: Array, keys: Array, randomized: bool = False) -> Array:
+  """Main-head logits (one draw per example, from `keys`, for a randomized model)."""
+  return engine.split_outputs(_call(model_fn, x, keys, randomized))[0]
+
+
+def should_halve(increases: Array, interval, loss_best: Array, loss_best_at_check: Array,
+                 reduced_at_check: Array, rho: float = 0.75) -> Array:
+  """APGD's test at a checkpoint, per example: halve the step (and restart from the best point)?
+
+  Yes where the loss rose in at most rho of the interval's steps (the reference code's <=),
+  or where the step was not halved at the last checkpoint and the best loss has not grown.
+  """
+  return (increases <= rho * interval) | (~reduced_at_check & (loss_best_at_check >= loss_best))
+
+
+@jit_with_model("steps", "loss", "beta", "rho", "eot")
+def apgd_run(model_fn, x: Array, y: Array, targets: Array, keys: Array, x_start: Array, eps,
+             *, steps: int, loss: str, beta: float, rho: float = 0.75, eot=None) -> dict:
+  """One APGD run from x_start; a dict of per-example results (keys: the EOT draws).
+
+  x_adv / fooled: the last misclassified iterate and whether there was one; x_best / loss_best:
+  the highest-loss point; step_sizes: (steps, N) the step each image used at each iteration.
+  """
+  loss_fn = apgd_loss(loss, beta)
+  n = x.shape[0]
+  per_image = lambda v: v.reshape((n,) + (1,) * (x.ndim - 1))
+  is_checkpoint = np.zeros(steps + 1, bool)
+  interval = np.zeros(steps + 1, np.int32)
+  marks = checkpoints(steps)
+  is_checkpoint[list(marks[1:])] = True
+  interval[list(marks[1:])] = np.diff(marks)
+  is_checkpoint, interval = jnp.asarray(is_checkpoint), jnp.asarray(interval)
+
+  def draw(z, draw_keys):
+    outputs = _call(model_fn, z, draw_keys, eot is not None)
+    per_example = loss_fn(outputs, y, targets)
+    return jnp.sum(per_example), (per_example, engine.split_outputs(outputs)[0])
+
+  value_and_grad = jax.value_and_grad(draw, has_aux=True)
+
+  def evaluate(z, i):
+    """Loss, its gradient (both averaged over `eot` draws) and whether z is still classified y."""
+    if eot is None:
+      (_, (value, logits)), grad = value_and_grad(z, keys)
+      return value, grad, jnp.argmax(logits, -1) == y
+
+    def one_draw(d):
+      (_, (value, logits)), grad = value_and_grad(z, fold_keys(keys, _MODEL, i, d))
+      return value, grad, logits
+
+    def add_draw(d, total):
+      value, grad, logits = one_draw(d)
+      return total[0] + value, total[1] + grad, logits
+
+    value, grad, logits = jax.lax.fori_loop(1, eot, add_draw, one_draw(0))
+    return value / eot, grad / eot, jnp.argmax(logits, -1) == y
+
+  value, grad, correct = evaluate(x_start, 0)
+  state = dict(x_adv=x_start, x_prev=x_start, grad=grad, step=jnp.full((n,), 2.0 * eps),
+               x_best=x_start, grad_best=grad, loss_best=value, loss_prev=value,
+               x_fooled=x_start, fooled=~correct, increases=jnp.zeros(n, jnp.int32),
+               loss_best_at_check=value, reduced_at_check=jnp.ones(n, bool),
+               step_sizes=jnp.zeros((steps, n)))
+
+  def body(i, s):
+    momentum = jnp.where(i > 0, MOMENTUM, 1.0)
+    z = engine.project(s["x_adv"] + per_image(s["step"]) * jnp.sign(s["grad"]), x, eps)
+    x_new = engine.project(s["x_adv"] + momentum * (z - s["x_adv"])
+                           + (1.0 - momentum) * (s["x_adv"] - s["x_prev"]), x, eps)
+    value, grad, correct = evaluate(x_new, i + 1)
+    improved = value > s["loss_best"]
+    x_best = jnp.where(per_image(improved), x_new, s["x_best"])
+    grad_best = jnp.where(per_image(improved), grad, s["grad_best"])
+    loss_best = jnp.where(improved, value, s["loss_best"])
+    increases = s["increases"] + (value > s["loss_prev"])
+    at_check = is_checkpoint[i + 1]
+    reduce = at_check & should_halve(increases, interval[i + 1], loss_best,
+                                     s["loss_best_at_check"], s["reduced_at_check"], rho)
+    return dict(
+        x_adv=jnp.where(per_image(reduce), x_best, x_new), x_prev=s["x_adv"],
+        grad=jnp.where(per_image(reduce), grad_best, grad),
+        step=jnp.where(reduce, s["step"] / 2, s["step"]),
+        x_best=x_best, grad_best=grad_best, loss_best=loss_best, loss_prev=value,
+        x_fooled=jnp.where(per_image(~correct), x_new, s["x_fooled"]),
+        fooled=s["fooled"] | ~correct, increases=jnp.where(at_check, 0, increases),
+        loss_best_at_check=jnp.where(at_check, loss_best, s["loss_best_at_check"]),
+        reduced_at_check=jnp.where(at_check, reduce, s["reduced_at_check"]),
+        step_sizes=s["step_sizes"].at[i].set(s["step"]))
+
+  s = jax.lax.fori_loop(0, steps, body, state)
+  return dict(x_adv=s["x_fooled"], fooled=s["fooled"], x_best=s["x_best"],
+              loss_best=s["loss_best"], step_sizes=s["step_sizes"])
+
+
+def ranked_targets(logits: Array, rank: int) -> Array:
+  """The class with the rank-th largest logit of each row (rank 1 = the prediction)."""
+  num_classes = logits.shape[-1]
+  if not 2 <= rank <= num_classes:
+    raise ValueError(f"target rank {rank} is invalid for {num_classes} classes; valid: "
+                     f"2..{num_classes} (rank 2 = the runner-up class)")
+  return jnp.argsort(logits, axis=-1)[:, -rank]
+
+
+def apgd(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, steps: int = 100,
+         loss: str = "ce", target_ranks: Union[int, Sequence[int]] = 2, beta: float = 2.0,
+         restarts: int = 1, rho: float = 0.75, eot=None, best_loss: bool = False,
+         active=None) -> Array:
+  """APGD on `loss`: each restart (and target rank) runs only on the images still robust.
+
+  Targeted losses attack each rank in `target_ranks` in turn (ranks by the clean logits;
+  range(2, 11) is APGD-T). `active` (N,) bool picks the images to attack (default: those
+  classified correctly); best_loss=True returns every image's highest-loss point instead.
+  """
+  engine.check_eps(eps)
+  apgd_loss(loss, beta)  # validates the name
+  if steps < 1 or restarts < 1:
+    raise ValueError(f"steps={steps} and restarts={restarts} must both be >= 1")
+  if eot is not None and eot < 1:
+    raise ValueError(f"eot={eot}: use None for a deterministic model or a number of draws >= 1")
+  ranks = (target_ranks,) if isinstance(target_ranks, int) else tuple(target_ranks)
+  if loss not in TARGETED_LOSSES:
+    ranks = (None,)
+  keys = engine.example_keys(key, x.shape[0])
+  clean_logits = predict(model_fn, x, fold_keys(keys, _PREDICT), eot is not None)
+  targets = {r: y if r is None else ranked_targets(clean_logits, r) for r in ranks}
+  run = functools.partial(apgd_run, model_fn, eps=eps, steps=steps, loss=loss, beta=beta,
+                          rho=rho, eot=eot)
+  rounds = [(r, restart) for r in ranks for restart in range(restarts)]
+
+  def start_and_run(xs, ys, ts, ks):
+    # Drawn outside the compiled run: the PRNG's compilation, slow on CPU, is then shared.
+    return run(xs, ys, ts, ks, engine.random_start(fold_keys(ks, _START), xs, eps))
+
+  if best_loss:
+    x_best, loss_best = x, jnp.full(x.shape[:1], -jnp.inf)
+    for number, (r, _) in enumerate(rounds):
+      out = start_and_run(x, y, targets[r], fold_keys(keys, _ROUND, number))
+      better = out["loss_best"] > loss_best
+      x_best = jnp.where(better.reshape((-1,) + (1,) * (x.ndim - 1)), out["x_best"], x_best)
+      loss_best = jnp.maximum(out["loss_best"], loss_best)
+    return x_best
+
+  def adversarial(*args):
+    out = start_and_run(*args)
+    return out["x_adv"], out["fooled"]
+
+  x_adv = x
+  robust = jnp.argmax(clean_logits, -1) == y if active is None else jnp.asarray(active)
+  for number, (r, _) in enumerate(rounds):
+    found = engine.run_on_subset(adversarial, robust, x, y, targets[r],
+                                 fold_keys(keys, _ROUND, number))
+    if found is None:
+      break
+    idx, (x_sub, fooled) = found
+    keep = fooled.reshape((-1,) + (1,) * (x.ndim - 1))
+    x_adv = x_adv.at[idx].set(jnp.where(keep, x_sub, x_adv[idx]))
+    robust = robust.at[idx].set(~fooled)
+  return x_adv

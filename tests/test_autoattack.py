@@ -1,0 +1,342 @@
+"""Tests for the JAX AutoAttack: APGD, FAB-T, Square and the staged ensemble.
+
+Small models, 8 images and few steps or queries; the same model functions and shapes are
+reused so that compilations are shared. The parity test against torchattacks (marked slow)
+runs the full standard AutoAttack on both sides.
+"""
+import os
+import pickle
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cas_jax import losses
+from cas_jax.attacks import engine
+from cas_jax.attacks.apgd import apgd, apgd_loss, apgd_run, checkpoints, should_halve
+from cas_jax.attacks.autoattack import autoattack, run_stages
+from cas_jax.attacks.fab import fab, project_onto_hyperplane_linf
+from cas_jax.attacks.square import square, square_fraction
+
+N, SHAPE, CLASSES = 8, (4, 4, 3), 10
+EPS = 0.05
+TOL = 1e-6  # float32 rounding of x +- eps
+
+
+def _weights(seed, *shape):
+  return jax.random.normal(jax.random.key(seed), shape) / np.sqrt(shape[0])
+
+
+W_HIDDEN, W_OUT, W_CAS = _weights(0, 48, 32), _weights(1, 32, CLASSES), _weights(2, 48, CLASSES)
+
+
+def mlp(x):
+  """A small ReLU network on flattened 4x4x3 images."""
+  return jax.nn.relu(x.reshape(x.shape[0], -1) @ W_HIDDEN) @ W_OUT * 4.0
+
+
+def cas_mlp(x):
+  """mlp plus one CAS-like head that reads the input through other weights."""
+  return mlp(x), (x.reshape(x.shape[0], -1) @ W_CAS * 4.0,)
+
+
+def noisy_mlp(x, keys):
+  """A randomized defense: Gaussian input noise drawn from each example's key."""
+  return mlp(x + 0.02 * engine.per_example(lambda k, s: jax.random.normal(k, s), keys, x.shape))
+
+
+def _images(seed=3):
+  x = jax.random.uniform(jax.random.key(seed), (N,) + SHAPE)
+  # Pixels on the box faces: an attack must not push them out of [0, 1].
+  return x.at[:, 0].set(jnp.round(x[:, 0]))
+
+
+X = _images()
+Y = jnp.argmax(mlp(X), -1).at[0].set((jnp.argmax(mlp(X[:1]), -1)[0] + 1) % CLASSES)
+KEY = jax.random.key(7)
+
+
+def _assert_in_ball(x_adv, x, eps):
+  chex.assert_shape(x_adv, x.shape)
+  assert float(jnp.max(jnp.abs(x_adv - x))) <= eps + TOL
+  assert float(jnp.min(x_adv)) >= 0.0 and float(jnp.max(x_adv)) <= 1.0
+
+
+# ---------------------------------------------------------------- APGD
+
+
+def test_checkpoints_match_the_hand_computed_schedule():
+  # p_j: 0, .22, .41 (+.19), .57 (+.16), .70 (+.13), .80 (+.10), .87 (+.07), .93 (+.06),
+  # .99 (+.06); 1.05 > 1 stops. w_j = ceil(p_j * steps).
+  assert checkpoints(100) == (0, 22, 41, 57, 70, 80, 87, 93, 99)
+  # 10 steps: ceil of 2.2, 4.1, 5.7, 7.0, 8.0, 8.7, 9.3, 9.9 (the repeated 10 counts once).
+  assert checkpoints(10) == (0, 3, 5, 6, 7, 8, 9, 10)
+
+
+def test_step_size_halves_at_every_checkpoint_when_the_loss_is_flat():
+  flat = lambda x: jnp.zeros((x.shape[0], CLASSES)) + 0.0 * jnp.sum(x)
+  out = apgd_run(flat, X, Y, Y, engine.example_keys(KEY, N), X, EPS, steps=10, loss="ce",
+                 beta=2.0)
+  marks = np.array(checkpoints(10)[1:])
+  # Iteration i runs with 2 eps halved once per checkpoint w_j <= i (w_j: after w_j steps).
+  expected = 2 * EPS * 0.5 ** np.array([np.sum(marks <= i) for i in range(10)])
+  chex.assert_trees_all_close(out["step_sizes"], np.repeat(expected[:, None], N, 1), rtol=1e-6)
+  chex.assert_trees_all_close(expected[-1], 2 * EPS / 2**6)  # halved after 3, 5, ..., 9
+
+
+def test_should_halve_follows_both_conditions():
+  interval, best = 22, jnp.array([1.0, 1.0, 1.0, 1.0])
+  # 16 <= 0.75 * 22 = 16.5 rises: halve; 17: not, unless the best loss stalled (>= last
+  # checkpoint's) and the step was not halved at the last checkpoint.
+  increases = jnp.array([16, 17, 17, 17])
+  at_last = jnp.array([2.0, 0.5, 1.0, 1.0])
+  reduced_last = jnp.array([False, False, False, True])
+  np.testing.assert_array_equal(
+      should_halve(increases, interval, best, at_last, reduced_last),
+      [True, False, True, False])
+
+
+def test_apgd_finds_the_closed_form_worst_case_of_a_linear_model():
+  w = _weights(4, 48, 2)
+  # A Partial's arrays reach the compiled attack as traced inputs (how models are passed).
+  linear = jax.tree_util.Partial(lambda weights, x: x.reshape(x.shape[0], -1) @ weights, w)
+  y = jnp.argmax(linear(X), -1)
+  # CE of two classes grows with z_other - z_y, linear in x: its maximum over the ball and
+  # the box moves every pixel by eps along sign(w_other - w_y), then clips to [0, 1].
+  direction = jnp.where(y == 0, 1.0, -1.0)[:, None] * (w[:, 1] - w[:, 0])[None]
+  worst = jnp.clip(X + EPS * jnp.sign(direction).reshape(X.shape), 0.0, 1.0)
+  x_best = apgd(linear, X, y, eps=EPS, key=KEY, steps=10, best_loss=True)
+  chex.assert_trees_all_close(x_best, worst, atol=TOL)
+  # The worst case is misclassified exactly where APGD's adversarial example is.
+  x_adv = apgd(linear, X, y, eps=EPS, key=KEY, steps=10)
+  np.testing.assert_array_equal(jnp.argmax(linear(x_adv), -1) == y,
+                                jnp.argmax(linear(worst), -1) == y)
+
+
+@pytest.mark.parametrize("loss", ["ce", "targeted_dlr"])
+def test_apgd_stays_in_the_ball_and_box(loss):
+  x_adv = apgd(mlp, X, Y, eps=EPS, key=KEY, steps=10, loss=loss, target_ranks=(2, 3))
+  _assert_in_ball(x_adv, X, EPS)
+  fooled = jnp.argmax(mlp(x_adv), -1) != Y
+  changed = jnp.any(x_adv != X, axis=(1, 2, 3))
+  np.testing.assert_array_equal(changed, fooled.at[0].set(False))  # image 0 starts wrong
+
+
+# ---------------------------------------------------------------- FAB and Square
+
+
+def test_fab_projection_agrees_with_torchattacks_and_meets_the_plane():
+  torch = pytest.importorskip("torch")
+  fab_reference = pytest.importorskip("torchattacks.attacks.fab")
+  keys = jax.random.split(jax.random.key(5), 3)
+  points = jax.random.uniform(keys[0], (16, 48)).at[0].set(0.0)
+  w = jax.random.normal(keys[1], (16, 48)) * (jax.random.uniform(keys[2], (16, 48)) > 0.2)
+  b = jnp.sum(w * points, -1) + jnp.linspace(-6.0, 6.0, 16)
+  d = project_onto_hyperplane_linf(points, w, b)
+  expected = fab_reference.projection_linf(*[torch.tensor(np.asarray(a)) for a in (points, w, b)])
+  chex.assert_trees_all_close(d, expected.numpy(), atol=1e-6)
+  assert float(jnp.min(points + d)) >= -TOL and float(jnp.max(points + d)) <= 1 + TOL
+
+
+def test_fab_returns_x_or_a_misclassified_point_within_eps():
+  x_adv = fab(mlp, X, Y, eps=EPS, key=KEY, steps=10, target_ranks=(2, 3))
+  _assert_in_ball(x_adv, X, EPS)
+  changed = jnp.any(x_adv != X, axis=(1, 2, 3))
+  assert bool(jnp.all(jnp.argmax(mlp(x_adv), -1)[changed] != Y[changed]))
+
+
+def test_square_fraction_follows_the_schedule():
+  # p_init halves after iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000.
+  for it, halvings in [(0, 0), (10, 0), (11, 1), (50, 1), (51, 2), (4000, 6), (4001, 7), (8001, 9)]:
+    assert float(square_fraction(it, 10000)) == pytest.approx(0.8 / 2**halvings)
+  # Rescaled to 10000 queries: iteration 6 of 5000 counts as 12.
+  assert float(square_fraction(6, 5000, rescale_schedule=True)) == pytest.approx(0.4)
+
+
+def test_square_stays_in_the_ball_and_attacks_only_active_images():
+  x_adv = square(mlp, X, Y, eps=EPS, key=KEY, queries=50)
+  _assert_in_ball(x_adv, X, EPS)
+  changed = jnp.any(x_adv != X, axis=(1, 2, 3))
+  assert bool(jnp.all(jnp.argmax(mlp(x_adv), -1)[changed] != Y[changed]))
+  active = np.zeros(N, bool)
+  active[2:5] = True
+  x_some = square(mlp, X, Y, eps=EPS, key=KEY, queries=50, active=active)
+  chex.assert_trees_all_equal(x_some[~active], X[~active])
+  chex.assert_trees_all_equal(x_some[active], x_adv[active])
+
+
+def test_fab_and_square_ignore_the_cas_heads():
+  for attack, options in [(fab, dict(steps=10)), (square, dict(queries=50))]:
+    with_heads = attack(cas_mlp, X, Y, eps=EPS, key=KEY, **options)
+    chex.assert_trees_all_equal(with_heads, attack(mlp, X, Y, eps=EPS, key=KEY, **options))
+
+
+# ---------------------------------------------------------------- the ensemble
+
+
+def test_run_on_subset_passes_only_the_active_rows():
+  seen = []
+  active = np.array([False, True, False, True, True, False, False, False])
+  idx, out = engine.run_on_subset(lambda rows: seen.append(rows) or rows * 10, active,
+                                  jnp.arange(8))
+  np.testing.assert_array_equal(idx, [1, 3, 4])
+  np.testing.assert_array_equal(out, [10, 30, 40])
+  assert set(np.asarray(seen[0]).tolist()) == {1, 3, 4} and seen[0].shape == (8,)  # N < 64
+  engine.run_on_subset(lambda rows: seen.append(rows) or rows, active, jnp.arange(8),
+                       min_rows=1)
+  assert set(np.asarray(seen[1]).tolist()) == {1, 3, 4} and seen[1].shape == (4,)  # N / 2
+  assert engine.run_on_subset(lambda rows: rows, np.zeros(8, bool), jnp.arange(8)) is None
+
+
+def test_each_stage_gets_only_the_images_still_robust():
+  x = jnp.zeros((6, 1))
+  y = jnp.zeros(6, jnp.int32)
+  predict_fn = lambda z, keys: jnp.concatenate([-z, z], axis=1)  # class 1 once z > 0
+  given = {}
+
+  def stage_fooling(rows):
+    def stage(xs, ys, keys, active):
+      given[tuple(rows)] = np.asarray(active)
+      return xs.at[np.asarray(rows, int)].set(1.0)
+    return stage
+
+  stages = [("first", stage_fooling([1, 2])), ("second", stage_fooling([2, 3, 4])),
+            ("third", stage_fooling([]))]
+  x_adv, robust = run_stages(stages, x, y, engine.example_keys(KEY, 6), predict_fn)
+  np.testing.assert_array_equal(given[(2, 3, 4)], [True, False, False, True, True, True])
+  np.testing.assert_array_equal(given[()], [True, False, False, False, False, True])
+  np.testing.assert_array_equal(robust["second"], robust["third"])
+  np.testing.assert_array_equal(x_adv[:, 0], [0, 1, 1, 1, 1, 0])
+
+
+def test_autoattack_reports_monotone_flags_and_stays_in_the_ball():
+  x_adv, robust = autoattack(mlp, X, Y, eps=EPS, key=KEY, return_per_attack=True,
+                             apgd_steps=10, fab_steps=10, square_queries=50, target_classes=2)
+  _assert_in_ball(x_adv, X, EPS)
+  assert list(robust) == ["clean", "apgd-ce", "apgd-t", "fab-t", "square"]
+  flags = np.stack(list(robust.values()))
+  assert not flags[0, 0] and np.all(flags[1:] <= flags[:-1])  # image 0 starts misclassified
+  np.testing.assert_array_equal(jnp.argmax(mlp(x_adv), -1) == Y, flags[-1])
+
+
+def test_autoattack_result_does_not_depend_on_the_batch():
+  keys = engine.example_keys(KEY, N)
+  options = dict(eps=EPS, return_per_attack=True, apgd_steps=10, fab_steps=10,
+                 square_queries=50, target_classes=2)
+  x_all, robust_all = autoattack(mlp, X, Y, key=keys, **options)
+  part = np.array([2, 5, 6])
+  x_part, robust_part = autoattack(mlp, X[part], Y[part], key=keys[part], **options)
+  chex.assert_trees_all_close(x_part, x_all[part], atol=1e-6)
+  for name in robust_all:
+    np.testing.assert_array_equal(robust_part[name], robust_all[name][part])
+
+
+def test_joint_loss_reaches_the_cas_heads():
+  beta = 2.0
+  grad = lambda name: jax.grad(
+      lambda z: jnp.sum(apgd_loss(name, beta)(cas_mlp(z), Y, Y)))(X)
+  cas_grad = jax.grad(lambda z: jnp.sum(losses.cross_entropy(cas_mlp(z)[1][0], Y)))(X)
+  assert float(jnp.max(jnp.abs(grad("joint_ce") - grad("ce")))) > 1e-3
+  chex.assert_trees_all_close(grad("joint_ce"), grad("ce") + beta * cas_grad, atol=1e-5)
+  options = dict(eps=EPS, key=KEY, attacks=("apgd-ce",), apgd_steps=10)
+  x_joint = autoattack(cas_mlp, X, Y, loss="joint", **options)
+  x_main = autoattack(cas_mlp, X, Y, loss="main", **options)
+  assert float(jnp.max(jnp.abs(x_joint - x_main))) > 0.0
+
+
+def test_rand_version_runs_apgd_with_eot():
+  x_adv, robust = autoattack(noisy_mlp, X, Y, eps=EPS, key=KEY, version="rand",
+                             return_per_attack=True, apgd_steps=5, eot_draws=2)
+  _assert_in_ball(x_adv, X, EPS)
+  assert np.all(robust["apgd-dlr"] <= robust["apgd-ce"])
+  assert list(robust) == ["clean", "apgd-ce", "apgd-dlr"]
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(version="plus"), "valid: standard, rand"),
+    (dict(loss="cas"), "valid: 'main'"),
+    (dict(attacks=("pgd",)), "valid: apgd-ce"),
+    (dict(version="rand", attacks=("square",)), "gradient attacks with EOT"),
+    (dict(eps=8.0), "outside"),
+])
+def test_bad_options_raise_clear_errors(options, message):
+  with pytest.raises(ValueError, match=message):
+    autoattack(mlp, X, Y, key=KEY, **options)
+
+
+# ---------------------------------------------------------------- parity with torchattacks
+
+
+def _parity_data():
+  """8x8 CIFAR-10 images (4x4 mean-pooled) from CAS_JAX_CIFAR_DIR, else synthetic classes."""
+  folder = os.environ.get("CAS_JAX_CIFAR_DIR", "/work/shared/data/cifar-10-batches-py")
+  names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+  if all(os.path.exists(os.path.join(folder, n)) for n in names):
+    parts = []
+    for name in names:
+      with open(os.path.join(folder, name), "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+      images = batch[b"data"].reshape(-1, 3, 8, 4, 8, 4).astype(np.float32).mean((3, 5)) / 255
+      parts.append((images, np.asarray(batch[b"labels"], np.int64)))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), "cifar"
+  rng = np.random.default_rng(0)
+  prototypes = np.clip(0.5 + 0.1 * rng.normal(size=(10, 3, 8, 8)), 0, 1).astype(np.float32)
+  labels = rng.integers(0, 10, 6000)
+  noise = rng.normal(0, 0.3, (6000, 3, 8, 8)).astype(np.float32)
+  return np.clip(prototypes[labels] + noise, 0, 1), labels, "synthetic"
+
+
+@pytest.mark.slow
+def test_standard_autoattack_matches_torchattacks():
+  torch = pytest.importorskip("torch")
+  torchattacks = pytest.importorskip("torchattacks")
+  images, labels, source = _parity_data()
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)  # the reference's many small ops run faster without contention
+  try:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 64), torch.nn.ReLU(),
+                              torch.nn.Linear(64, 10))
+    optimizer = torch.optim.Adam(net.parameters(), 3e-3)
+    x_train, y_train = torch.tensor(images[:5000]), torch.tensor(labels[:5000])
+    for _ in range(30):
+      for batch in torch.randperm(5000).split(256):
+        loss = torch.nn.functional.cross_entropy(net(x_train[batch]), y_train[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    net.eval()
+    with torch.no_grad():
+      correct = (net(torch.tensor(images)).argmax(1).numpy() == labels)
+    chosen = np.flatnonzero(correct)[:600]
+    x, y = images[chosen], labels[chosen]
+    eps = (3 if source == "cifar" else 12) / 255
+
+    reference = torchattacks.AutoAttack(net, norm="Linf", eps=eps, version="standard",
+                                        n_classes=10, seed=0)
+    for attack in reference._autoattack.attacks:  # the official settings (fra31/auto-attack)
+      if hasattr(attack, "steps"):
+        attack.steps = 100
+      if hasattr(attack, "rescale_schedule"):
+        attack.rescale_schedule = False
+    x_reference = reference(torch.tensor(x), torch.tensor(y))
+    with torch.no_grad():
+      theirs = np.mean(net(x_reference).argmax(1).numpy() == y)
+  finally:
+    torch.set_num_threads(threads)
+
+  w1, b1, w2, b2 = [jnp.asarray(p.detach().numpy()) for p in net.parameters()]
+  jax_net = lambda z: jax.nn.relu(
+      jnp.transpose(z, (0, 3, 1, 2)).reshape(z.shape[0], -1) @ w1.T + b1) @ w2.T + b2
+  x_nhwc = jnp.asarray(np.transpose(x, (0, 2, 3, 1)))
+  x_adv, robust = autoattack(jax_net, x_nhwc, jnp.asarray(y), eps=eps, key=KEY,
+                             return_per_attack=True)
+  ours = float(np.mean(robust["square"]))
+  print(f"\n{source}: {len(y)} images, eps {eps * 255:.0f}/255, robust accuracy: "
+        f"ours {ours:.2%} ({', '.join(f'{k} {np.mean(v):.2%}' for k, v in robust.items())}), "
+        f"torchattacks {theirs:.2%}")
+  _assert_in_ball(x_adv, x_nhwc, eps)
+  assert 0.3 <= ours <= 0.7
+  assert abs(ours - theirs) <= 0.005
