@@ -26,7 +26,7 @@ from cas_jax import losses
 from cas_jax import metric_writers
 from cas_jax import models
 from cas_jax.attacks import engine
-from cas_jax.attacks import pgd as pgd_lib
+from cas_jax.attacks import white_box
 
 OBJECTIVES = ("natural", "at", "trades", "mart")
 BATCH_NORM_MODES = ("running", "batch")
@@ -177,7 +177,7 @@ def eval_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *,
   x, y, mask = batch["image"], batch["label"], batch["mask"]
   model_fn = attack_model_fn(state)
   keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(batch["index"])
-  x_adv = pgd_lib.pgd(model_fn, x, y, eps=config.eval.eps, steps=config.eval.steps,
+  x_adv = white_box.pgd(model_fn, x, y, eps=config.eval.eps, steps=config.eval.steps,
                       step_size=config.eval.step_size, loss=config.eval.loss,
                       beta=config.loss.beta, key=keys)
   natural = jnp.argmax(model_fn(x)[0], -1) == y

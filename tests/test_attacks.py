@@ -17,7 +17,7 @@ import pytest
 from cas_jax import losses
 from cas_jax.attacks import blackbox
 from cas_jax.attacks import engine
-from cas_jax.attacks import pgd as white_box
+from cas_jax.attacks import white_box
 from cas_jax.attacks import randomized
 
 SHAPE = (4, 4, 1)

@@ -1,5 +1,8 @@
 """Attacks on any JAX classifier, all built on one engine (`engine.ascend`).
 
+Modules: engine (the loop), white_box (PGD, FGSM, CW-inf, MD), randomized (EOT, Avg-PGD),
+blackbox (transfer, N-Attack), apgd, fab, square, autoattack.
+
     from cas_jax import attacks
     x_adv = attacks.pgd(logits_fn, x, y, eps=8/255, steps=20, key=key)
     x_adv = attacks.autoattack(logits_fn, x, y, eps=8/255, version="standard", key=key)
@@ -15,7 +18,7 @@ from cas_jax.attacks.autoattack import autoattack
 from cas_jax.attacks.blackbox import n_attack, transfer
 from cas_jax.attacks.engine import ascend, project
 from cas_jax.attacks.fab import fab
-from cas_jax.attacks.pgd import ATTACK_LOSSES, attack_loss, cw_inf, fgsm, margin_decomposition, pgd
+from cas_jax.attacks.white_box import ATTACK_LOSSES, attack_loss, cw_inf, fgsm, margin_decomposition, pgd
 from cas_jax.attacks.randomized import avg_pgd, eot_pgd
 from cas_jax.attacks.square import square
 

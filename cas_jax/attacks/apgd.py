@@ -23,6 +23,7 @@ import numpy as np
 
 from cas_jax import losses
 from cas_jax.attacks import engine
+from cas_jax.attacks import white_box
 
 Array = jax.Array
 
@@ -51,25 +52,15 @@ def checkpoints(steps: int) -> tuple:
 
 def apgd_loss(name: str, beta: float = 2.0):
   """The per-example loss `(outputs, y, targets) -> (N,)` that APGD ascends under `name`."""
-  per_name = {
-      "ce": lambda z, cas, y, t: losses.cross_entropy(z, y),
-      "dlr": lambda z, cas, y, t: losses.dlr(z, y),
-      "targeted_dlr": lambda z, cas, y, t: losses.targeted_dlr(z, y, t),
-      "joint_ce": lambda z, cas, y, t: losses.joint_ce(z, cas, y, beta),
-      "joint_dlr": lambda z, cas, y, t: losses.joint_dlr(z, cas, y, beta),
-      "joint_targeted_dlr": lambda z, cas, y, t: losses.joint_targeted_dlr(z, cas, y, t, beta),
-  }
-  if name not in per_name:
+  if name not in APGD_LOSSES:
     raise ValueError(f"unknown APGD loss {name!r}; valid: {', '.join(APGD_LOSSES)}")
-  fn = per_name[name]
-  return lambda outputs, y, targets: fn(*engine.split_outputs(outputs), y, targets)
-
-
-def fold_keys(keys: Array, *data) -> Array:
-  """Each per-example key folded with the integers `data` in turn."""
-  for d in data:
-    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, d)
-  return keys
+  if name == "targeted_dlr":
+    return lambda outputs, y, t: losses.targeted_dlr(engine.split_outputs(outputs)[0], y, t)
+  if name == "joint_targeted_dlr":
+    return lambda outputs, y, t: losses.joint_targeted_dlr(*engine.split_outputs(outputs), y, t,
+                                                           beta)
+  untargeted = white_box.attack_loss(name, beta)
+  return lambda outputs, y, targets: untargeted(outputs, y)
 
 
 def jit_with_model(*static_argnames: str):
@@ -143,7 +134,7 @@ def apgd_run(model_fn, x: Array, y: Array, targets: Array, keys: Array, x_start:
       return value, grad, jnp.argmax(logits, -1) == y
 
     def one_draw(d):
-      (_, (value, logits)), grad = value_and_grad(z, fold_keys(keys, _MODEL, i, d))
+      (_, (value, logits)), grad = value_and_grad(z, engine.fold_keys(keys, _MODEL, i, d))
       return value, grad, logits
 
     def add_draw(d, total):
@@ -219,7 +210,7 @@ def apgd(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, steps: int = 
   if loss not in TARGETED_LOSSES:
     ranks = (None,)
   keys = engine.example_keys(key, x.shape[0])
-  clean_logits = predict(model_fn, x, fold_keys(keys, _PREDICT), eot is not None)
+  clean_logits = predict(model_fn, x, engine.fold_keys(keys, _PREDICT), eot is not None)
   targets = {r: y if r is None else ranked_targets(clean_logits, r) for r in ranks}
   run = functools.partial(apgd_run, model_fn, eps=eps, steps=steps, loss=loss, beta=beta,
                           rho=rho, eot=eot)
@@ -227,12 +218,12 @@ def apgd(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, steps: int = 
 
   def start_and_run(xs, ys, ts, ks):
     # Drawn outside the compiled run: the PRNG's compilation, slow on CPU, is then shared.
-    return run(xs, ys, ts, ks, engine.random_start(fold_keys(ks, _START), xs, eps))
+    return run(xs, ys, ts, ks, engine.random_start(engine.fold_keys(ks, _START), xs, eps))
 
   if best_loss:
     x_best, loss_best = x, jnp.full(x.shape[:1], -jnp.inf)
     for number, (r, _) in enumerate(rounds):
-      out = start_and_run(x, y, targets[r], fold_keys(keys, _ROUND, number))
+      out = start_and_run(x, y, targets[r], engine.fold_keys(keys, _ROUND, number))
       better = out["loss_best"] > loss_best
       x_best = jnp.where(better.reshape((-1,) + (1,) * (x.ndim - 1)), out["x_best"], x_best)
       loss_best = jnp.maximum(out["loss_best"], loss_best)
@@ -246,11 +237,8 @@ def apgd(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, steps: int = 
   robust = jnp.argmax(clean_logits, -1) == y if active is None else jnp.asarray(active)
   for number, (r, _) in enumerate(rounds):
     found = engine.run_on_subset(adversarial, robust, x, y, targets[r],
-                                 fold_keys(keys, _ROUND, number))
+                                 engine.fold_keys(keys, _ROUND, number))
     if found is None:
       break
-    idx, (x_sub, fooled) = found
-    keep = fooled.reshape((-1,) + (1,) * (x.ndim - 1))
-    x_adv = x_adv.at[idx].set(jnp.where(keep, x_sub, x_adv[idx]))
-    robust = robust.at[idx].set(~fooled)
+    x_adv, robust = engine.merge_found(x_adv, robust, found)
   return x_adv

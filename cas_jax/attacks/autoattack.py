@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cas_jax.attacks import engine
-from cas_jax.attacks.apgd import apgd, fold_keys, predict
+from cas_jax.attacks.apgd import apgd, predict
 from cas_jax.attacks.fab import fab
 from cas_jax.attacks.square import square
 
@@ -93,7 +93,7 @@ def autoattack(model_fn, x: Array, y: Array, *, eps=8 / 255, version: str = "sta
     raise ValueError(f"target_classes={target_classes} must be >= 1 (AutoAttack uses 9)")
 
   keys = engine.example_keys(key, x.shape[0])
-  predict_fn = lambda z, ks: predict(model_fn, z, fold_keys(ks, _PREDICT_STREAM), randomized)
+  predict_fn = lambda z, ks: predict(model_fn, z, engine.fold_keys(ks, _PREDICT_STREAM), randomized)
   num_classes = jax.eval_shape(predict_fn, x, keys).shape[-1]
   ranks = range(2, min(target_classes, num_classes - 1) + 2)
   joint = loss == "joint"
@@ -112,7 +112,7 @@ def autoattack(model_fn, x: Array, y: Array, *, eps=8 / 255, version: str = "sta
   def stage(name):
     tag = ATTACKS.index(name)
     return lambda xs, ys, ks, active: builders[name](
-        model_fn, xs, ys, eps=eps, key=fold_keys(ks, tag), active=active)
+        model_fn, xs, ys, eps=eps, key=engine.fold_keys(ks, tag), active=active)
 
   x_adv, per_attack = run_stages([(n, stage(n)) for n in names], x, y, keys, predict_fn)
   return (x_adv, per_attack) if return_per_attack else x_adv

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from cas_jax import losses
 from cas_jax.attacks import engine
-from cas_jax.attacks import pgd as white_box
+from cas_jax.attacks import white_box
 
 Array = jax.Array
 

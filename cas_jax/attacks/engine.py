@@ -55,6 +55,13 @@ def example_keys(key: Array, n: int) -> Array:
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
 
 
+def fold_keys(keys: Array, *data) -> Array:
+  """Each per-example key folded with the integers `data` in turn (a separate random stream)."""
+  for d in data:
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, d)
+  return keys
+
+
 def per_example(sample_fn: Callable[[Array, tuple], Array], key: Array, shape: tuple) -> Array:
   """Draw sample_fn(key_i, shape[1:]) for each example i of a batch of shape `shape`."""
   return jax.vmap(lambda k: sample_fn(k, shape[1:]))(example_keys(key, shape[0]))
@@ -112,3 +119,10 @@ def run_on_subset(attack_fn: Callable[..., Any], active, *arrays, levels: int = 
   padded = np.concatenate([idx, np.full(size - idx.size, idx[0])])
   outputs = attack_fn(*[a[padded] for a in arrays])
   return idx, jax.tree.map(lambda o: o[:idx.size], outputs)
+
+
+def merge_found(x_adv: Array, robust: Array, found) -> Tuple[Array, Array]:
+  """Write run_on_subset's (idx, (x_sub, fooled)) into x_adv and robust: fooled rows only."""
+  idx, (x_sub, fooled) = found
+  keep = fooled.reshape((-1,) + (1,) * (x_adv.ndim - 1))
+  return x_adv.at[idx].set(jnp.where(keep, x_sub, x_adv[idx])), robust.at[idx].set(~fooled)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from cas_jax.attacks import engine
-from cas_jax.attacks.apgd import fold_keys, jit_with_model, predict, ranked_targets
+from cas_jax.attacks.apgd import jit_with_model, predict, ranked_targets
 
 Array = jax.Array
 
@@ -127,11 +127,8 @@ def fab(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, steps: int = 1
   for number, (rank, restart) in enumerate((r, i) for r in ranks for i in range(restarts)):
     targets = ranked_targets(clean_logits, rank)
     found = engine.run_on_subset(functools.partial(attack, restart=restart), robust, x, y,
-                                 targets, fold_keys(keys, number))
+                                 targets, engine.fold_keys(keys, number))
     if found is None:
       break
-    idx, (x_sub, fooled) = found
-    keep = fooled.reshape((-1,) + (1,) * (x.ndim - 1))
-    x_adv = x_adv.at[idx].set(jnp.where(keep, x_sub, x_adv[idx]))
-    robust = robust.at[idx].set(~fooled)
+    x_adv, robust = engine.merge_found(x_adv, robust, found)
   return x_adv

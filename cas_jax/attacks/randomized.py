@@ -14,19 +14,13 @@ import jax
 import jax.numpy as jnp
 
 from cas_jax.attacks import engine
-from cas_jax.attacks.pgd import attack_loss
+from cas_jax.attacks.white_box import attack_loss
 
 Array = jax.Array
 
 # fold_in tags separating the per-example streams: the start uses the example key itself (as
 # `pgd` does), the model's draws and the input noise get streams of their own.
 _MODEL_STREAM, _NOISE_STREAM = 1, 2
-
-
-def _fold(keys: Array, *data) -> Array:
-  for d in data:
-    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, d)
-  return keys
 
 
 def eot_pgd(random_model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 20,
@@ -41,9 +35,9 @@ def eot_pgd(random_model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 20
   keys = engine.example_keys(key, x.shape[0])
 
   def draw_loss(z, step, draw):
-    model_keys = _fold(keys, _MODEL_STREAM, step, draw)
+    model_keys = engine.fold_keys(keys, _MODEL_STREAM, step, draw)
     if noise_std:
-      noise_keys = _fold(keys, _NOISE_STREAM, step, draw)
+      noise_keys = engine.fold_keys(keys, _NOISE_STREAM, step, draw)
       z = z + noise_std * engine.per_example(
           lambda k, s: jax.random.normal(k, s, z.dtype), noise_keys, z.shape)
     return jnp.sum(loss_fn(random_model_fn(z, model_keys), y))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from cas_jax import losses
 from cas_jax.attacks import engine
-from cas_jax.attacks.apgd import fold_keys, jit_with_model, predict
+from cas_jax.attacks.apgd import jit_with_model, predict
 
 Array = jax.Array
 
@@ -41,7 +41,7 @@ def _margin(model_fn, z: Array, y: Array) -> Array:
 def vertical_stripes(keys: Array, x: Array, eps) -> Array:
   """Square's start: x + eps * a random sign per column and channel (constant down a column)."""
   signs = lambda k, shape: jnp.where(jax.random.bernoulli(k, 0.5, shape), 1.0, -1.0)
-  stripes = engine.per_example(signs, fold_keys(keys, 0), (x.shape[0], 1) + x.shape[2:])
+  stripes = engine.per_example(signs, engine.fold_keys(keys, 0), (x.shape[0], 1) + x.shape[2:])
   return jnp.clip(x + eps * stripes, 0.0, 1.0)
 
 
@@ -62,7 +62,7 @@ def square_run(model_fn, x: Array, y: Array, keys: Array, x_start: Array, eps, *
     left = jnp.floor(u[1] * (width - side)).astype(jnp.int32)
     return top, left, jnp.where(u[2:] < 0.5, -1.0, 1.0)
 
-  proposal_keys = fold_keys(keys, 1)
+  proposal_keys = engine.fold_keys(keys, 1)
 
   def body(state):
     i, x_best, margin_best = state
@@ -70,7 +70,7 @@ def square_run(model_fn, x: Array, y: Array, keys: Array, x_start: Array, eps, *
     side = jnp.clip(jnp.round(jnp.sqrt(p * height * width)).astype(jnp.int32), 1,
                     min(height, width))
     top, left, channel_signs = jax.vmap(proposal, in_axes=(0, None))(
-        fold_keys(proposal_keys, i), side)
+        engine.fold_keys(proposal_keys, i), side)
     within = lambda index, start: ((index >= start[:, None, None, None])
                                    & (index < start[:, None, None, None] + side))
     window = within(rows, top) & within(cols, left)
