@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cas_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 from cas_jax import train  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
@@ -29,7 +30,7 @@ def main(_):
   """Time one compile and FLAGS.steps steady-state training steps on random images."""
   config = FLAGS.config
   train.validate_config(config)
-  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  mesh = input_pipeline.data_mesh()
   data_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
   size, batch = config.data.image_size, config.batch_size
   model = train.create_model(config, config.data.num_classes)
