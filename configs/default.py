@@ -67,6 +67,23 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.steps = 20
   config.eval.step_size = 0.8 / 255  # eps / 10
   config.eval.loss = "joint_ce"  # adaptive: CE + beta * mean CE of the CAS heads
+  # Robustness reports (--mode=eval, cas_jax/evaluate.py), at config.eval.eps.
+  config.eval.report_images = 1000  # first test images; 0 = the whole test set
+  config.eval.attacks = "default"  # names of cas_jax/attack_registry.py, comma-separated
+  config.eval.checkpoints = "last,best"  # which workdir checkpoints to evaluate
+  config.eval.torch_checkpoint = ""  # a .pth of the authors' layout instead (model.name)
+  config.eval.exact_per_attack = False  # True: expensive attacks on every clean-correct image
+  config.eval.transfer_checkpoint = ""  # source of transfer-pgd/-cw: a .pth or a workdir
+  config.eval.transfer_model = ""  # the .pth source's architecture ("" = model.name)
+  # Budgets of the attacks whose names carry no step count (defaults: their papers').
+  config.eval.apgd_steps = 100
+  config.eval.fab_steps = 100
+  config.eval.square_queries = 5000
+  config.eval.target_classes = 9
+  config.eval.n_attack_population = 300
+  config.eval.n_attack_iters = 500
+  config.eval.md_restarts = 1
+  config.eval.eot_draws = 10
 
   config.ckpt = ml_collections.ConfigDict()
   config.ckpt.every_epochs = 1

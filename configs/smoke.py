@@ -19,5 +19,10 @@ def get_config():
   config.schedule.milestones = (1,)
   config.eval.num_images = 64
   config.eval.steps = 5
+  # --mode=eval: the default attacks with small AutoAttack budgets (full ones take ~15 min on CPU).
+  config.eval.apgd_steps = 10
+  config.eval.fab_steps = 10
+  config.eval.square_queries = 100
+  config.eval.target_classes = 3
   config.log_every_steps = 4
   return config

@@ -1,0 +1,104 @@
+"""Images per second of evaluation attacks (PGD-20, AutoAttack) for any config; prints JSON.
+
+  python benchmarks/evaluate.py --config=configs/cifar10_at_cas.py --images=512 --out=bench.json
+  python benchmarks/evaluate.py --config=configs/smoke.py --attacks=pgd20,aa --checkpoint=/tmp/smoke
+
+Each attack runs twice over the same images through `evaluate.robustness_report` (with
+exact_per_attack=True, so it attacks every clean-correct image): the first run includes
+compilation, the second is the steady-state figure. Random weights (the default) give labels
+from the model's own predictions, so every image is attacked; AutoAttack's cost still depends
+on how many images survive each stage, so time it on trained weights (--checkpoint) for
+numbers that mean something.
+"""
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cas_jax import evaluate  # pylint: disable=g-import-not-at-top
+from cas_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+from cas_jax import interop  # pylint: disable=g-import-not-at-top
+from cas_jax import train  # pylint: disable=g-import-not-at-top
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "A config file from configs/.")
+flags.DEFINE_integer("images", 256, "Images to attack.")
+flags.DEFINE_string("attacks", "pgd20,aa", "Comma-separated attack names, timed one by one.")
+flags.DEFINE_string("checkpoint", "", "A workdir (its latest checkpoint) or a .pth; '' = random.")
+flags.DEFINE_enum("data", "random", ["random", "config"], "Uniform random images, or the "
+                  "config's test set (with its labels when --checkpoint is given).")
+flags.DEFINE_string("out", "", "Write the results as JSON here.")
+flags.mark_flags_as_required(["config"])
+
+
+def _variables(config, model, image_shape, num_classes):
+  if not FLAGS.checkpoint:
+    return None
+  if os.path.isfile(FLAGS.checkpoint):
+    return interop.load_torch_checkpoint(config.model.name, FLAGS.checkpoint, num_classes,
+                                         **train.model_options(config.model))
+  # pylint: disable-next=protected-access
+  return next(iter(evaluate._restore_variables(config, FLAGS.checkpoint, model,
+                                               image_shape).values()))
+
+
+def main(_):
+  """Time each attack of --attacks on --images images, after one compiling run."""
+  config = FLAGS.config
+  size, num_classes = config.data.image_size, config.data.num_classes
+  if FLAGS.data == "config":
+    dataset = input_pipeline.create_dataset(config)
+    x = dataset.test_images[:FLAGS.images].astype(np.float32) / 255
+    labels, num_classes = dataset.test_labels[:FLAGS.images], dataset.num_classes
+  else:
+    x = np.random.default_rng(0).random((FLAGS.images, size, size, 3), dtype=np.float32)
+  model = train.create_model(config, num_classes)
+  variables = _variables(config, model, x.shape[1:], num_classes)
+  if variables is None:
+    variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, *x.shape[1:])), train=False))(
+        jax.random.key(0, impl="rbg"))
+  apply_fn = evaluate.bind_model(model, variables)
+  if FLAGS.data == "random" or not FLAGS.checkpoint:
+    labels = np.asarray(jnp.argmax(apply_fn(jnp.asarray(x))[0], -1), np.int32)
+  budget = evaluate.budget_from_config(config.eval)
+  results = []
+  for name in [a.strip() for a in FLAGS.attacks.split(",") if a.strip()]:
+    runs = []
+    for _ in range(2):
+      start = time.perf_counter()
+      report = evaluate.robustness_report(
+          apply_fn, x, labels, key=jax.random.key(0), eps=config.eval.eps, attacks=name,
+          beta=config.loss.beta, batch_size=config.eval_batch_size, budget=budget,
+          exact_per_attack=True)
+      runs.append(time.perf_counter() - start)
+    spec_name = next(n for n in report.attacks)
+    attacked = int(report.ran_on[spec_name].sum())
+    results.append({
+        "attack": name, "description": report.attacks[spec_name]["description"],
+        "images": len(labels), "attacked": attacked,
+        "natural_acc": report.accuracy("natural"), "robust_acc": report.accuracy(spec_name),
+        "first_run_s": runs[0], "steady_s": runs[1],
+        "images_per_s": len(labels) / runs[1], "attacked_per_s": attacked / runs[1]})
+    print(json.dumps(results[-1]), flush=True)
+  summary = {
+      "model": config.model.name, "width": config.model.width or "full",
+      "cas_stages": str(config.model.cas_stages), "weights": FLAGS.checkpoint or "random",
+      "dtype": config.model.dtype, "batch_size": config.eval_batch_size,
+      "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
+      "budget": vars(budget), "results": results}
+  print(json.dumps(summary, indent=2))
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      json.dump(summary, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)

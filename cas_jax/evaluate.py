@@ -1,0 +1,357 @@
+"""Robustness evaluation: named attacks, the per-image worst case over them, and workdir reports.
+
+    from cas_jax import evaluate
+    report = evaluate.robustness_report(apply_fn, x, y, eps=8/255, key=jax.random.key(0))
+    print(report.markdown())           # table with the worst case, sanity report under it
+    report = evaluate.robustness_report(apply_fn, x, y, key=key, attacks="pgd100,aa-joint,sweep")
+
+    python main.py --config=configs/smoke.py --workdir=/tmp/cas_smoke --mode=eval
+
+`apply_fn(x) -> (logits, cas_logits)` (or logits alone) is the model in evaluation mode, on
+NHWC images in [0, 1]. Attacks are named by strings (config.eval.attacks is a comma-separated
+list of them); see `attack_registry` for the names. Cheap attacks (the PGD family, transfer)
+run on every image, so their own figures are exact; expensive ones (AutoAttack and its parts,
+MD, Avg-PGD, N-Attack) run only on the images every earlier attack left standing, unless
+exact_per_attack=True; the table lists the attacks in the order they ran (cheap ones first).
+AutoAttack variants share one subset so that `aa` and `aa-joint` stay comparable. Each image's
+randomness is folded from its global index (`indices`), so verdicts do not depend on the batch
+size or the device count (batches are sharded over every device, as in training).
+"""
+import dataclasses
+import functools
+import os
+import time
+import zlib
+from typing import Dict, Optional
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cas_jax import checkpointing
+from cas_jax import input_pipeline
+from cas_jax import interop
+from cas_jax import models
+from cas_jax import report as report_lib
+from cas_jax import train
+from cas_jax.attack_registry import AttackBudget, AttackSpec, attack_names, parse_attacks
+from cas_jax.attacks import engine
+from cas_jax.attacks.autoattack import autoattack
+from cas_jax.attacks.blackbox import n_attack, transfer
+from cas_jax.attacks.randomized import avg_pgd, eot_pgd
+from cas_jax.attacks.white_box import cw_inf, fgsm, margin_decomposition, pgd
+
+Array = jax.Array
+Partial = jax.tree_util.Partial
+CHECKPOINT_CHOICES = ("last", "best")
+
+
+# ----------------------------------------------------------------------------- compiled attacks
+
+
+def _main_logits(model, x: Array) -> Array:
+  return engine.split_outputs(model(x))[0]
+
+
+@jax.jit
+def _correct(model, x: Array, y: Array) -> Array:
+  return jnp.argmax(_main_logits(model, x), -1) == y
+
+
+@jax.jit
+def image_keys(attack_key: Array, index: Array) -> Array:
+  """One key per image: attack_key folded with the image's global index."""
+  return jax.vmap(lambda i: jax.random.fold_in(attack_key, i))(index)
+
+
+def _attack_fn(spec: AttackSpec, eps, beta: float, budget: AttackBudget, model, source,
+               random_model):
+  """(x, y, keys) -> x_adv for every attack that compiles as one function."""
+  ce, cw = ("joint_ce", "joint_cw") if spec.joint else ("ce", "cw")
+  steps = spec.steps
+  if random_model is None:
+    random_model = lambda z, keys: model(z)
+  if spec.method == "fgsm":
+    return lambda x, y, k: fgsm(model, x, y, eps=eps, key=k, loss=ce, beta=beta)
+  if spec.method in ("pgd", "cas-head"):
+    loss = "cas_ce" if spec.method == "cas-head" else ce
+    return lambda x, y, k: pgd(model, x, y, eps=eps, steps=steps, key=k, loss=loss, beta=beta)
+  if spec.method == "cw":
+    return lambda x, y, k: cw_inf(model, x, y, eps=eps, steps=steps, key=k, loss=cw, beta=beta)
+  if spec.method == "md":
+    return lambda x, y, k: margin_decomposition(
+        model, x, y, eps=eps, steps=steps, key=k, restarts=budget.md_restarts,
+        beta=beta if spec.joint else 0.0)
+  if spec.method in ("eot", "avg-pgd"):
+    attack, loss = (eot_pgd, ce) if spec.method == "eot" else (avg_pgd, cw)
+    return lambda x, y, k: attack(random_model, x, y, eps=eps, steps=steps, key=k, loss=loss,
+                                  beta=beta, draws=budget.eot_draws)
+  if spec.method == "n-attack":
+    return lambda x, y, k: n_attack(model, x, y, eps=eps, key=k,
+                                    population=budget.n_attack_population,
+                                    max_iters=budget.n_attack_iters)
+  if spec.method in ("transfer-pgd", "transfer-cw"):
+    return lambda x, y, k: transfer(source, x, y, attack=spec.method[len("transfer-"):],
+                                    eps=eps, steps=steps, key=k)
+  raise ValueError(f"{spec.name} is not a single compiled attack")
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "beta", "budget"))
+def _compiled_verdicts(model_fns, x: Array, y: Array, index: Array, attack_key: Array, eps, *,
+                       spec: AttackSpec, beta: float, budget: AttackBudget) -> Array:
+  x_adv = _attack_fn(spec, eps, beta, budget, *model_fns)(x, y, image_keys(attack_key, index))
+  return _correct(model_fns[0], x_adv, y)
+
+
+def _attack_verdicts(model_fns, x: Array, y: Array, index: Array, *, attack_key: Array,
+                     spec: AttackSpec, beta: float, budget: AttackBudget) -> Array:
+  """Whether each image is still classified correctly after `spec`'s attack."""
+  # Name and eps are not compiled in: pgd20, pgd20@8 and the sweep share one compilation.
+  return _compiled_verdicts(model_fns, x, y, index, attack_key, jnp.float32(spec.eps),
+                            spec=dataclasses.replace(spec, name="", eps=0.0), beta=beta,
+                            budget=budget)
+
+
+def _autoattack_verdicts(model_fn, spec: AttackSpec, beta: float, budget: AttackBudget,
+                         x: Array, y: Array, keys: Array) -> np.ndarray:
+  """AutoAttack (or one of its parts) on x: whether each image is still robust after it."""
+  stages = None if spec.method == "aa" else (spec.method,)
+  _, robust = autoattack(model_fn, x, y, eps=spec.eps, key=keys, beta=beta,
+                         loss="joint" if spec.joint else "main", attacks=stages,
+                         return_per_attack=True, apgd_steps=budget.apgd_steps,
+                         fab_steps=budget.fab_steps, square_queries=budget.square_queries,
+                         target_classes=budget.target_classes)
+  return list(robust.values())[-1]
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def _has_cas_heads(apply_fn, x: np.ndarray) -> bool:
+  shapes = jax.eval_shape(lambda z: engine.split_outputs(apply_fn(z))[1], x[:1])
+  return len(shapes) > 0
+
+
+def _as_pytree(fn):
+  """fn as a pytree argument of jit (arrays bound in a Partial are traced, not constants)."""
+  if fn is None or isinstance(fn, Partial):
+    return fn
+  return Partial(fn)
+
+
+def _padded_batches(x, y, indices, batch_size):
+  """(count, x, y, index) per batch; the last one padded to batch_size with copies of row 0."""
+  for start in range(0, len(y), batch_size):
+    take = np.arange(start, min(start + batch_size, len(y)))
+    rows = np.concatenate([take, np.full(batch_size - take.size, take[0])])
+    yield take.size, x[rows], y[rows], indices[rows]
+
+
+def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attacks=None,
+                      beta: float = 2.0, batch_size: int = 256, indices=None,
+                      budget: Optional[AttackBudget] = None, exact_per_attack: bool = False,
+                      source_fn=None, random_apply_fn=None,
+                      title: str = "Robustness report") -> report_lib.Report:
+  """Verdicts of natural, every attack in `attacks` (default: the default set) and the worst case.
+
+  source_fn(x) is the source model of the transfer attacks; random_apply_fn(x, keys) (one key
+  per image) the randomized model that eot / avg-pgd attack (default: apply_fn, with no noise).
+  """
+  engine.check_eps(eps)
+  x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
+  if x.shape[:1] != y.shape or y.size == 0:
+    raise ValueError(f"x {x.shape} and y {y.shape} must hold the same positive number of images")
+  indices = np.arange(y.size) if indices is None else np.asarray(indices, np.int64)
+  if indices.shape != y.shape:
+    raise ValueError(f"indices {indices.shape} must give one global index per image {y.shape}")
+  budget = budget or AttackBudget()
+  specs, notes = parse_attacks(attacks, eps=eps, has_cas=_has_cas_heads(apply_fn, x))
+  if source_fn is None and any(s.method.startswith("transfer") for s in specs):
+    raise ValueError("transfer attacks need the source model: pass source_fn= (or set "
+                     "config.eval.transfer_checkpoint)")
+  model_fns = (_as_pytree(apply_fn), _as_pytree(source_fn), _as_pytree(random_apply_fn))
+  devices = jax.device_count()
+  batch_size = -(-min(batch_size, y.size) // devices) * devices
+  mesh = input_pipeline.data_mesh() if devices > 1 else None
+
+  def to_device(*arrays):
+    if mesh is None:
+      return tuple(jnp.asarray(a) for a in arrays)
+    return tuple(input_pipeline.to_global_array(list(arrays), mesh))
+
+  batches = [(count, *to_device(*arrays))
+             for count, *arrays in _padded_batches(x, y, indices, batch_size)]
+  natural = np.concatenate([np.asarray(_correct(model_fns[0], xb, yb))[:count]
+                            for count, xb, yb, _ in batches])
+  verdicts, ran_on, infos, seconds = {report_lib.NATURAL: natural}, {}, {}, {}
+  for spec in [s for s in specs if not s.expensive] + [s for s in specs if s.expensive]:
+    start = time.perf_counter()
+    info = spec.info(in_worst_case=abs(spec.eps - eps) < 1e-9)
+    attack_key = jax.random.fold_in(key, zlib.crc32(spec.name.encode()) & 0x7FFFFFFF)
+    active = natural.copy()
+    if spec.expensive and info["in_worst_case"] and not exact_per_attack:
+      for name, other in infos.items():
+        if other["in_worst_case"] and other["family"] != spec.family:
+          active &= verdicts[name]
+    verdict, ran = natural.copy(), np.zeros_like(natural)
+    run = functools.partial(_attack_verdicts, model_fns, attack_key=attack_key, spec=spec,
+                            beta=beta, budget=budget)
+    if spec.family == "autoattack":  # its stages are jitted with apply_fn static
+      run = functools.partial(_autoattack_verdicts, apply_fn, spec, beta, budget)
+    for first, (count, xb, yb, ib) in zip(range(0, y.size, batch_size), batches):
+      rows = slice(first, first + count)
+      if not spec.expensive:
+        verdict[rows] &= np.asarray(run(xb, yb, ib))[:count]
+        ran[rows] = natural[rows]
+        continue
+      if spec.family == "autoattack":
+        ib = image_keys(attack_key, ib)
+      found = engine.run_on_subset(run, np.pad(active[rows], (0, batch_size - count)), xb, yb, ib)
+      if found is not None:
+        idx, still_correct = found
+        verdict[first + idx] = np.asarray(still_correct)
+        ran[first + idx] = True
+    verdicts[spec.name], ran_on[spec.name], infos[spec.name] = verdict, ran, info
+    seconds[spec.name] = time.perf_counter() - start
+    logging.info("%s: %.1f%% still correct (%d attacked, %.1f s)", spec.name,
+                 100 * verdict.mean(), ran.sum(), seconds[spec.name])
+  verdicts[report_lib.WORST_CASE] = report_lib.worst_case(verdicts, infos)
+  report = report_lib.Report(eps=eps, indices=indices, verdicts=verdicts, ran_on=ran_on,
+                             attacks=infos, notes=notes, seconds=seconds, title=title)
+  report.sanity = report_lib.sanity_checks(report)
+  return report
+
+
+# ----------------------------------------------------------------------------- workdirs
+
+
+def _apply_eval(model, variables, x):
+  return model.apply(variables, x, train=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _eval_fn(model):
+  # One function object per model: jit caches keyed on it hit across checkpoints.
+  return functools.partial(_apply_eval, model)
+
+
+def bind_model(model, variables) -> Partial:
+  """apply_fn(x) -> (logits, cas_logits) of `model` in evaluation mode with `variables`."""
+  return Partial(_eval_fn(model), variables)
+
+
+def budget_from_config(evaluation) -> AttackBudget:
+  """The AttackBudget of config.eval (fields of the same names; missing ones keep defaults)."""
+  defaults = AttackBudget()
+  return AttackBudget(**{name: int(evaluation.get(name, default))
+                         for name, default in vars(defaults).items()})
+
+
+def _no_checkpoint(workdir: str) -> FileNotFoundError:
+  return FileNotFoundError(
+      f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: train first with the same "
+      f"command without --mode=eval (python main.py --config=... --workdir={workdir}), or "
+      "evaluate a PyTorch file with --config.eval.torch_checkpoint=/path/to/model.pth")
+
+
+def _restore_variables(config, workdir, model, image_shape, which=("last",)):
+  """{(label, step): variables} of the workdir checkpoints named in `which`."""
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise _no_checkpoint(workdir)
+  manager = checkpointing.create_manager(workdir, async_save=False)
+  steps = {"last": manager.latest_step(), "best": checkpointing.best_step(manager)}
+  if steps["last"] is None:
+    raise _no_checkpoint(workdir)
+  state = train.create_train_state(config.seed, model, config, 1, image_shape)
+  found = {}
+  for label in which:
+    if steps[label] is None:
+      logging.warning("No best checkpoint in %s (no evaluation metrics saved); skipping it.",
+                      workdir)
+      continue
+    restored = checkpointing.restore(manager, state, steps[label])
+    found[(label, steps[label])] = {"params": restored.params,
+                                    "batch_stats": restored.batch_stats}
+  if not found:
+    raise FileNotFoundError(f"no best checkpoint in {workdir}: none was saved with evaluation "
+                            "metrics; use --config.eval.checkpoints=last")
+  return found
+
+
+def _load_targets(config, workdir, model, num_classes, image_shape):
+  """{(label, step or None): variables}: the torch file, or the workdir's checkpoints."""
+  path = config.eval.get("torch_checkpoint", "")
+  if path:
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"config.eval.torch_checkpoint={path!r} is not a file")
+    variables = interop.load_torch_checkpoint(config.model.name, path, num_classes,
+                                              **train.model_options(config.model))
+    return {(os.path.splitext(os.path.basename(path))[0], None): variables}
+  which = [w.strip() for w in str(config.eval.get("checkpoints", "last")).split(",") if w.strip()]
+  if not which or set(which) - set(CHECKPOINT_CHOICES):
+    raise ValueError(f"config.eval.checkpoints={config.eval.checkpoints!r}; use a comma-separated "
+                     f"subset of {', '.join(CHECKPOINT_CHOICES)}, e.g. 'last,best'")
+  return _restore_variables(config, workdir, model, image_shape, which)
+
+
+def _load_source(config, num_classes, image_shape):
+  """The transfer attacks' source model: a .pth (config.eval.transfer_model) or a workdir."""
+  path = config.eval.get("transfer_checkpoint", "")
+  if not path:
+    return None
+  if os.path.isfile(path):
+    name = config.eval.get("transfer_model", "") or config.model.name
+    variables = interop.load_torch_checkpoint(name, path, num_classes)
+    return bind_model(models.create(name, num_classes=num_classes), variables)
+  model = train.create_model(config, num_classes)
+  variables = next(iter(_restore_variables(config, path, model, image_shape).values()))
+  return bind_model(model, variables)
+
+
+def evaluate_workdir(config, workdir: str) -> Dict[str, report_lib.Report]:
+  """Evaluate config.eval.checkpoints of workdir (or config.eval.torch_checkpoint); write reports.
+
+  Writes workdir/eval/<checkpoint>_report.md and .json and prints each markdown report.
+  """
+  evaluation = config.eval
+  parse_attacks(evaluation.attacks, eps=evaluation.eps, has_cas=True)  # fail fast on typos
+  budget = budget_from_config(evaluation)
+  dataset = input_pipeline.create_dataset(config)
+  count = min(evaluation.get("report_images", 0) or dataset.num_test, dataset.num_test)
+  x = dataset.test_images[:count].astype(np.float32) / np.float32(255)
+  y = dataset.test_labels[:count]
+  image_shape = dataset.test_images.shape[1:]
+  model = train.create_model(config, dataset.num_classes)
+  targets = _load_targets(config, workdir, model, dataset.num_classes, image_shape)
+  needs_source = any(n.startswith("transfer") for n in attack_names(evaluation.attacks))
+  source_fn = _load_source(config, dataset.num_classes, image_shape) if needs_source else None
+  key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  out_dir = os.path.join(workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  reports: Dict[str, report_lib.Report] = {}
+  by_step: Dict[int, report_lib.Report] = {}
+  for (label, step), variables in targets.items():
+    where = f"{label} checkpoint (step {step})" if step is not None else label
+    title = (f"{config.model.name}, {where}: {count} test images, "
+             f"eps {report_lib.format_eps(evaluation.eps)}")
+    if step is not None and step in by_step:  # last == best: evaluated once
+      report = report_lib.Report.from_json(by_step[step].to_json())
+      report.title = title
+      report.notes = report.notes + [f"The same checkpoint as the report above (step {step})."]
+    else:
+      report = robustness_report(
+          bind_model(model, variables), x, y, key=key, eps=evaluation.eps,
+          attacks=evaluation.attacks, beta=config.loss.beta, batch_size=config.eval_batch_size,
+          budget=budget, exact_per_attack=evaluation.get("exact_per_attack", False),
+          source_fn=source_fn, title=title)
+      by_step[step] = report
+    paths = [os.path.join(out_dir, f"{label}_report.{ext}") for ext in ("md", "json")]
+    with open(paths[0], "w") as f:
+      f.write(report.markdown())
+    with open(paths[1], "w") as f:
+      f.write(report.to_json())
+    print(report.markdown())
+    print(f"Wrote {paths[0]} and {paths[1]}\n", flush=True)
+    reports[label] = report
+  return reports

@@ -1,0 +1,245 @@
+"""The robustness report: per-image verdicts, the worst case over attacks, table, JSON, sanity.
+
+    report = evaluate.robustness_report(apply_fn, x, y, eps=8/255, key=key)
+    print(report.markdown())              # the table, then the sanity report under it
+    report.verdicts["worst_case"]         # (N,) bool: correct on x and under every attack
+    text = report.to_json(); Report.from_json(text).verdicts   # every verdict survives
+
+A verdict is True where the image is still classified correctly. An attack that ran on only
+some of the clean-correct images (the expensive ones run on the images every earlier attack
+left standing) keeps True elsewhere: its own figure is then an upper bound, written "<= 41.2",
+while the worst case stays exact. `ran_on[name]` records the images each attack attacked.
+"""
+import dataclasses
+import json
+from typing import Dict, List
+
+import numpy as np
+
+NATURAL, WORST_CASE = "natural", "worst_case"
+# Points by which the worst case may undercut the best single attack (and AutoAttack's joint
+# and main variants may disagree) before the sanity report says so.
+TOLERANCE_POINTS = 2.0
+# PGD at eps 32/255 must leave at most this much accuracy (paper Table 13: ~0).
+LARGE_EPS, LARGE_EPS_MAX_POINTS = 32 / 255, 5.0
+
+
+def format_eps(eps: float) -> str:
+  """8/255 -> '8/255'; an eps that is not a whole number of 255ths -> '0.031'."""
+  in_255ths = eps * 255
+  if abs(in_255ths - round(in_255ths)) < 1e-4:
+    return f"{round(in_255ths)}/255"
+  return f"{eps:.4g}"
+
+
+@dataclasses.dataclass
+class Report:
+  """Per-image verdicts of natural, each attack (in the order they ran) and the worst case."""
+  eps: float
+  indices: np.ndarray  # (N,) the images' global indices (their keys are folded from them)
+  verdicts: Dict[str, np.ndarray]  # name -> (N,) bool; NATURAL, attacks..., WORST_CASE
+  ran_on: Dict[str, np.ndarray]  # attack -> (N,) bool: the images it attacked
+  # attack -> {"description", "method", "steps", "joint", "eps", "black_box", "in_worst_case",
+  #            "family"}: what sanity_checks and the table read.
+  attacks: Dict[str, dict]
+  sanity: List[str] = dataclasses.field(default_factory=list)
+  notes: List[str] = dataclasses.field(default_factory=list)
+  seconds: Dict[str, float] = dataclasses.field(default_factory=dict)
+  title: str = "Robustness report"
+
+  @property
+  def num_images(self) -> int:
+    return int(self.verdicts[NATURAL].size)
+
+  @property
+  def accuracies(self) -> Dict[str, float]:
+    """Accuracy (a fraction) of every verdict array."""
+    return {name: self.accuracy(name) for name in self.verdicts}
+
+  def accuracy(self, name: str) -> float:
+    """The fraction of images still correct under `name` (an upper bound if not is_exact)."""
+    return float(np.mean(self.verdicts[name]))
+
+  def is_exact(self, name: str) -> bool:
+    """Whether `name`'s own figure is exact: it attacked every clean-correct image."""
+    if name not in self.ran_on:
+      return True
+    return not np.any(self.verdicts[NATURAL] & ~self.ran_on[name])
+
+  def figure(self, name: str) -> str:
+    """Accuracy in percent, '<= x' where it is only an upper bound."""
+    text = f"{100 * self.accuracy(name):.1f}"
+    return text if self.is_exact(name) else f"<= {text}"
+
+  def table(self) -> str:
+    """Markdown: one row per attack with its accuracy and the worst case over it and those above."""
+    rows = ["| attack | eps | accuracy (%) | worst case so far (%) | images | attacked |",
+            "|---|---|---|---|---|---|"]
+    natural = self.verdicts[NATURAL]
+    rows.append(f"| natural | - | {self.figure(NATURAL)} | {self.figure(NATURAL)} | "
+                f"{self.num_images} | - |")
+    so_far = natural.copy()
+    for name, info in self.attacks.items():
+      cumulative = "-"  # other eps: shown, but not part of the worst case
+      if info["in_worst_case"]:
+        so_far &= self.verdicts[name]
+        cumulative = f"{100 * np.mean(so_far):.1f}"
+      rows.append(f"| {name}: {info['description']} | {format_eps(info['eps'])} | "
+                  f"{self.figure(name)} | {cumulative} | {self.num_images} | "
+                  f"{int(np.sum(self.ran_on[name]))} |")
+    worst = f"{100 * self.accuracy(WORST_CASE):.1f}"
+    rows.append(f"| **worst case** (every attack at eps {format_eps(self.eps)}) | "
+                f"{format_eps(self.eps)} | **{worst}** | {worst} | {self.num_images} | - |")
+    return "\n".join(rows)
+
+  def markdown(self) -> str:
+    """The title, the table, the sanity report under it, then notes and timings."""
+    lines = [f"# {self.title}", "", self.table(), "", "## Sanity report", ""]
+    lines += [f"- WARNING: {w}" for w in self.sanity] or ["- No warnings."]
+    if self.notes:
+      lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
+    if self.seconds:
+      lines += ["", "Time (s, including compilation): " + ", ".join(
+          f"{name} {s:.1f}" for name, s in self.seconds.items())]
+    return "\n".join(lines) + "\n"
+
+  def to_json(self) -> str:
+    """Every figure and every per-image verdict (and where each attack ran) as JSON."""
+    as_list = lambda a: [bool(v) for v in a]
+    data = {
+        "title": self.title, "eps": self.eps, "num_images": self.num_images,
+        "indices": [int(i) for i in self.indices],
+        "accuracy": {name: self.accuracy(name) for name in self.verdicts},
+        "exact": {name: self.is_exact(name) for name in self.verdicts},
+        "verdicts": {name: as_list(v) for name, v in self.verdicts.items()},
+        "ran_on": {name: as_list(v) for name, v in self.ran_on.items()},
+        "attacks": self.attacks, "sanity": self.sanity, "notes": self.notes,
+        "seconds": self.seconds,
+    }
+    return json.dumps(data, indent=1)
+
+  @classmethod
+  def from_json(cls, text: str) -> "Report":
+    """The Report that to_json wrote."""
+    data = json.loads(text)
+    as_array = lambda v: np.asarray(v, dtype=bool)
+    return cls(eps=data["eps"], indices=np.asarray(data["indices"], np.int64),
+               verdicts={k: as_array(v) for k, v in data["verdicts"].items()},
+               ran_on={k: as_array(v) for k, v in data["ran_on"].items()},
+               attacks=data["attacks"], sanity=data["sanity"], notes=data["notes"],
+               seconds=data["seconds"], title=data["title"])
+
+
+def worst_case(verdicts: Dict[str, np.ndarray], attacks: Dict[str, dict]) -> np.ndarray:
+  """Correct on clean input and under every attack run at the report's eps."""
+  robust = verdicts[NATURAL].copy()
+  for name, info in attacks.items():
+    if info["in_worst_case"]:
+      robust &= verdicts[name]
+  return robust
+
+
+# ----------------------------------------------------------------------------- sanity report
+
+
+def _points(report: Report, name: str) -> float:
+  return 100 * report.accuracy(name)
+
+
+def _lowest(report: Report, names) -> str:
+  return min(names, key=lambda n: report.accuracy(n))
+
+
+def _worst_case_gap(report: Report) -> List[str]:
+  """Worst case well below every single attack: name the attacks that found the extra images."""
+  counted = [n for n, info in report.attacks.items() if info["in_worst_case"]]
+  exact = [n for n in counted if report.is_exact(n)]
+  if not exact:
+    return []
+  best = _lowest(report, exact)
+  gap = _points(report, best) - _points(report, WORST_CASE)
+  if gap <= TOLERANCE_POINTS:
+    return []
+  extra = report.verdicts[best] & ~report.verdicts[WORST_CASE]
+  finders = sorted(((int(np.sum(extra & ~report.verdicts[n])), n) for n in counted if n != best),
+                   reverse=True)
+  found = ", ".join(f"{n} ({c})" for c, n in finders if c)
+  message = (f"the worst case ({_points(report, WORST_CASE):.1f}%) is {gap:.1f} points below the "
+             f"strongest single attack, {best} ({_points(report, best):.1f}%): no single attack "
+             f"is enough on this model. The {int(extra.sum())} images {best} left standing fell "
+             f"to {found}.")
+  partial = [n for n in counted if not report.is_exact(n)]
+  if partial:
+    message += (f" {', '.join(partial)} ran only on images that earlier attacks left standing, "
+                "so their own figures are upper bounds; rerun with exact_per_attack=True to "
+                "see whether one of them alone reaches the worst case.")
+  return [message]
+
+
+def _large_eps_not_broken(report: Report) -> List[str]:
+  warnings = []
+  for name, info in report.attacks.items():
+    if (info["method"] == "pgd" and abs(info["eps"] - LARGE_EPS) < 1e-6
+        and _points(report, name) > LARGE_EPS_MAX_POINTS):
+      warnings.append(
+          f"{name} leaves {_points(report, name):.1f}% accuracy at eps 32/255 (more than "
+          f"{LARGE_EPS_MAX_POINTS:.0f}%): a large enough perturbation should break every image; "
+          "suspect gradient masking (paper Table 13).")
+  return warnings
+
+
+def _fgsm_beats_pgd(report: Report) -> List[str]:
+  warnings = []
+  for fgsm, f_info in report.attacks.items():
+    if f_info["method"] != "fgsm":
+      continue
+    for pgd, p_info in report.attacks.items():
+      if (p_info["method"] == "pgd" and abs(p_info["eps"] - f_info["eps"]) < 1e-9
+          and p_info["joint"] == f_info["joint"] and report.is_exact(pgd)
+          and report.accuracy(fgsm) < report.accuracy(pgd)):
+        warnings.append(
+            f"FGSM is stronger than PGD: {fgsm} leaves {_points(report, fgsm):.1f}%, {pgd} "
+            f"{_points(report, pgd):.1f}%. One step beating many means the iterations get lost "
+            "(gradient masking or a bad step size).")
+  return warnings
+
+
+def _black_box_beats_white_box(report: Report) -> List[str]:
+  counted = {n: i for n, i in report.attacks.items() if i["in_worst_case"]}
+  white = [n for n, i in counted.items() if not i["black_box"] and report.is_exact(n)]
+  if not white:
+    return []
+  best_white = _lowest(report, white)
+  return [f"the black-box attack {name} ({_points(report, name):.1f}%) is stronger than every "
+          f"white-box attack (best: {best_white}, {_points(report, best_white):.1f}%): "
+          "gradients mislead the white-box attacks (gradient masking)."
+          for name, info in counted.items()
+          if info["black_box"] and report.accuracy(name) < report.accuracy(best_white)]
+
+
+def _joint_main_disagree(report: Report) -> List[str]:
+  warnings = []
+  for joint, j_info in report.attacks.items():
+    if j_info["family"] != "autoattack" or not j_info["joint"]:
+      continue
+    for main, m_info in report.attacks.items():
+      same = all(m_info[k] == j_info[k] for k in ("family", "method", "eps"))
+      if not same or m_info["joint"]:
+        continue
+      # Compared on the images both attacked, so that the gap is exact either way.
+      both = report.ran_on[joint] & report.ran_on[main]
+      broken = lambda n: int(np.sum(both & ~report.verdicts[n]))
+      gap = 100 * abs(broken(joint) - broken(main)) / report.num_images
+      if gap > TOLERANCE_POINTS:
+        warnings.append(
+            f"AutoAttack on the joint losses ({joint}) and on the main logits ({main}) disagree "
+            f"by {gap:.1f} points: of the {int(both.sum())} images both attacked, {joint} broke "
+            f"{broken(joint)} and {main} {broken(main)}. The CAS heads change what the attack "
+            "finds; trust the worst case, not either one.")
+  return warnings
+
+
+def sanity_checks(report: Report) -> List[str]:
+  """Plain-English warnings about figures that a sound evaluation should not produce."""
+  return (_worst_case_gap(report) + _large_eps_not_broken(report) + _fgsm_beats_pgd(report)
+          + _black_box_beats_white_box(report) + _joint_main_disagree(report))

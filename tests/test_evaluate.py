@@ -1,0 +1,267 @@
+"""Robustness reports: worst case over attacks, batch independence, CAS-aware AutoAttack, sanity.
+
+Hand-built linear models on 4x4x3 images whose gradient is switched off (stop_gradient) on
+half of the images: a gradient attack cannot move there, a query-based or transfer attack can.
+Small budgets throughout; the same model functions are reused so that compilations are shared.
+"""
+import json
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cas_jax import evaluate
+from cas_jax import report as report_lib
+from cas_jax import train
+from cas_jax.attack_registry import AttackBudget, attack_names, parse_attack, parse_attacks
+from test_train import tiny_config
+
+N, EPS = 16, 0.1
+W = jax.random.normal(jax.random.key(0), (48, 10)) / 7
+BUDGET = AttackBudget(apgd_steps=5, fab_steps=5, square_queries=10, target_classes=2,
+                      n_attack_population=20, n_attack_iters=30)
+KEY = jax.random.key(0)
+
+
+def linear(x):
+  return x.reshape(x.shape[0], -1) @ W
+
+
+def is_masked(x):
+  return x[:, 0, 0, 0] > 0.5  # the marker pixel is 0 or 1: eps cannot flip it
+
+
+def masked(x):
+  """The linear model, with no gradient on the odd (marked) images."""
+  z = linear(x)
+  return jnp.where(is_masked(x)[:, None], jax.lax.stop_gradient(z), z)
+
+
+def masked_source(x):
+  """A transfer source with no gradient on the even images: the complement of `masked`."""
+  z = linear(x)
+  return jnp.where(is_masked(x)[:, None], z, jax.lax.stop_gradient(z))
+
+
+def main_masked_cas(x):
+  """A CAS-like model: no gradient through the main head; the CAS head carries the same logits."""
+  z = linear(x)
+  return jax.lax.stop_gradient(z), (z,)
+
+
+def _data():
+  rng = np.random.default_rng(0)
+  x = rng.uniform(0.3, 0.7, (N, 4, 4, 3)).astype(np.float32)
+  x[:, 0, 0, 0] = np.arange(N) % 2
+  return x, np.asarray(jnp.argmax(linear(jnp.asarray(x)), -1), np.int32)
+
+
+X, Y = _data()
+ODD = np.arange(N) % 2 == 1
+
+
+def report_of(apply_fn, attacks, batch_size=8, **options):
+  options.setdefault("budget", BUDGET)
+  return evaluate.robustness_report(apply_fn, X, Y, key=KEY, eps=EPS, attacks=attacks,
+                                    batch_size=batch_size, **options)
+
+
+@pytest.fixture(scope="module")
+def masked_reports():
+  """The same attacks on the masked model at batch sizes 4 and 8."""
+  return {bs: report_of(masked, "pgd20,fgsm,transfer-pgd,n-attack", batch_size=bs,
+                        source_fn=masked_source) for bs in (4, 8)}
+
+
+def test_worst_case_is_the_intersection_and_names_the_attack(masked_reports):
+  report = masked_reports[8]
+  v = report.verdicts
+  assert v["natural"].all()
+  # No gradient on the odd images: PGD fails on every one of them and breaks even ones.
+  assert v["pgd20"][ODD].all() and not v["pgd20"][~ODD].any()
+  # The transfer source has no gradient on the even images: the complement.
+  assert v["transfer-pgd"][~ODD].all() and not v["transfer-pgd"][ODD].all()
+  chex.assert_trees_all_equal(v["worst_case"], v["natural"] & v["pgd20"] & v["transfer-pgd"]
+                              & v["n-attack"])
+  # Expensive attacks run only on images the cheap ones left standing: an upper bound.
+  ran = report.ran_on["n-attack"]
+  chex.assert_trees_all_equal(ran, v["pgd20"] & v["transfer-pgd"])
+  assert ran.sum() == 3 and not ran[~ODD].any()
+  # N-Attack queries, never differentiates: it breaks the odd images neither attack could.
+  assert not v["n-attack"][ran].any() and v["n-attack"][~ran].all()
+  assert report.accuracy("worst_case") == 0.0
+  assert not report.is_exact("n-attack") and "<= " in report.figure("n-attack")
+  gap = [w for w in report.sanity if w.startswith("the worst case")]
+  assert len(gap) == 1 and "pgd20 (50.0%)" in gap[0]
+  assert "transfer-pgd (" in gap[0] and "n-attack (" in gap[0]
+  assert "| **worst case**" in report.table()
+
+
+def test_verdicts_do_not_depend_on_the_batch_size(masked_reports):
+  small, large = masked_reports[4], masked_reports[8]
+  assert list(small.verdicts) == ["natural", "pgd20", "fgsm", "transfer-pgd", "n-attack",
+                                  "worst_case"]
+  for name in small.verdicts:
+    chex.assert_shape(small.verdicts[name], (N,))
+    chex.assert_trees_all_equal(small.verdicts[name], large.verdicts[name])
+  chex.assert_trees_all_equal(small.ran_on, large.ran_on)
+
+
+def test_exact_per_attack_runs_expensive_attacks_on_every_clean_correct_image():
+  report = report_of(masked, "pgd20,n-attack", exact_per_attack=True)
+  chex.assert_trees_all_equal(report.ran_on["n-attack"], report.verdicts["natural"])
+  assert report.is_exact("n-attack") and report.accuracy("n-attack") == 0.0
+  # Stronger than the white-box attack: the black-box flag fires.
+  assert any("black-box attack n-attack" in w for w in report.sanity)
+
+
+def test_joint_autoattack_reaches_the_cas_heads():
+  report = report_of(main_masked_cas, "pgd20-main,aa,aa-joint")
+  v = report.verdicts
+  assert v["pgd20-main"].all()  # the main head gives no gradient
+  # AutoAttack on the joint losses ascends through the CAS head, the main one cannot.
+  assert v["aa-joint"].sum() < v["aa"].sum()
+  assert not v["aa-joint"].any()
+  # Both AutoAttack variants ran on the same images, so their figures compare.
+  chex.assert_trees_all_equal(report.ran_on["aa"], report.ran_on["aa-joint"])
+  assert any(w.startswith("AutoAttack on the joint losses (aa-joint)") for w in report.sanity)
+
+
+def _fake_autoattack(calls):
+  def fake(model_fn, x, y, *, loss, **kwargs):
+    calls.append(loss)
+    return x, {"clean": np.ones(len(y), bool), "square": np.ones(len(y), bool)}
+  return fake
+
+
+def test_plain_model_runs_coinciding_attacks_once(monkeypatch):
+  calls = []
+  monkeypatch.setattr(evaluate, "autoattack", _fake_autoattack(calls))
+  # exact_per_attack: AutoAttack also runs on the images PGD broke.
+  plain = report_of(linear, "default,pgd20-main", batch_size=N, exact_per_attack=True)
+  assert list(plain.verdicts) == ["natural", "pgd20", "cw", "aa", "worst_case"]
+  assert calls == ["main"]
+  assert any(n.startswith("aa-joint coincides with aa") for n in plain.notes)
+  assert any(n.startswith("pgd20-main coincides with pgd20") for n in plain.notes)
+  calls.clear()
+  cas = report_of(main_masked_cas, "default", batch_size=N, exact_per_attack=True)
+  assert list(cas.verdicts) == ["natural", "pgd20", "cw", "aa", "aa-joint", "worst_case"]
+  assert calls == ["main", "joint"]
+
+
+def test_json_round_trips_every_verdict(masked_reports):
+  report = masked_reports[8]
+  data = json.loads(report.to_json())
+  assert data["verdicts"]["n-attack"] == [bool(v) for v in report.verdicts["n-attack"]]
+  assert data["exact"]["n-attack"] is False
+  again = report_lib.Report.from_json(report.to_json())
+  chex.assert_trees_all_equal(again.verdicts, report.verdicts)
+  chex.assert_trees_all_equal(again.ran_on, report.ran_on)
+  assert again.markdown() == report.markdown()
+
+
+# ----------------------------------------------------------------------------- sanity flags
+
+
+def _info(method, eps=8 / 255, joint=True, black_box=False, family=None, steps=20):
+  return {"description": method, "method": method, "steps": steps, "joint": joint, "eps": eps,
+          "black_box": black_box, "expensive": False, "family": family or method,
+          "in_worst_case": abs(eps - 8 / 255) < 1e-9}
+
+
+def constructed_report(attacks, natural=None):
+  """A Report from {name: (info, verdicts)}: every attack ran on every clean-correct image."""
+  natural = np.ones(10, bool) if natural is None else np.asarray(natural)
+  verdicts = {"natural": natural}
+  verdicts.update({n: np.asarray(v, bool) & natural for n, (_, v) in attacks.items()})
+  infos = {n: info for n, (info, _) in attacks.items()}
+  verdicts["worst_case"] = report_lib.worst_case(verdicts, infos)
+  report = report_lib.Report(eps=8 / 255, indices=np.arange(natural.size), verdicts=verdicts,
+                             ran_on={n: natural.copy() for n in infos}, attacks=infos)
+  report.sanity = report_lib.sanity_checks(report)
+  return report
+
+
+FIVE = [1] * 5 + [0] * 5  # 50% robust
+
+
+def test_benign_report_has_no_warnings():
+  report = constructed_report({
+      "fgsm": (_info("fgsm"), [1] * 7 + [0] * 3),
+      "pgd20": (_info("pgd"), FIVE),
+      "cw": (_info("cw"), [1] * 6 + [0] * 4),
+      "aa": (_info("aa", joint=False, family="autoattack"), [1] * 4 + [0] * 6),
+      "aa-joint": (_info("aa", family="autoattack"), [1] * 4 + [0] * 6),
+      "n-attack": (_info("n-attack", black_box=True), [1] * 8 + [0] * 2),
+      "pgd20@32": (_info("pgd", eps=32 / 255), [0] * 10),
+  })
+  assert report.sanity == []
+  assert "- No warnings." in report.markdown()
+
+
+def test_each_sanity_flag_fires_on_its_case():
+  gap = constructed_report({"pgd20": (_info("pgd"), FIVE),
+                            "cw": (_info("cw"), [0] * 5 + [1] * 5)})
+  assert len(gap.sanity) == 1 and "fell to cw (5)" in gap.sanity[0]
+  large_eps = constructed_report({"pgd20@32": (_info("pgd", eps=32 / 255), [1] + [0] * 9)})
+  assert len(large_eps.sanity) == 1 and "eps 32/255" in large_eps.sanity[0]
+  fgsm = constructed_report({"fgsm": (_info("fgsm"), [1] * 4 + [0] * 6),
+                             "pgd20": (_info("pgd"), FIVE)})
+  assert any(w.startswith("FGSM is stronger than PGD") for w in fgsm.sanity)
+  black = constructed_report({"pgd20": (_info("pgd"), FIVE),
+                              "n-attack": (_info("n-attack", black_box=True), [1] * 4 + [0] * 6)})
+  assert any(w.startswith("the black-box attack n-attack") for w in black.sanity)
+  aa = constructed_report({"aa": (_info("aa", joint=False, family="autoattack"), FIVE),
+                           "aa-joint": (_info("aa", family="autoattack"), [1] * 4 + [0] * 6)})
+  assert len(aa.sanity) == 1 and "disagree by 10.0 points" in aa.sanity[0]
+
+
+def test_attack_names_parse_and_bad_names_fail_clearly():
+  assert attack_names("default, sweep") == ["pgd20", "cw", "aa", "aa-joint", "pgd20@2",
+                                            "pgd20@4", "pgd20@8", "pgd20@16", "pgd20@32"]
+  spec = parse_attack("PGD100-main@16", eps=EPS, has_cas=True)
+  assert (spec.method, spec.steps, spec.joint, spec.eps) == ("pgd", 100, False, 16 / 255)
+  assert parse_attack("autoattack-joint", eps=EPS, has_cas=True).joint
+  assert not parse_attack("cw", eps=EPS, has_cas=False).joint
+  specs, _ = parse_attacks("pgd20,pgd20@8", eps=8 / 255, has_cas=True)
+  assert len(specs) == 1  # the same attack at the same eps runs once
+  for bad in ("pgd0", "fgsm10", "square-joint", "bim", "pgd20@300"):
+    with pytest.raises(ValueError, match="Valid names|outside"):
+      parse_attack(bad, eps=EPS, has_cas=True)
+  with pytest.raises(ValueError, match="no CAS heads"):
+    parse_attack("cas-head", eps=EPS, has_cas=False)
+  with pytest.raises(ValueError, match="source_fn"):
+    report_of(linear, "transfer-pgd")
+
+
+# ----------------------------------------------------------------------------- workdirs
+
+
+def test_missing_checkpoint_names_the_fix(tmp_path):
+  with pytest.raises(FileNotFoundError, match="train first with the same command"):
+    evaluate.evaluate_workdir(tiny_config(), str(tmp_path))
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_end_to_end_train_then_evaluate_workdir(tmp_path, capsys):
+  config = tiny_config()
+  config.schedule.num_epochs = 1
+  train.train_and_evaluate(config, str(tmp_path))
+  config.eval.report_images = 16
+  config.eval.attacks = "default"
+  config.eval.apgd_steps, config.eval.fab_steps = 3, 3
+  config.eval.square_queries, config.eval.target_classes = 10, 2
+  reports = evaluate.evaluate_workdir(config, str(tmp_path))
+  assert set(reports) == {"last", "best"}  # one epoch: the same checkpoint, evaluated once
+  names = ["natural", "pgd20", "cw", "aa", "aa-joint", "worst_case"]
+  for label in ("last", "best"):
+    data = json.loads((tmp_path / "eval" / f"{label}_report.json").read_text())
+    assert list(data["verdicts"]) == names
+    assert all(len(v) == 16 for v in data["verdicts"].values())
+    markdown = (tmp_path / "eval" / f"{label}_report.md").read_text()
+    assert "| **worst case**" in markdown and "## Sanity report" in markdown
+  printed = capsys.readouterr().out
+  assert "| aa-joint: AutoAttack standard, joint losses |" in printed
