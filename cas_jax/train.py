@@ -85,8 +85,9 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int):
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int):
-  """lr divided by 1/gamma at each epoch milestone (torch's MultiStepLR)."""
-  boundaries = {int(m) * steps_per_epoch: config.schedule.gamma
+  """lr times gamma from each milestone on: milestone m is the first (1-indexed) epoch at the
+  lower rate, as in the authors' scripts (75 -> 74 epochs at lr 0.1)."""
+  boundaries = {(int(m) - 1) * steps_per_epoch: config.schedule.gamma
                 for m in config.schedule.milestones}
   return optax.piecewise_constant_schedule(config.optim.lr, boundaries)
 
@@ -181,7 +182,7 @@ def eval_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *,
   model_fn = attack_model_fn(state)
   keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(batch["index"])
   x_adv = white_box.pgd(model_fn, x, y, eps=config.eval.eps, steps=config.eval.steps,
-                      step_size=config.eval.step_size, loss=config.eval.loss,
+                      step_size=config.eval.step_size or None, loss=config.eval.loss,
                       beta=config.loss.beta, key=keys)
   natural = jnp.argmax(model_fn(x)[0], -1) == y
   robust = jnp.argmax(model_fn(x_adv)[0], -1) == y

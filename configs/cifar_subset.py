@@ -13,7 +13,7 @@ def get_config():
   config.model.width = 16
   config.batch_size = 64
   config.schedule.num_epochs = 5
-  config.schedule.milestones = (4,)
+  config.schedule.milestones = (5,)
   config.optim.lr = 0.05
   config.eval.num_images = 500
   config.log_every_steps = 20

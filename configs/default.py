@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.schedule = ml_collections.ConfigDict()
   config.schedule.num_epochs = 120  # the scripts; the paper text says 200
-  config.schedule.milestones = (75, 90)
+  config.schedule.milestones = (75, 90)  # the first epochs at lr * gamma (1-indexed)
   config.schedule.gamma = 0.1
 
   # Evaluation during training: natural and adaptive PGD-20 accuracy.
@@ -65,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.num_images = 1000  # 0 = the whole test set
   config.eval.eps = 8 / 255
   config.eval.steps = 20
-  config.eval.step_size = 0.8 / 255  # eps / 10
+  config.eval.step_size = 0.0  # 0 = eps / 10, the paper's protocol
   config.eval.loss = "joint_ce"  # adaptive: CE + beta * mean CE of the CAS heads
   # Robustness reports (--mode=eval, cas_jax/evaluate.py), at config.eval.eps.
   config.eval.report_images = 1000  # first test images; 0 = the whole test set
@@ -96,7 +96,11 @@ def get_config() -> ml_collections.ConfigDict:
 def setting(objective: str, cas: bool, model: str = "resnet18",
             dataset: str = "cifar10") -> ml_collections.ConfigDict:
   """A paper setting: objective x (+-CAS) x architecture x dataset, from REFERENCE.md."""
+  if dataset not in ("cifar10", "cifar100", "svhn_cropped"):
+    raise ValueError(f"unknown dataset {dataset!r}; valid: cifar10, cifar100, svhn_cropped")
   config = get_config()
+  config.data.dataset = dataset
+  config.data.num_classes = 100 if dataset == "cifar100" else 10
   config.loss.objective = objective
   config.model.name = model
   config.model.cas_stages = "default" if cas else "none"
@@ -113,7 +117,6 @@ def setting(objective: str, cas: bool, model: str = "resnet18",
   if model == "vgg16":
     config.loss.beta = 3.0
   if dataset == "svhn_cropped":
-    config.data.dataset = "svhn_cropped"
     config.optim.lr = 0.01
     config.optim.weight_decay = 5e-4
     config.attack.step_size = 1 / 255

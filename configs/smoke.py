@@ -16,7 +16,7 @@ def get_config():
   config.eval_batch_size = 64
   config.attack.steps = 3
   config.schedule.num_epochs = 2
-  config.schedule.milestones = (1,)
+  config.schedule.milestones = (2,)
   config.eval.num_images = 64
   config.eval.steps = 5
   # --mode=eval: the default attacks with small AutoAttack budgets (full ones take ~15 min on CPU).

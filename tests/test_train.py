@@ -34,7 +34,7 @@ def tiny_config(objective="at", cas=True, image_size=8):
   config.eval.steps = 2
   config.eval.num_images = 16
   config.schedule.num_epochs = 2
-  config.schedule.milestones = (1,)
+  config.schedule.milestones = (2,)
   config.ckpt.async_save = False
   config.log_every_steps = 2
   return config
@@ -114,7 +114,7 @@ def test_weight_decay_and_momentum_match_torch_sgd():
   torch = pytest.importorskip("torch")
   config = tiny_config()
   config.optim.lr, config.optim.weight_decay = 0.1, 0.05
-  tx = train.create_optimizer(config, steps_per_epoch=2)  # lr / 10 after epoch 1 (step 2)
+  tx = train.create_optimizer(config, steps_per_epoch=2)  # milestone 2: lr / 10 from step 2
   w0 = np.array([1.0, -2.0, 0.5], np.float32)
   grads = [np.array([0.3, 0.1, -0.2], np.float32) * (i + 1) for i in range(4)]
   params, opt_state = jnp.asarray(w0), tx.init(jnp.asarray(w0))
