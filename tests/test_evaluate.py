@@ -265,3 +265,31 @@ def test_end_to_end_train_then_evaluate_workdir(tmp_path, capsys):
     assert "| **worst case**" in markdown and "## Sanity report" in markdown
   printed = capsys.readouterr().out
   assert "| aa-joint: AutoAttack standard, joint losses |" in printed
+
+
+def test_evaluates_a_pytorch_checkpoint_of_the_authors_layout(tmp_path):
+  torch = pytest.importorskip("torch")
+  import test_interop  # pylint: disable=g-import-not-at-top  (needs torch)
+  from cas_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  net = test_interop._randomised(test_interop.TorchResNet18(width=4)).eval()
+  with torch.no_grad():  # input-dependent predictions, so the verdicts are not all equal
+    net.linear.weight.mul_(100.0)
+    net.linear.bias.zero_()
+  path = tmp_path / "resnet18_cas.pth"
+  torch.save({"state_dict": net.state_dict()}, path)
+  config = tiny_config(image_size=32)
+  config.eval.torch_checkpoint = str(path)
+  config.eval.report_images = 16
+  config.eval.attacks = "pgd3,cw3"
+  reports = evaluate.evaluate_workdir(config, str(tmp_path / "work"))
+  report = reports["resnet18_cas"]
+  dataset = input_pipeline.create_dataset(config)
+  images = dataset.test_images[:16].astype(np.float32) / 255
+  with torch.no_grad():
+    logits = net(torch.from_numpy(images.transpose(0, 3, 1, 2)))
+  logits = logits[0] if isinstance(logits, tuple) else logits
+  expected = logits.argmax(-1).numpy() == dataset.test_labels[:16]
+  assert 0 < expected.sum() < 16  # both verdicts occur: the comparison can fail
+  np.testing.assert_array_equal(report.verdicts["natural"], expected)
+  assert (tmp_path / "work" / "eval" / "resnet18_cas_report.json").exists()
