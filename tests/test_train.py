@@ -219,3 +219,18 @@ def test_smoke_config_is_small():
   config = smoke.get_config()
   train.validate_config(config)
   assert config.data.source == "synthetic" and config.model.width <= 16
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.model.name=resnet50", "error: unknown model 'resnet50'; valid: resnet18"),
+    ("--config.attack.eps=3.0", "error: config.attack.eps=3.0 is outside (0, 1]"),
+    ("--config.data.source=cifar_dir", "error: "),
+])
+def test_main_reports_bad_input_in_one_line(tmp_path, override, message):
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "main.py"), "--config=configs/smoke.py",
+       f"--workdir={tmp_path}", override, f"--config.data.cifar_dir={tmp_path}/missing"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode != 0
+  last_line = result.stderr.strip().splitlines()[-1]
+  assert last_line.startswith(message) and "Traceback" not in result.stderr
