@@ -269,7 +269,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                                     if k.endswith("acc")} or None)
   except KeyboardInterrupt:
     logging.warning("Interrupted at step %d: saving a checkpoint before exiting.", step)
-    checkpointing.save(manager, state)
+    try:
+      checkpointing.save(manager, state)
+    except RuntimeError:  # interrupted inside the step: its donated input buffers are gone
+      logging.warning("Could not save step %d; the latest checkpoint is step %s.", step,
+                      manager.latest_step())
     raise
   finally:
     manager.wait_until_finished()
