@@ -23,6 +23,7 @@ import numpy as np
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common  # pylint: disable=g-import-not-at-top
 from cas_jax import evaluate  # pylint: disable=g-import-not-at-top
 from cas_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 from cas_jax import interop  # pylint: disable=g-import-not-at-top
@@ -88,17 +89,9 @@ def main(_):
         "first_run_s": runs[0], "steady_s": runs[1],
         "images_per_s": len(labels) / runs[1], "attacked_per_s": attacked / runs[1]})
     print(json.dumps(results[-1]), flush=True)
-  summary = {
-      "model": config.model.name, "width": config.model.width or "full",
-      "cas_stages": str(config.model.cas_stages), "weights": FLAGS.checkpoint or "random",
-      "dtype": config.model.dtype, "batch_size": config.eval_batch_size,
-      "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
-      "budget": vars(budget), "results": results}
-  print(json.dumps(summary, indent=2))
-  if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
-      json.dump(summary, f, indent=2)
-
+  summary = {**common.setup(config, config.eval_batch_size),
+             "weights": FLAGS.checkpoint or "random", "budget": vars(budget), "results": results}
+  common.report(summary, FLAGS.out)
 
 if __name__ == "__main__":
   app.run(main)

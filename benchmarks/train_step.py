@@ -3,7 +3,6 @@
   python benchmarks/train_step.py --config=configs/cifar10_at_cas.py --steps=20 --out=bench.json
   python benchmarks/train_step.py --config=configs/smoke.py --config.batch_size=64
 """
-import json
 import os
 import sys
 import time
@@ -16,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common  # pylint: disable=g-import-not-at-top
 from cas_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 from cas_jax import train  # pylint: disable=g-import-not-at-top
 
@@ -55,18 +55,11 @@ def main(_):
   jax.block_until_ready((state, metrics))
   step_s = (time.perf_counter() - start) / FLAGS.steps
 
-  result = {
-      "model": config.model.name, "width": config.model.width or "full",
-      "cas_stages": str(config.model.cas_stages), "objective": config.loss.objective,
-      "attack_steps": config.attack.steps if config.loss.objective != "natural" else 0,
-      "dtype": config.model.dtype, "batch_size": batch, "devices": jax.device_count(),
-      "device_kind": jax.devices()[0].device_kind, "compile_and_first_step_s": compile_s,
-      "step_s": step_s, "images_per_s": batch / step_s}
-  print(json.dumps(result, indent=2))
-  if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
-      json.dump(result, f, indent=2)
-
+  result = {**common.setup(config, batch), "objective": config.loss.objective,
+            "attack_steps": config.attack.steps if config.loss.objective != "natural" else 0,
+            "compile_and_first_step_s": compile_s, "step_s": step_s,
+            "images_per_s": batch / step_s}
+  common.report(result, FLAGS.out)
 
 if __name__ == "__main__":
   app.run(main)
