@@ -59,10 +59,7 @@ def _correct(model, x: Array, y: Array) -> Array:
   return jnp.argmax(_main_logits(model, x), -1) == y
 
 
-@jax.jit
-def image_keys(attack_key: Array, index: Array) -> Array:
-  """One key per image: attack_key folded with the image's global index."""
-  return jax.vmap(lambda i: jax.random.fold_in(attack_key, i))(index)
+image_keys = jax.jit(engine.index_keys)  # one key per image, from its global index
 
 
 def _attack_fn(spec: AttackSpec, eps, beta: float, budget: AttackBudget, model, source,

@@ -180,7 +180,7 @@ def eval_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *,
   """Counts of correct natural and PGD predictions over the real (unpadded) images of a batch."""
   x, y, mask = batch["image"], batch["label"], batch["mask"]
   model_fn = attack_model_fn(state)
-  keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(batch["index"])
+  keys = engine.index_keys(rng, batch["index"])
   x_adv = white_box.pgd(model_fn, x, y, eps=config.eval.eps, steps=config.eval.steps,
                       step_size=config.eval.step_size or None, loss=config.eval.loss,
                       beta=config.loss.beta, key=keys)

@@ -52,7 +52,12 @@ def example_keys(key: Array, n: int) -> Array:
     if key.shape[0] != n:
       raise ValueError(f"got {key.shape[0]} per-example keys for a batch of {n} examples")
     return key
-  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
+  return index_keys(key, jnp.arange(n))
+
+
+def index_keys(key: Array, indices: Array) -> Array:
+  """One key per example: `key` folded with each example's (global) index."""
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
 
 
 def fold_keys(keys: Array, *data) -> Array:
