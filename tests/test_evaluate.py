@@ -6,8 +6,6 @@ Small budgets throughout; the same model functions are reused so that compilatio
 """
 import json
 import os
-import subprocess
-import sys
 
 import chex
 import jax
@@ -19,6 +17,7 @@ from cas_jax import evaluate
 from cas_jax import report as report_lib
 from cas_jax import train
 from cas_jax.attack_registry import AttackBudget, attack_names, parse_attack, parse_attacks
+import fake_devices
 from test_train import tiny_config
 
 N, EPS = 16, 0.1
@@ -298,18 +297,8 @@ def test_evaluates_a_pytorch_checkpoint_of_the_authors_layout(tmp_path):
 
 
 def test_verdicts_do_not_depend_on_the_device_count():
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  results = []
-  for devices in (1, 4):
-    flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
-    env = dict(os.environ, XLA_FLAGS=flags,
-               PYTHONPATH=os.pathsep.join([root, os.path.join(root, "tests")]))
-    run = subprocess.run([sys.executable, os.path.join(root, "tests", "eval_devices_check.py")],
-                         env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert run.returncode == 0, run.stderr[-3000:]
-    results.append(np.load(run.stdout.strip().splitlines()[-1]))
-  assert int(results[1]["devices"]) == 4
-  names = [n for n in results[0].files if n != "devices"]
+  one, four = (fake_devices.run_script("eval_devices_check.py", n) for n in (1, 4))
+  names = [n for n in one.files if n != "devices"]
   assert {"natural", "pgd5", "cw5", "aa", "aa-joint", "worst_case"} <= set(names)
   for name in names:
-    np.testing.assert_array_equal(results[0][name], results[1][name], err_msg=name)
+    np.testing.assert_array_equal(one[name], four[name], err_msg=name)

@@ -16,6 +16,7 @@ from cas_jax import input_pipeline
 from cas_jax import train
 from configs import default
 from configs import smoke
+from tests import fake_devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -199,20 +200,10 @@ def test_end_to_end_writes_metrics_and_checkpoints(tmp_path):
 
 
 def test_eight_devices_compute_what_one_device_computes():
-  script = os.path.join(ROOT, "tests", "data_parallel_check.py")
-  outputs = []
-  for devices in (1, 8):
-    flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
-    env = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=ROOT)
-    result = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True,
-                            timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    outputs.append(np.load(result.stdout.strip().splitlines()[-1]))
-  assert int(outputs[1]["devices"]) == 8
-  for name in outputs[0].files:
+  one, eight = (fake_devices.run_script("data_parallel_check.py", n) for n in (1, 8))
+  for name in one.files:
     if name != "devices":
-      np.testing.assert_allclose(outputs[0][name], outputs[1][name], rtol=2e-4, atol=2e-5,
-                                 err_msg=name)
+      np.testing.assert_allclose(one[name], eight[name], rtol=2e-4, atol=2e-5, err_msg=name)
 
 
 def test_smoke_config_is_small():
