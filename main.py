@@ -5,6 +5,7 @@
 """
 import logging as python_logging
 import os
+import shlex
 import sys
 
 from absl import app
@@ -26,7 +27,37 @@ class _QuietLibraries(python_logging.Filter):
 
   def filter(self, record):
     ours = "cas_jax" in record.pathname or record.pathname == os.path.abspath(__file__)
+    if str(record.msg).startswith("Requested `tracked_metric`"):
+      return False  # Orbax, on every checkpoint saved without evaluation metrics
     return ours or record.levelno >= python_logging.WARNING
+
+
+def _config_paths(argv):
+  """The --config=FILE[:args] paths in argv (either flag form)."""
+  paths = []
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      paths.append(arg[len("--config="):])
+    elif arg == "--config" and i + 1 < len(argv):
+      paths.append(argv[i + 1])
+  return [p.split(":")[0] for p in paths]
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with every mistake (missing config file, unknown key) in one line."""
+  for path in _config_paths(argv):
+    if not os.path.isfile(path):
+      sys.exit(f"error: config file {path} does not exist; pass one of configs/*.py, e.g. "
+               "--config=configs/smoke.py")
+  try:
+    return FLAGS(argv)
+  except flags.Error as error:
+    sys.exit(f"error: {error}; see --helpshort")
+  except (AttributeError, KeyError) as error:  # ml_collections: an override of an unknown key
+    key = str(error).strip("\"'")
+    overrides = [a for a in argv if a.startswith("--config.")]
+    sys.exit(f"error: no config field {key!r} (in {' '.join(overrides)}); see "
+             "configs/default.py for the valid names")
 
 
 def main(argv):
@@ -41,6 +72,7 @@ def main(argv):
                jax.process_count())
   # Imported here so that --help stays fast.
   from cas_jax import train  # pylint: disable=g-import-not-at-top
+  from cas_jax import preemption  # pylint: disable=g-import-not-at-top
   try:
     if FLAGS.mode == "train":
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
@@ -50,7 +82,21 @@ def main(argv):
   except (ValueError, FileNotFoundError) as error:
     logging.debug("Traceback of the error below:", exc_info=True)  # shown with --verbosity=1
     sys.exit(f"error: {error}")
+  except preemption.Stopped as stopped:
+    # Exit status 128 + signal number, as if the signal had ended the process: schedulers
+    # then see a preempted job (to requeue), not a finished one.
+    print(f"{stopped} with its checkpoint saved; resume with: "
+          f"{shlex.join([sys.executable, *sys.argv])}", file=sys.stderr)
+    sys.exit(stopped.exit_status)
+  except KeyboardInterrupt:
+    print("interrupted (a second Ctrl-C, or one outside the training loop): the step in flight "
+          "is not saved; rerunning the same command resumes from the latest checkpoint",
+          file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  try:
+    app.run(main, flags_parser=parse_flags)
+  except KeyboardInterrupt:  # during the imports and flag parsing
+    sys.exit(130)

@@ -1,17 +1,24 @@
-"""A thin Orbax CheckpointManager wrapper: keep the latest and the best (by robust accuracy).
+"""A thin Orbax CheckpointManager wrapper: keep the two latest and the best (by robust accuracy).
 
     manager = checkpointing.create_manager(workdir)
     state = checkpointing.restore_or_init(manager, state)      # resumes from the latest
     checkpointing.save(manager, state, metrics={"pgd_acc": 0.41})
+
+A checkpoint that cannot be restored (a truncated file, a missing _METADATA) is skipped when
+an older one restores, and renamed `<step>.unrestorable` (kept for inspection; Orbax ignores
+names that are not step numbers).
 """
 import os
 from typing import Any, Mapping, Optional
 
+from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 BEST_METRIC = "pgd_acc"
+UNRESTORABLE_SUFFIX = ".unrestorable"
 
 
 def _best_metric(metrics: Mapping[str, float]) -> float:
@@ -19,9 +26,10 @@ def _best_metric(metrics: Mapping[str, float]) -> float:
 
 
 def create_manager(workdir: str, async_save: bool = True) -> ocp.CheckpointManager:
-  """A manager in workdir/checkpoints keeping the latest and the best checkpoint."""
+  """A manager in workdir/checkpoints keeping the two latest and the best checkpoint."""
+  # Two latest: if the newest cannot be read back, training resumes from the one before.
   keep = policies.AnyPreservationPolicy([
-      policies.LatestN(n=1),
+      policies.LatestN(n=2),
       policies.BestN(get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False),
   ])
   # best_fn also makes a fresh manager read the saved metrics back (for resume and best_step).
@@ -49,11 +57,52 @@ def restore(manager: ocp.CheckpointManager, state: Any, step: Optional[int] = No
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
+def _first_line(error: Exception) -> str:
+  first = (str(error).strip().splitlines() or [""])[0]
+  return f"{type(error).__name__}: {first.split(' See full TensorStore details')[0][:200]}"
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
+  """Rename checkpoint `step` to <step>.unrestorable[.k] (never deleted); the new path."""
+  source = os.path.join(str(manager.directory), str(step))
+  target, k = source + UNRESTORABLE_SUFFIX, 1
+  while os.path.exists(target):
+    target, k = f"{source}{UNRESTORABLE_SUFFIX}.{k}", k + 1
+  if jax.process_index() == 0:
+    os.rename(source, target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"cas_jax set aside checkpoint {step}")
+  return target
+
+
 def restore_or_init(manager: ocp.CheckpointManager, state: Any) -> Any:
-  """The latest checkpoint restored into `state`'s structure, or `state` itself if there is none."""
-  if manager.latest_step() is None:
-    return state
-  return restore(manager, state)
+  """The newest checkpoint that restores into `state`'s structure, or `state` if there is none.
+
+  Newer checkpoints that fail while an older one restores are damaged: each is reported in
+  one line and renamed. If none restores, the config probably differs from the one that
+  wrote them: a ValueError says so and nothing is renamed.
+  """
+  failures = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = restore(manager, state, step)
+    except Exception as error:  # pylint: disable=broad-except  (TensorStore, Orbax, OS errors)
+      failures.append((step, error))
+      continue
+    for bad_step, error in failures:
+      target = _set_aside(manager, bad_step)
+      logging.warning("Checkpoint step %d cannot be restored (%s); kept as %s. Resuming from "
+                      "step %d.", bad_step, _first_line(error), target, step)
+    if failures:
+      manager.reload()
+    return restored
+  if failures:
+    step, error = failures[0]
+    raise ValueError(
+        f"no checkpoint in {manager.directory} restores into this config's train state "
+        f"(step {step}: {_first_line(error)}); rerun with the config that wrote them, or "
+        "use a new --workdir (move a damaged checkpoint out of the folder to start over)")
+  return state
 
 
 def best_step(manager: ocp.CheckpointManager) -> Optional[int]:

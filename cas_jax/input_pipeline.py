@@ -32,6 +32,7 @@ Batch = Dict[str, np.ndarray]
 SOURCES = ("tfds", "cifar_dir", "synthetic")
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn_cropped": 10}
 CROP_PADDING = 4
+TFDS_DOWNLOAD_RETRIES = 2
 _CIFAR_URLS = {
     "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
     "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
@@ -89,7 +90,12 @@ def load_cifar_dir(path: str, dataset: str = "cifar10") -> Tuple[Arrays, Arrays]
       file_path = os.path.join(path, name)
       if not os.path.isfile(file_path):
         raise _cifar_missing(path, dataset, f"{file_path} is missing")
-      parts.append(_read_cifar_pickle(file_path, label_key))
+      try:
+        parts.append(_read_cifar_pickle(file_path, label_key))
+      except (EOFError, pickle.UnpicklingError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{file_path} is damaged or not a CIFAR python pickle ({type(error).__name__}); "
+            f"download and extract {_CIFAR_URLS[dataset]} again") from None
     splits.append((np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])))
   return splits[0], splits[1]
 
@@ -106,7 +112,12 @@ def load_tfds(name: str, data_dir: Optional[str] = None, num_train: int = 0, num
               download: bool = False) -> Tuple[Arrays, Arrays]:
   """(train, test) arrays of a prepared TFDS dataset, read through `tfds.data_source`."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.core.download import downloader  # pylint: disable=g-import-not-at-top
 
+  # TFDS retries a failed download 10 times with exponential backoff (~200 s without a
+  # network); a prepared dataset needs no download and a real outage is not fixed by waiting.
+  max_retries = downloader.MAX_RETRIES
+  downloader.MAX_RETRIES = min(max_retries, TFDS_DOWNLOAD_RETRIES)
   try:
     sources = tfds.data_source(name, split=("train", "test"), data_dir=data_dir,
                                download=download)
@@ -120,6 +131,8 @@ def load_tfds(name: str, data_dir: Optional[str] = None, num_train: int = 0, num
         f"({type(e).__name__}). Prepare it with `tfds build {name} --file_format=array_record` "
         f"on a machine with network and point "
         f"--config.data.tfds_data_dir at it{hint}.") from None
+  finally:
+    downloader.MAX_RETRIES = max_retries
   return _read_tfds_split(sources[0], num_train), _read_tfds_split(sources[1], num_test)
 
 

@@ -1,31 +1,89 @@
-"""Scalar metrics to TensorBoard event files (tensorboardX) and to a JSON-lines file in the workdir."""
-import json
-import os
-from typing import Mapping
+"""Scalar metrics to TensorBoard event files (tensorboardX) and to a JSON-lines file in the workdir.
 
+`metrics.jsonl` is strict JSON: a non-finite value is written as null. On resume from step S
+the rows after S are dropped from `metrics.jsonl` (rewritten in place, atomically); TensorBoard
+event files cannot be rewritten, so the writer starts with `purge_step=S + 1`, which makes
+TensorBoard hide the older events after S.
+"""
+import json
+import math
+import os
+import tempfile
+from typing import Mapping, Optional
+
+from absl import logging
 import jax
 import numpy as np
 from tensorboardX import SummaryWriter
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def check_workdir(workdir: str) -> None:
+  """Create workdir if needed and check that files can be written there; ValueError if not."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as error:
+    raise ValueError(f"cannot write to --workdir={workdir} ({error.strerror or error}); pass a "
+                     "folder you can write to") from None
+
+
+def _row_step(line: str) -> Optional[int]:
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+    return None
+
+
+def drop_rows_after(path: str, step: int) -> int:
+  """Remove the rows of a metrics.jsonl after `step` (and unreadable ones); how many went."""
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = f.readlines()
+  kept = [l if l.endswith("\n") else l + "\n" for l in lines
+          if (s := _row_step(l)) is not None and s <= step]
+  if len(kept) < len(lines):
+    temporary = path + ".tmp"
+    with open(temporary, "w") as f:
+      f.writelines(kept)
+    os.replace(temporary, path)
+  return len(lines) - len(kept)
+
 
 class MetricWriter:
-  """Writes scalars as TensorBoard events and as `metrics.jsonl` lines; only on process 0."""
+  """Writes scalars as TensorBoard events and as `metrics.jsonl` lines; only on process 0.
 
-  def __init__(self, workdir: str):
+  resume_step: the step training (re)starts from; later rows of an earlier run are dropped.
+  """
+
+  def __init__(self, workdir: str, resume_step: Optional[int] = None):
     self._active = jax.process_index() == 0
     if self._active:
       os.makedirs(workdir, exist_ok=True)
-      self._tensorboard = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      path = os.path.join(workdir, METRICS_FILE)
+      purge_step = None
+      if resume_step is not None:
+        dropped = drop_rows_after(path, resume_step)
+        if dropped:
+          logging.info("Dropped %d rows of %s after the restored step %d.", dropped, path,
+                       resume_step)
+        purge_step = resume_step + 1
+      self._tensorboard = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"),
+                                        purge_step=purge_step)
+      self._jsonl = open(path, "a")
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-    """Record `scalars` at `step` in both sinks."""
+    """Record `scalars` at `step` in both sinks (non-finite values as null in the JSON)."""
     if not self._active:
       return
     scalars = {k: float(np.asarray(v)) for k, v in scalars.items()}
     for name, value in scalars.items():
       self._tensorboard.add_scalar(name, value, step)
-    self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
+    row = {k: v if math.isfinite(v) else None for k, v in scalars.items()}
+    self._jsonl.write(json.dumps({"step": int(step), **row}, allow_nan=False) + "\n")
     self._jsonl.flush()
 
   def close(self) -> None:

@@ -8,6 +8,7 @@ applies one SGD update. `train_and_evaluate(config, workdir)` runs it data-paral
 every device (a 1-D mesh, batch sharded on "data"), evaluates, logs and checkpoints.
 """
 import functools
+import math
 import time
 from typing import Any, Dict, Tuple
 
@@ -25,11 +26,13 @@ from cas_jax import input_pipeline
 from cas_jax import losses
 from cas_jax import metric_writers
 from cas_jax import models
+from cas_jax import preemption
 from cas_jax.attacks import engine
 from cas_jax.attacks import white_box
 
 OBJECTIVES = ("natural", "at", "trades", "mart")
 BATCH_NORM_MODES = ("running", "batch")
+FINITE = "state_finite"  # train_step's flag: every parameter and statistic is finite
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -43,6 +46,24 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   def check(ok, message):
     if not ok:
       raise ValueError(message)
+  for name, value, low in [
+      ("batch_size", config.batch_size, 1), ("eval_batch_size", config.eval_batch_size, 1),
+      ("schedule.num_epochs", config.schedule.num_epochs, 1),
+      ("eval.every_epochs", config.eval.every_epochs, 1),
+      ("ckpt.every_epochs", config.ckpt.every_epochs, 1),
+      ("ckpt.every_steps", config.ckpt.every_steps, 0),
+      ("log_every_steps", config.log_every_steps, 1), ("attack.steps", config.attack.steps, 0),
+      ("eval.steps", config.eval.steps, 0), ("eval.num_images", config.eval.num_images, 0)]:
+    check(value >= low, f"{name}={value}; use an integer >= {low}"
+          + (" (0 = off)" if name == "ckpt.every_steps" else ""))
+  check(math.isfinite(config.optim.lr) and config.optim.lr > 0,
+        f"optim.lr={config.optim.lr}; use a learning rate > 0 (the paper: 0.1)")
+  check(0 <= config.optim.momentum < 1, f"optim.momentum={config.optim.momentum}; use [0, 1)")
+  check(config.optim.weight_decay >= 0,
+        f"optim.weight_decay={config.optim.weight_decay}; use a value >= 0")
+  check(config.schedule.gamma > 0, f"schedule.gamma={config.schedule.gamma}; use a value > 0")
+  check(all(int(m) >= 1 for m in config.schedule.milestones),
+        f"schedule.milestones={config.schedule.milestones}; use epochs >= 1")
   check(config.loss.objective in OBJECTIVES,
         f"loss.objective={config.loss.objective!r}; valid: {', '.join(OBJECTIVES)}")
   check(config.attack.batch_norm in BATCH_NORM_MODES,
@@ -171,7 +192,8 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
   # Training-mode CAS masks use the true labels, which leak into the main head's prediction:
   # this accuracy is far above any test accuracy and says nothing about robustness.
   metrics = {"train_loss": loss,
-             "train_acc_label_masks": jnp.mean(jnp.argmax(logits, -1) == y)}
+             "train_acc_label_masks": jnp.mean(jnp.argmax(logits, -1) == y),
+             FINITE: jnp.all(jnp.stack([jnp.isfinite(v).all() for v in jax.tree.leaves(state)]))}
   return state, metrics
 
 
@@ -201,8 +223,17 @@ def evaluate(eval_fn, state: TrainState, dataset, rng: jax.Array, batch_size: in
           "pgd_acc": totals["pgd"] / totals["count"], "eval_images": totals["count"]}
 
 
+class Diverged(ValueError):
+  """Training produced a non-finite loss, parameter or statistic."""
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Train (resuming from workdir's latest checkpoint), evaluate each epoch, checkpoint, log."""
+  """Train (resuming from workdir's newest restorable checkpoint), evaluate, checkpoint, log.
+
+  On SIGTERM / SIGINT the step in flight ends and is checkpointed and logged, then
+  preemption.Stopped is raised; a non-finite state raises Diverged before it is checkpointed.
+  """
+  metric_writers.check_workdir(workdir)
   validate_config(config)
   # --- Mesh: one data axis over every device of every host.
   mesh = input_pipeline.data_mesh()
@@ -216,7 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   state = create_train_state(config.seed, model, config, steps_per_epoch,
                              dataset.train_images.shape[1:])
 
-  # --- Checkpoint: resume from the latest one, if any.
+  # --- Checkpoint: resume from the newest one that restores, if any.
   manager = checkpointing.create_manager(workdir, async_save=config.ckpt.async_save)
   state = jax.device_put(checkpointing.restore_or_init(manager, state), replicated)
   start_step = int(state.step)
@@ -228,10 +259,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                          out_shardings=(replicated, replicated))
   p_eval_step = jax.jit(functools.partial(eval_step, config=config), out_shardings=replicated)
 
-  writer = metric_writers.MetricWriter(workdir)
-  num_epochs = config.schedule.num_epochs
+  writer = metric_writers.MetricWriter(workdir, resume_step=start_step)
+  num_epochs, every_steps = config.schedule.num_epochs, config.ckpt.every_steps
   lr_fn = create_learning_rate_fn(config, steps_per_epoch)
-  step = start_step
+  step = checked_step = start_step  # checked_step: the last step whose state was finite
+
+  def fetch_and_check(metrics) -> Dict[str, float]:
+    """The step's metrics on the host; Diverged if the state or the loss is not finite."""
+    nonlocal checked_step
+    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    host["lr"] = float(lr_fn(step - 1))
+    if not (host.pop(FINITE) and math.isfinite(host["train_loss"])):
+      writer.write_scalars(step, host)
+      manager.wait_until_finished()
+      good = manager.latest_step()
+      raise Diverged(
+          f"training diverged: non-finite loss or parameters at step {step} (finite at step "
+          f"{checked_step}); " + (f"the last good checkpoint is step {good} in "
+                                  f"{manager.directory}, where a rerun resumes"
+                                  if good is not None else "no checkpoint was saved")
+          + f"; lower --config.optim.lr (now {config.optim.lr}) before rerunning")
+    checked_step = step
+    return host
+
+  def stop_here(signum, epoch_start=None, images=0):
+    """Checkpoint the current step (and the partial epoch's row), then raise Stopped."""
+    if epoch_start is not None:
+      elapsed = time.time() - epoch_start
+      writer.write_scalars(step, {"epoch": step / steps_per_epoch, "epoch_time_s": elapsed,
+                                  "train_images_per_s": images / elapsed})
+    checkpointing.save(manager, state)
+    raise preemption.Stopped(step, signum)
+
+  signals = preemption.StopSignals().install()
   try:
     for epoch in range(start_step // steps_per_epoch, num_epochs):
       first = step - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
@@ -246,11 +306,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                       train_key)
         step += 1
         progress.update(config.batch_size)
-        if step % config.log_every_steps == 0 or i == steps_per_epoch - 1:
-          train_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          train_metrics["lr"] = float(lr_fn(step - 1))
+        end_of_epoch = i == steps_per_epoch - 1
+        signum = signals.requested(manager, step)
+        save_now = every_steps > 0 and step % every_steps == 0
+        if step % config.log_every_steps == 0 or end_of_epoch or signum or save_now:
+          train_metrics = fetch_and_check(metrics)  # before any save: no non-finite one
           writer.write_scalars(step, train_metrics)
           progress.set_postfix(loss=f"{train_metrics['train_loss']:.3f}")
+        if signum:
+          progress.close()
+          stop_here(signum, epoch_start, (i + 1 - first) * config.batch_size)
+        if save_now and not end_of_epoch:
+          checkpointing.save(manager, state)
       progress.close()
       epoch_time = time.time() - epoch_start
       eval_metrics = {}
@@ -264,18 +331,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       writer.write_scalars(step, summary)
       logging.info("epoch %d/%d step %d: %s", epoch + 1, num_epochs, step, " ".join(
           f"{k}={v:.4g}" for k, v in {**train_metrics, **summary}.items() if k != "epoch"))
-      if (epoch + 1) % config.ckpt.every_epochs == 0 or last:
+      if ((epoch + 1) % config.ckpt.every_epochs == 0 or last
+          or (every_steps > 0 and step % every_steps == 0)):
         checkpointing.save(manager, state, metrics={k: v for k, v in eval_metrics.items()
                                                     if k.endswith("acc")} or None)
-  except KeyboardInterrupt:
-    logging.warning("Interrupted at step %d: saving a checkpoint before exiting.", step)
-    try:
-      checkpointing.save(manager, state)
-    except RuntimeError:  # interrupted inside the step: its donated input buffers are gone
-      logging.warning("Could not save step %d; the latest checkpoint is step %s.", step,
-                      manager.latest_step())
-    raise
+      signum = signals.requested(manager, step)
+      if signum and not last:  # the signal came during the evaluation
+        stop_here(signum)
   finally:
+    signals.restore()
     manager.wait_until_finished()
     writer.close()
   return state

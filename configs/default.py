@@ -87,6 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.ckpt = ml_collections.ConfigDict()
   config.ckpt.every_epochs = 1
+  config.ckpt.every_steps = 0  # also every N steps (0 = off); SIGTERM / SIGINT always save
   config.ckpt.async_save = True
 
   config.log_every_steps = 50

@@ -1,7 +1,13 @@
-"""The checkpoint manager keeps the latest and the best checkpoint, also across restarts."""
+"""The checkpoint manager keeps the latest and the best checkpoint, also across restarts, and
+skips (and renames) a newest checkpoint that cannot be restored."""
+import glob
+import logging
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import struct
 
 from cas_jax import checkpointing
@@ -13,21 +19,21 @@ class State:
   weights: jax.Array
 
 
-def state_at(step):
-  return State(jnp.int32(step), jnp.full((3,), float(step)))
+def state_at(step, size=3):
+  return State(jnp.int32(step), jnp.full((size,), float(step)))
 
 
-def test_keeps_latest_and_best_across_managers(tmp_path):
+def test_keeps_two_latest_and_best_across_managers(tmp_path):
   manager = checkpointing.create_manager(str(tmp_path), async_save=False)
   for step, acc in [(1, 0.3), (2, 0.5), (3, 0.4), (4, 0.2)]:
     checkpointing.save(manager, state_at(step), {"pgd_acc": acc, "natural_acc": 0.9})
-  assert manager.all_steps() == [2, 4] and checkpointing.best_step(manager) == 2
+  assert manager.all_steps() == [2, 3, 4] and checkpointing.best_step(manager) == 2
   # A new process (a rerun of the same command) sees the same metrics and keeps the best.
   again = checkpointing.create_manager(str(tmp_path), async_save=False)
   assert checkpointing.best_step(again) == 2
-  checkpointing.save(again, state_at(5))  # e.g. saved on Ctrl-C, without metrics
+  checkpointing.save(again, state_at(5))  # e.g. saved on SIGTERM, without metrics
   checkpointing.save(again, state_at(6), {"pgd_acc": 0.1})
-  assert again.all_steps() == [2, 6]
+  assert again.all_steps() == [2, 5, 6]
   restored = checkpointing.restore_or_init(again, state_at(0))
   assert int(restored.step) == 6
   best = checkpointing.restore(again, state_at(0), step=checkpointing.best_step(again))
@@ -39,3 +45,50 @@ def test_restore_or_init_without_checkpoints_returns_the_state(tmp_path):
   state = state_at(0)
   assert checkpointing.restore_or_init(manager, state) is state
   assert checkpointing.best_step(manager) is None
+
+
+def truncate_data_files(step_dir):
+  files = [f for f in glob.glob(os.path.join(step_dir, "**", "d", "*"), recursive=True)
+           if os.path.isfile(f) and os.path.getsize(f) > 0]
+  assert files
+  for path in files:
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def remove_metadata(step_dir):
+  os.remove(os.path.join(step_dir, "default", "_METADATA"))
+
+
+@pytest.mark.parametrize("damage", [truncate_data_files, remove_metadata])
+def test_unrestorable_newest_checkpoint_is_skipped_and_renamed(tmp_path, caplog, damage):
+  manager = checkpointing.create_manager(str(tmp_path), async_save=False)
+  for step in (1, 2, 3):
+    checkpointing.save(manager, state_at(step))
+  step_dir = os.path.join(tmp_path, "checkpoints", "3")
+  damage(step_dir)
+  files_before = sorted(os.path.relpath(f, step_dir) for f in glob.glob(f"{step_dir}/**",
+                                                                         recursive=True))
+  again = checkpointing.create_manager(str(tmp_path), async_save=False)
+  with caplog.at_level(logging.WARNING):
+    restored = checkpointing.restore_or_init(again, state_at(0))
+  assert int(restored.step) == 2
+  np.testing.assert_array_equal(restored.weights, np.full((3,), 2.0))
+  kept = step_dir + checkpointing.UNRESTORABLE_SUFFIX
+  assert not os.path.exists(step_dir) and os.path.isdir(kept)  # renamed, nothing deleted
+  assert sorted(os.path.relpath(f, kept) for f in glob.glob(f"{kept}/**",
+                                                            recursive=True)) == files_before
+  reports = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
+  assert len(reports) == 1 and "\n" not in reports[0] and "step 3" in reports[0]
+  assert again.all_steps() == [2]
+  # Training goes on: the next save at step 3 does not collide with the renamed folder.
+  checkpointing.save(again, state_at(3))
+  assert checkpointing.create_manager(str(tmp_path)).all_steps() == [2, 3]
+
+
+def test_no_restorable_checkpoint_is_an_error_and_renames_nothing(tmp_path):
+  manager = checkpointing.create_manager(str(tmp_path), async_save=False)
+  checkpointing.save(manager, state_at(1, size=3))
+  with pytest.raises(ValueError, match="restores into this config's train state"):
+    checkpointing.restore_or_init(manager, state_at(0, size=5))  # e.g. another width
+  assert manager.all_steps() == [1]
+  assert os.listdir(os.path.join(tmp_path, "checkpoints")) == ["1"]
