@@ -1,0 +1,289 @@
+"""Nothing a user trained is lost: preemption, divergence, interrupted metrics, bad input.
+
+In-process tests where they suffice; subprocesses where exit codes and signals need them.
+"""
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from cas_jax import checkpointing
+from cas_jax import input_pipeline
+from cas_jax import metric_writers
+from cas_jax import preemption
+from cas_jax import train
+from configs import smoke
+from tests.test_input_pipeline import write_fake_cifar10
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# configs/smoke.py made smaller still: 8x8 images, width 4, 4 steps per epoch, 3 epochs.
+SMALL = {"data.image_size": 8, "data.synthetic_num_train": 64, "data.synthetic_num_test": 16,
+         "model.width": 4, "batch_size": 16, "eval_batch_size": 16, "attack.steps": 1,
+         "eval.steps": 1, "eval.num_images": 16, "schedule.num_epochs": 3,
+         "log_every_steps": 1, "ckpt.async_save": False}
+
+
+def small_config(**overrides):
+  config = smoke.get_config()
+  for key, value in {**SMALL, **overrides}.items():
+    *parents, name = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[name] = value
+  return config
+
+
+def small_flags(**overrides):
+  return [f"--config.{k}={v}" for k, v in {**SMALL, **overrides}.items()]
+
+
+def read_rows(workdir):
+  """metrics.jsonl as strict JSON (a bare NaN or Infinity fails here)."""
+  def refuse(constant):
+    raise ValueError(f"non-JSON constant {constant} in metrics.jsonl")
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line, parse_constant=refuse) for line in f]
+
+
+def train_rows(rows):
+  """{step: row} of the training-metric rows; fails if a step appears twice."""
+  steps = [r["step"] for r in rows if "train_loss" in r]
+  assert len(steps) == len(set(steps)), f"a step logged twice: {sorted(steps)}"
+  return {r["step"]: r for r in rows if "train_loss" in r}
+
+
+def final_variables(workdir):
+  """The latest checkpoint of a workdir as a raw tree (no train state needed)."""
+  manager = checkpointing.create_manager(str(workdir), async_save=False)
+  return manager.restore(manager.latest_step())
+
+
+# ----------------------------------------------------------------------------- in process
+
+
+def first_steps_by_hand(config, steps):
+  """The train state after `steps` jitted train_steps on the first batches, outside the loop."""
+  dataset = input_pipeline.create_dataset(config)
+  model = train.create_model(config, dataset.num_classes)
+  state = train.create_train_state(config.seed, model, config, dataset.steps_per_epoch,
+                                   dataset.train_images.shape[1:])
+  train_key = jax.random.split(jax.random.PRNGKey(config.seed))[0]
+  step_fn = jax.jit(lambda s, b: train.train_step(s, b, train_key, config=config))
+  for _, batch in zip(range(steps), dataset.train_batches(0)):
+    state, _ = step_fn(state, batch)
+  return jax.device_get(state)
+
+
+def test_sigint_finishes_the_step_in_flight_and_saves_it(tmp_path, monkeypatch):
+  config = small_config(**{"loss.objective": "natural"})  # the loop is the same; compiles fast
+  write = metric_writers.MetricWriter.write_scalars
+
+  def write_then_interrupt(self, step, scalars):
+    write(self, step, scalars)
+    if step == 2 and "train_loss" in scalars:  # Ctrl-C while step 3 is on its way
+      os.kill(os.getpid(), signal.SIGINT)
+
+  handler_before = signal.getsignal(signal.SIGINT)
+  monkeypatch.setattr(metric_writers.MetricWriter, "write_scalars", write_then_interrupt)
+  with pytest.raises(preemption.Stopped) as stopped:
+    train.train_and_evaluate(config, str(tmp_path))
+  monkeypatch.undo()
+  assert (stopped.value.step, stopped.value.signal_name) == (3, "SIGINT")
+  assert stopped.value.exit_status == 130
+  assert signal.getsignal(signal.SIGINT) is handler_before  # the handler is put back
+  rows = read_rows(tmp_path)
+  assert rows[-1]["step"] == 3 and rows[-1]["epoch"] == 0.75  # the partial epoch's row
+  assert sorted(train_rows(rows)) == [1, 2, 3]
+  manager = checkpointing.create_manager(str(tmp_path))
+  assert manager.all_steps() == [3]
+  saved = manager.restore(3)
+  by_hand = first_steps_by_hand(config, 3)
+  chex.assert_trees_all_equal(saved["params"], by_hand.params)
+  chex.assert_trees_all_equal(saved["batch_stats"], by_hand.batch_stats)
+
+
+def test_divergence_stops_without_a_non_finite_checkpoint(tmp_path):
+  config = small_config(**{"optim.lr": 1e6, "log_every_steps": 4, "ckpt.every_steps": 1,
+                           "loss.objective": "natural"})
+  with pytest.raises(train.Diverged, match=r"non-finite loss or parameters at step (\d+)") as e:
+    train.train_and_evaluate(config, str(tmp_path))
+  message = str(e.value)
+  diverged_at = int(message.split("at step ")[1].split(" ")[0])
+  manager = checkpointing.create_manager(str(tmp_path), async_save=False)
+  assert manager.all_steps() and max(manager.all_steps()) < diverged_at
+  assert f"last good checkpoint is step {manager.latest_step()}" in message
+  assert "\n" not in message and "--config.optim.lr" in message
+  for step in manager.all_steps():
+    restored = manager.restore(step)
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(restored)), step
+  rows = read_rows(tmp_path)  # strict JSON: the non-finite loss is a null
+  assert rows[-1]["step"] == diverged_at and rows[-1]["train_loss"] is None
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("optim.lr", 0.0, "optim.lr=0.0; use a learning rate > 0"),
+    ("optim.lr", -0.1, "optim.lr=-0.1; use a learning rate > 0"),
+    ("schedule.num_epochs", 0, "schedule.num_epochs=0; use an integer >= 1"),
+    ("batch_size", 0, "batch_size=0; use an integer >= 1"),
+    ("eval_batch_size", -4, "eval_batch_size=-4; use an integer >= 1"),
+    ("eval.every_epochs", 0, "eval.every_epochs=0; use an integer >= 1"),
+    ("ckpt.every_epochs", 0, "ckpt.every_epochs=0; use an integer >= 1"),
+    ("ckpt.every_steps", -1, "ckpt.every_steps=-1; use an integer >= 0 (0 = off)"),
+    ("log_every_steps", 0, "log_every_steps=0; use an integer >= 1"),
+    ("optim.momentum", 1.0, "optim.momentum=1.0; use [0, 1)"),
+])
+def test_bad_hyperparameters_are_refused(key, value, message):
+  train.validate_config(small_config())  # the base is fine
+  with pytest.raises(ValueError, match="^" + re.escape(message)):
+    train.validate_config(small_config(**{key: value}))
+
+
+def test_workdir_that_cannot_be_created_is_refused(tmp_path):
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(ValueError, match="cannot write to --workdir=.*a_file/run"):
+    metric_writers.check_workdir(str(tmp_path / "a_file" / "run"))
+  metric_writers.check_workdir(str(tmp_path / "new" / "run"))  # created
+  assert os.listdir(tmp_path / "new" / "run") == []  # and left empty
+
+
+def test_truncated_cifar_file_is_named(tmp_path):
+  write_fake_cifar10(tmp_path / "cifar")
+  path = tmp_path / "cifar" / "data_batch_1"
+  os.truncate(path, os.path.getsize(path) // 2)
+  with pytest.raises(ValueError, match=f"{path} is damaged .* download and extract https://"):
+    input_pipeline.load_cifar_dir(str(tmp_path / "cifar"))
+
+
+def test_tfds_without_network_fails_in_seconds(tmp_path, monkeypatch):
+  for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+    monkeypatch.setenv(name, "http://127.0.0.1:9")  # nothing listens: every request fails
+  for name in ("NO_PROXY", "no_proxy"):
+    monkeypatch.delenv(name, raising=False)
+  start = time.time()
+  with pytest.raises(input_pipeline.DatasetNotFoundError, match="--config.data.cifar_dir="):
+    input_pipeline.load_tfds("cifar10", str(tmp_path), download=True)
+  assert time.time() - start < 20  # ten retries with backoff took 222 s
+
+
+def test_metrics_file_drops_rows_after_the_resume_step_and_stays_json(tmp_path):
+  writer = metric_writers.MetricWriter(str(tmp_path))
+  for step in (1, 2, 3, 4):
+    writer.write_scalars(step, {"loss": float(step)})
+  writer.write_scalars(4, {"loss": math.nan, "acc": math.inf})
+  writer.close()
+  assert read_rows(tmp_path)[-1] == {"step": 4, "loss": None, "acc": None}
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 5, "lo')  # cut short by a kill
+  writer = metric_writers.MetricWriter(str(tmp_path), resume_step=2)
+  writer.write_scalars(3, {"loss": 30.0})
+  writer.close()
+  assert read_rows(tmp_path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0},
+                                 {"step": 3, "loss": 30.0}]
+
+
+# ----------------------------------------------------------------------------- subprocesses
+
+
+def run_main(workdir, *flags, env=None, timeout=300):
+  return subprocess.run(
+      [sys.executable, os.path.join(ROOT, "main.py"), f"--workdir={workdir}", *flags],
+      cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False, env=env)
+
+
+@pytest.mark.parametrize("case,flags,message", [
+    ("config", ["--config=configs/no_such.py"], "config file configs/no_such.py does not exist"),
+    ("key", ["--config=configs/smoke.py", "--config.foo=1"], "no config field 'foo'"),
+    ("batch", ["--config=configs/smoke.py", "--config.batch_size=0"], "batch_size=0; use"),
+    ("epochs", ["--config=configs/smoke.py", "--config.schedule.num_epochs=0"],
+     "schedule.num_epochs=0; use"),
+    ("lr", ["--config=configs/smoke.py", "--config.optim.lr=-1"], "optim.lr=-1.0; use"),
+    ("workdir", ["--config=configs/smoke.py"], "cannot write to --workdir="),
+    ("cifar", ["--config=configs/smoke.py", "--config.data.source=cifar_dir"],
+     "data_batch_1 is damaged or not a CIFAR python pickle"),
+])
+def test_bad_input_ends_in_one_line_and_status_1(tmp_path, case, flags, message):
+  workdir = tmp_path / "run"
+  if case == "workdir":
+    (tmp_path / "a_file").write_text("")
+    workdir = tmp_path / "a_file" / "run"
+  if case == "cifar":
+    write_fake_cifar10(tmp_path / "cifar")
+    os.truncate(tmp_path / "cifar" / "data_batch_1", 100)
+    flags = flags + [f"--config.data.cifar_dir={tmp_path / 'cifar'}"]
+  result = run_main(workdir, *flags)
+  assert result.returncode == 1, result.stderr[-2000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and message in last, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+
+
+def last_logged_step(workdir):
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      steps = [metric_writers._row_step(line) for line in f]  # pylint: disable=protected-access
+  except FileNotFoundError:
+    return 0
+  return max([s for s in steps if s is not None], default=0)
+
+
+def run_until(workdir, flags, env, step, signum):
+  """Start training, send `signum` once a row of `step` (or later) is logged; the result."""
+  step = max(step, last_logged_step(workdir) + 1)  # not on a row an earlier run left
+  process = subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, "main.py"), f"--workdir={workdir}", *flags],
+      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while process.poll() is None and last_logged_step(workdir) < step:
+    assert time.time() < deadline, "training made no progress"
+    time.sleep(0.02)
+  if process.poll() is None:
+    process.send_signal(signum)
+  _, stderr = process.communicate(timeout=300)
+  return process.returncode, stderr
+
+
+@pytest.mark.slow
+def test_killed_and_preempted_runs_end_bitwise_equal_to_an_uninterrupted_one(tmp_path):
+  # One compilation cache for all the runs: each restart then costs its start-up only.
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  flags = ["--config=configs/smoke.py", *small_flags(**{"ckpt.every_steps": 2})]
+  reference = run_main(tmp_path / "reference", *flags, env=env)
+  assert reference.returncode == 0, reference.stderr[-3000:]
+  total = 3 * 4  # 3 epochs of 4 steps
+  seed = int(time.time())
+  # Kill points: steps 1..6 in increasing order, so each run gets further than the last and
+  # a SIGTERM lands well before the end (5 more steps and two evaluations to go).
+  targets = sorted(np.random.default_rng(seed).choice(np.arange(1, 7), 4, replace=False))
+  workdir = tmp_path / "interrupted"
+  for target, signum in zip(targets, [signal.SIGKILL, signal.SIGTERM] * 2):
+    status, stderr = run_until(workdir, flags, env, target, signum)
+    where = f"(seed {seed}, {signal.Signals(signum).name} at step >= {target})"
+    if signum == signal.SIGKILL:
+      assert status == -signal.SIGKILL, where + stderr[-3000:]
+      continue
+    assert status == 128 + signal.SIGTERM, where + stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert "Traceback" not in stderr, where + stderr[-3000:]
+    stopped_at = int(last.split("stopped by SIGTERM after step ")[1].split(" ")[0])
+    assert stopped_at >= target and last.endswith(" ".join(flags)), where + last
+    assert checkpointing.create_manager(str(workdir)).latest_step() == stopped_at, where
+  final = run_main(workdir, *flags, env=env)
+  assert final.returncode == 0, final.stderr[-3000:]
+  ours, theirs = final_variables(workdir), final_variables(tmp_path / "reference")
+  assert int(ours["step"]) == total
+  chex.assert_trees_all_equal(ours, theirs)
+  # metrics.jsonl: every step logged once, with the uninterrupted run's values.
+  assert train_rows(read_rows(workdir)) == train_rows(read_rows(tmp_path / "reference"))
