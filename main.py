@@ -6,12 +6,12 @@
 import logging as python_logging
 import os
 import shlex
+import signal
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -30,6 +30,15 @@ class _QuietLibraries(python_logging.Filter):
     if str(record.msg).startswith("Requested `tracked_metric`"):
       return False  # Orbax, on every checkpoint saved without evaluation metrics
     return ours or record.levelno >= python_logging.WARNING
+
+
+def _exit_now(signum, frame):
+  """SIGINT / SIGTERM outside the training loop: nothing in flight to save, so end at once."""
+  del frame
+  print(f"{signal.Signals(signum).name} outside the training loop: nothing in flight to save; "
+        "rerunning the same command resumes from the latest checkpoint", file=sys.stderr,
+        flush=True)
+  os._exit(128 + signum)  # pylint: disable=protected-access  (no traceback, no cleanup wait)
 
 
 def _config_paths(argv):
@@ -66,8 +75,9 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if FLAGS.verbosity <= 0:  # --verbosity=1 shows every library's INFO lines
     logging.get_absl_handler().addFilter(_QuietLibraries())
+  import jax  # pylint: disable=g-import-not-at-top  (after the signal handlers)
   if FLAGS.distributed:
-    jax.distributed.initialize()
+    jax.distributed.initialize()  # its preemption service then takes SIGTERM
   logging.info("JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(),
                jax.process_count())
   # Imported here so that --help stays fast.
@@ -88,15 +98,10 @@ def main(argv):
     print(f"{stopped} with its checkpoint saved; resume with: "
           f"{shlex.join([sys.executable, *sys.argv])}", file=sys.stderr)
     sys.exit(stopped.exit_status)
-  except KeyboardInterrupt:
-    print("interrupted (a second Ctrl-C, or one outside the training loop): the step in flight "
-          "is not saved; rerunning the same command resumes from the latest checkpoint",
-          file=sys.stderr)
-    sys.exit(130)
 
 
 if __name__ == "__main__":
-  try:
-    app.run(main, flags_parser=parse_flags)
-  except KeyboardInterrupt:  # during the imports and flag parsing
-    sys.exit(130)
+  # The training loop installs its own handlers (finish the step, save, stop) while it runs.
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, _exit_now)
+  app.run(main, flags_parser=parse_flags)

@@ -11,7 +11,8 @@
       signals.restore()
 
 In one process, a Python handler only records the first SIGTERM or SIGINT, so the step in
-flight finishes and the loop saves it; a second SIGINT interrupts at once (KeyboardInterrupt).
+flight finishes and the loop saves it; a second SIGINT goes to the handler that was there
+before (KeyboardInterrupt by default; main.py's ends the process at once).
 With several processes (`--distributed`) no handler is installed: JAX's preemption service
 catches SIGTERM and Orbax's `CheckpointManager.reached_preemption` makes every process stop
 at the same step, so all of them take part in the last checkpoint.
@@ -68,9 +69,14 @@ class StopSignals:
     self.restore()
 
   def _record(self, signum, frame) -> None:
-    del frame
     if self.signum is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+      # A second Ctrl-C: stop now, without a checkpoint, as the handler before ours would.
+      previous = self._previous.get(signum)
+      if callable(previous):
+        previous(signum, frame)
+      elif previous != signal.SIG_IGN:
+        raise KeyboardInterrupt
+      return
     self.signum = signum
 
   def requested(self, manager, step: int) -> Optional[int]:

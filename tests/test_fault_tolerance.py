@@ -287,3 +287,16 @@ def test_killed_and_preempted_runs_end_bitwise_equal_to_an_uninterrupted_one(tmp
   chex.assert_trees_all_equal(ours, theirs)
   # metrics.jsonl: every step logged once, with the uninterrupted run's values.
   assert train_rows(read_rows(workdir)) == train_rows(read_rows(tmp_path / "reference"))
+
+
+def test_sigint_before_the_training_loop_ends_at_once_in_one_line(tmp_path):
+  process = subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, "main.py"), f"--workdir={tmp_path}",
+       "--config=configs/smoke.py"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+  first_line = process.stderr.readline()  # logged once JAX is up, before data and model
+  process.send_signal(signal.SIGINT)
+  start = time.time()
+  rest = process.communicate(timeout=60)[1]
+  assert time.time() - start < 10 and process.returncode == 130, first_line + rest
+  assert rest.strip().splitlines()[-1].startswith("SIGINT outside the training loop")
+  assert "Traceback" not in rest and not os.path.exists(tmp_path / "checkpoints")
