@@ -64,8 +64,9 @@ def parse_flags(argv):
     sys.exit(f"error: {error}; see --helpshort")
   except (AttributeError, KeyError) as error:  # ml_collections: an override of an unknown key
     key = str(error).strip("\"'")
-    overrides = [a for a in argv if a.startswith("--config.")]
-    sys.exit(f"error: no config field {key!r} (in {' '.join(overrides)}); see "
+    culprits = [a for a in argv if a.startswith("--config.")
+                and key in a.split("=")[0].split(".")[1:]]
+    sys.exit(f"error: no config field {key!r} (in {' '.join(culprits)}); see "
              "configs/default.py for the valid names")
 
 

@@ -30,7 +30,8 @@ def check_workdir(workdir: str) -> None:
                      "folder you can write to") from None
 
 
-def _row_step(line: str) -> Optional[int]:
+def row_step(line: str) -> Optional[int]:
+  """The step of a metrics.jsonl line, or None for a line that is not a complete row."""
   try:
     return int(json.loads(line)["step"])
   except (ValueError, KeyError, TypeError):  # a line cut short by a kill
@@ -44,7 +45,7 @@ def drop_rows_after(path: str, step: int) -> int:
   with open(path) as f:
     lines = f.readlines()
   kept = [l if l.endswith("\n") else l + "\n" for l in lines
-          if (s := _row_step(l)) is not None and s <= step]
+          if (s := row_step(l)) is not None and s <= step]
   if len(kept) < len(lines):
     temporary = path + ".tmp"
     with open(temporary, "w") as f:

@@ -231,7 +231,7 @@ def test_bad_input_ends_in_one_line_and_status_1(tmp_path, case, flags, message)
 def last_logged_step(workdir):
   try:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      steps = [metric_writers._row_step(line) for line in f]  # pylint: disable=protected-access
+      steps = [metric_writers.row_step(line) for line in f]
   except FileNotFoundError:
     return 0
   return max([s for s in steps if s is not None], default=0)
