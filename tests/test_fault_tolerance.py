@@ -269,6 +269,8 @@ def test_killed_and_preempted_runs_end_bitwise_equal_to_an_uninterrupted_one(tmp
   targets = sorted(np.random.default_rng(seed).choice(np.arange(1, 7), 4, replace=False))
   workdir = tmp_path / "interrupted"
   for target, signum in zip(targets, [signal.SIGKILL, signal.SIGTERM] * 2):
+    if last_logged_step(workdir) >= total - 3:  # earlier kills overshot: leave it some steps
+      break
     status, stderr = run_until(workdir, flags, env, target, signum)
     where = f"(seed {seed}, {signal.Signals(signum).name} at step >= {target})"
     if signum == signal.SIGKILL:
