@@ -85,6 +85,7 @@ def first_steps_by_hand(config, steps):
   return jax.device_get(state)
 
 
+@pytest.mark.slow
 def test_sigint_finishes_the_step_in_flight_and_saves_it(tmp_path, monkeypatch):
   config = small_config(**{"loss.objective": "natural"})  # the loop is the same; compiles fast
   write = metric_writers.MetricWriter.write_scalars
