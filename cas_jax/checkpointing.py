@@ -5,7 +5,7 @@
     checkpointing.save(manager, state, metrics={"pgd_acc": 0.41})
 """
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -61,3 +61,64 @@ def best_step(manager: ocp.CheckpointManager) -> Optional[int]:
   scored = [(s, manager.metrics(s)) for s in manager.all_steps()]
   scored = [(s, _best_metric(m)) for s, m in scored if m]
   return max(scored, key=lambda item: item[1])[0] if scored else None
+
+
+def _replicated() -> jax.sharding.NamedSharding:
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def _shapes(tree: Any) -> dict:
+  """{'params/layer1_0/conv1/kernel': shape} of every array in `tree`."""
+  return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _mismatches(saved: dict, network: dict) -> list:
+  """'name: what differs' between the saved arrays' shapes and the network's."""
+  problems = [f"{name}: not in the checkpoint" for name in network if name not in saved]
+  problems += [f"{name}: only in the checkpoint" for name in saved if name not in network]
+  problems += [f"{name}: saved {saved[name]}, the network has {shape}"
+               for name, shape in network.items() if name in saved and saved[name] != shape]
+  return problems
+
+
+def restore_variables(workdir: str, template: Any, step: Any = "last") -> Tuple[int, Any]:
+  """(step, {'params', 'batch_stats'}) of a workdir checkpoint: 'last', 'best' or a step number.
+
+  `template` ({'params', 'batch_stats'} of the network, arrays or jax.ShapeDtypeStructs, e.g.
+  models.variable_shapes) gives the structure; the restored arrays are replicated over every
+  device unless the template's leaves carry shardings. Only these two collections are read.
+  """
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  manager = create_manager(workdir, async_save=False) if os.path.isdir(directory) else None
+  if manager is None or manager.latest_step() is None:
+    raise FileNotFoundError(f"no checkpoint in {directory}: train first (python main.py "
+                            f"--config=... --workdir={workdir})")
+  chosen = {"last": manager.latest_step(), "best": best_step(manager)}.get(step, step)
+  if chosen is None or chosen not in manager.all_steps():
+    raise FileNotFoundError(f"no {step} checkpoint in {directory} (saved steps: "
+                            f"{sorted(manager.all_steps())}); 'best' needs evaluation metrics")
+  wanted = {name: template[name] for name in ("params", "batch_stats")}
+  replicated = _replicated()
+  abstract = jax.tree_util.tree_map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                        sharding=getattr(leaf, "sharding", None) or replicated),
+      wanted)
+  # A partial restore skips the optimizer state; it does not check shapes, so we do.
+  restored = manager.restore(chosen, args=ocp.args.PyTreeRestore(
+      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+      partial_restore=True))
+  saved = manager.item_metadata(chosen)  # known once a restore has read the checkpoint
+  if saved is not None and hasattr(saved, "tree"):
+    saved = _shapes({name: saved.tree.get(name, {}) for name in wanted})
+  else:  # entries the checkpoint lacks come back as ShapeDtypeStructs
+    saved = _shapes(jax.tree_util.tree_map(
+        lambda x: None if isinstance(x, jax.ShapeDtypeStruct) else x, restored))
+  problems = _mismatches(saved, _shapes(wanted))
+  if problems:
+    shown = "; ".join(problems[:4]) + (f"; {len(problems) - 4} more" if problems[4:] else "")
+    raise ValueError(f"checkpoint step {chosen} in {directory} does not fit the network built "
+                     f"from the config ({shown}); set config.model (name, width, cas_stages) as "
+                     "it was trained")
+  return chosen, restored
