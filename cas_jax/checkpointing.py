@@ -68,10 +68,14 @@ def _replicated() -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
-def _shapes(tree: Any) -> dict:
-  """{'params/layer1_0/conv1/kernel': shape} of every array in `tree`."""
-  return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+def _leaves(tree: Any) -> dict:
+  """{'params/layer1_0/conv1/kernel': leaf} of every leaf in `tree`."""
+  return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _shapes(tree: Any) -> dict:
+  return {name: tuple(leaf.shape) for name, leaf in _leaves(tree).items()}
 
 
 def _mismatches(saved: dict, network: dict) -> list:
@@ -105,17 +109,22 @@ def restore_variables(workdir: str, template: Any, step: Any = "last") -> Tuple[
       lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
                                         sharding=getattr(leaf, "sharding", None) or replicated),
       wanted)
-  # A partial restore skips the optimizer state; it does not check shapes, so we do.
-  restored = manager.restore(chosen, args=ocp.args.PyTreeRestore(
+  # A partial restore reads only these collections (not the optimizer state).
+  args = ocp.args.PyTreeRestore(
       item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-      partial_restore=True))
-  saved = manager.item_metadata(chosen)  # known once a restore has read the checkpoint
-  if saved is not None and hasattr(saved, "tree"):
-    saved = _shapes({name: saved.tree.get(name, {}) for name in wanted})
-  else:  # entries the checkpoint lacks come back as ShapeDtypeStructs
-    saved = _shapes(jax.tree_util.tree_map(
-        lambda x: None if isinstance(x, jax.ShapeDtypeStruct) else x, restored))
-  problems = _mismatches(saved, _shapes(wanted))
+      partial_restore=True)
+  try:
+    restored, failure = manager.restore(chosen, args=args), None
+  except ValueError as error:  # a shape mismatch; named below
+    restored, failure = None, error
+  tree = getattr(manager.item_metadata(chosen), "tree", None)  # known once restore has read it
+  saved = _shapes({name: tree.get(name, {}) for name in wanted}) if isinstance(tree, dict) else {}
+  problems = _mismatches(saved, _shapes(wanted)) if saved else []
+  if failure is not None and not problems:
+    problems = [str(failure).split(". ")[0]]
+  if restored is not None and not problems:  # without metadata: entries it lacks stay abstract
+    problems = [f"{name}: not in the checkpoint" for name, leaf in _leaves(restored).items()
+                if isinstance(leaf, jax.ShapeDtypeStruct)]
   if problems:
     shown = "; ".join(problems[:4]) + (f"; {len(problems) - 4} more" if problems[4:] else "")
     raise ValueError(f"checkpoint step {chosen} in {directory} does not fit the network built "
