@@ -106,7 +106,7 @@ def _pgd_batch(variables, x, y, index, key, *, model, eps, steps, step_size, los
 def adversarial_examples(model, variables, x, y, *, key, eps: float = 8 / 255, steps: int = 20,
                          step_size=None, loss: str = "joint_ce", beta: float = 2.0,
                          batch_size: int = 256) -> np.ndarray:
-  """PGD adversaries (default: adaptive PGD-20, step eps/10); image i's noise from fold_in(key, i)."""
+  """PGD adversaries (default adaptive PGD-20, step eps/10); image i starts from fold_in(key, i)."""
   x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
   run = functools.partial(_pgd_batch, _replicated(variables), model=model, eps=float(eps),
                           steps=int(steps), step_size=step_size, loss=loss, beta=float(beta))

@@ -146,5 +146,6 @@ def variable_shapes(model: nn.Module, image_shape: Tuple[int, ...]) -> Dict[str,
   return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
 
 
-__all__ = ["NAMES", "DTYPES", "create", "from_config", "options_from_config", "variable_shapes", "CAS", "ResNet", "ResNet18", "ResNet34", "WideResNet", "VGG16",
+__all__ = ["NAMES", "DTYPES", "create", "from_config", "options_from_config", "variable_shapes",
+           "CAS", "ResNet", "ResNet18", "ResNet34", "WideResNet", "VGG16",
            "cas", "resnet", "vgg", "wrn"]
