@@ -164,7 +164,12 @@ def analyze_model(model, variables, x, y, config, key) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------- the command
 
 
-def _check_settings(settings, num_classes: int) -> None:
+def _check_settings(settings, num_classes: int, count: int) -> None:
+  """ValueError naming the fix for settings that cannot work, before any attack runs."""
+  points = min(settings.tsne_images or count, count)
+  if not 0 < settings.tsne_perplexity < points:
+    raise ValueError(f"config.analysis.tsne_perplexity={settings.tsne_perplexity} must lie in "
+                     f"(0, {points}), the number of t-SNE points (analysis.tsne_images)")
   if not 0 <= settings.class_index < num_classes:
     raise ValueError(f"config.analysis.class_index={settings.class_index} is not a class; "
                      f"choose one in 0..{num_classes - 1}")
@@ -182,8 +187,8 @@ def analyze_workdir(config, workdir: str) -> Dict[str, Dict[str, Any]]:
   from cas_jax import analysis_figures  # pylint: disable=g-import-not-at-top
   settings = config.analysis
   dataset = input_pipeline.create_dataset(config)
-  _check_settings(settings, dataset.num_classes)
   count = min(settings.num_images or dataset.num_test, dataset.num_test)
+  _check_settings(settings, dataset.num_classes, count)
   x = dataset.test_images[:count].astype(np.float32) / np.float32(255)
   y = dataset.test_labels[:count].astype(np.int32)
   shape = dataset.test_images.shape[1:]

@@ -177,3 +177,7 @@ def test_analyze_without_a_checkpoint_names_the_fix(tmp_path):
   config.analysis.class_index = 10
   with pytest.raises(ValueError, match="class_index=10"):
     analysis.analyze_workdir(config, str(tmp_path))
+  config = analysis_config()
+  config.analysis.tsne_perplexity = 30.0  # with 30 t-SNE points
+  with pytest.raises(ValueError, match="tsne_perplexity=30.0 must lie in"):
+    analysis.analyze_workdir(config, str(tmp_path))
