@@ -14,10 +14,11 @@ thresholds (frequency_class<k>.png/.json), Fig. 9 (tsne.png/.npz), the features
 (features.npz) and summary.md, for natural test images and their adaptive PGD adversaries.
 """
 import functools
-import json
 import os
+import time
 from typing import Any, Dict, List
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -143,10 +144,12 @@ def analyze_model(model, variables, x, y, config, key) -> Dict[str, Any]:
   """Features, accuracies and every statistic of one model on x and its PGD adversaries."""
   settings, evaluation = config.analysis, config.eval
   batch = config.eval_batch_size
+  start = time.perf_counter()
   x_adv = adversarial_examples(
       model, variables, x, y, key=key, eps=evaluation.eps, steps=evaluation.steps,
       step_size=evaluation.step_size or None, loss=evaluation.loss, beta=config.loss.beta,
       batch_size=batch)
+  logging.info("PGD-%d on %d images: %.1f s", evaluation.steps, len(y), time.perf_counter() - start)
   result = {"labels": np.asarray(y)}
   for kind, images in (("natural", x), ("adversarial", x_adv)):
     feats, predicted = features_and_predictions(model, variables, images, batch)
@@ -158,6 +161,7 @@ def analyze_model(model, variables, x, y, config, key) -> Dict[str, Any]:
         "frequency": {str(t): channel_frequency(in_class, t) for t in settings.thresholds},
         "tsne": tsne(feats[:tsne_count], perplexity=settings.tsne_perplexity,
                      max_iter=settings.tsne_max_iter, seed=config.seed)}
+    logging.info("%s: accuracy %.3f, features and t-SNE done", kind, result[kind]["accuracy"])
   return result
 
 
