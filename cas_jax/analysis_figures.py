@@ -86,13 +86,17 @@ def write_frequency(out_dir: str, results: Results, class_index: int, thresholds
 
 def write_tsne(out_dir: str, results: Results) -> None:
   """Fig. 9: t-SNE of natural and of adversarial features, colored by true class."""
-  plt, figure, axes = _grid(len(results), 2, width=4.2, height=4.0)
+  plt, figure, axes = _grid(len(results), 2, width=4.6, height=4.0)
   arrays = {}
   for row, (label, result) in zip(axes, results.items()):
     for axis, kind in zip(row, KINDS):
       embedded = result[kind]["tsne"]
       classes = result["labels"][:len(embedded)]
-      axis.scatter(embedded[:, 0], embedded[:, 1], c=classes, cmap="tab10", s=4, vmin=0, vmax=9)
+      points = axis.scatter(embedded[:, 0], embedded[:, 1], c=classes, cmap="tab10", s=4,
+                            vmin=0, vmax=9)
+      if kind == KINDS[-1]:
+        axis.legend(*points.legend_elements(), title="true class", fontsize=6,
+                    title_fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
       axis.set_title(f"{label}: {kind}", fontsize=9)
       axis.set_xticks([])
       axis.set_yticks([])
