@@ -51,14 +51,14 @@ def test_tsne_keeps_two_separated_clusters_apart():
 # ----------------------------------------------------------------------------- sown features
 
 
-@pytest.mark.parametrize("name,options,classifier", [
-    ("resnet18", dict(width=4), "linear"),
-    ("wrn", dict(depth=10, widen_factor=1), "fc"),
-    ("vgg16", dict(width=4), "layer8"),
+@pytest.mark.parametrize("name,options,classifier,size", [
+    ("resnet18", dict(width=4), "linear", 8),
+    ("wrn", dict(depth=10, widen_factor=1), "fc", 8),
+    ("vgg16", dict(width=4), "layer8", 32),  # five 2x2 max-pools
 ])
-def test_sown_features_are_the_final_classifiers_input(name, options, classifier):
+def test_sown_features_are_the_final_classifiers_input(name, options, classifier, size):
   model = models.create(name, 10, **options)
-  x = jax.random.uniform(jax.random.key(1), (7, 32, 32, 3))
+  x = jax.random.uniform(jax.random.key(1), (7, size, size, 3))
   variables = model.init(jax.random.key(0), x[:1], train=False)
   # Nonzero BatchNorm statistics, so evaluation mode differs from a fresh network's.
   variables = jax.tree_util.tree_map(lambda v: v + 0.1, variables)
