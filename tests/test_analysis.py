@@ -181,3 +181,17 @@ def test_analyze_without_a_checkpoint_names_the_fix(tmp_path):
   config.analysis.tsne_perplexity = 30.0  # with 30 t-SNE points
   with pytest.raises(ValueError, match="tsne_perplexity=30.0 must lie in"):
     analysis.analyze_workdir(config, str(tmp_path))
+
+
+def test_a_pytorch_checkpoint_is_loaded_with_the_configs_architecture(tmp_path):
+  torch = pytest.importorskip("torch")
+  import test_interop  # pylint: disable=g-import-not-at-top  (needs torch)
+  from cas_jax import interop  # pylint: disable=g-import-not-at-top
+  net = test_interop.TorchResNet18(width=4)
+  path = str(tmp_path / "resnet18_cas.pth")
+  torch.save({"state_dict": net.state_dict()}, path)
+  config = analysis_config()
+  loaded = analysis._load(config, path, "", 10, (32, 32, 3))  # pylint: disable=protected-access
+  assert loaded["label"] == "resnet18_cas" and "PyTorch checkpoint" in loaded["where"]
+  expected = interop.from_torch_state_dict("resnet18", net.state_dict(), num_classes=10, width=4)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded["variables"], expected)
