@@ -2,6 +2,7 @@
 
   python main.py --config=configs/cifar10_at_cas.py --workdir=runs/at_cas
   python main.py --config=configs/cifar10_at_cas.py --workdir=runs/at_cas --mode=eval
+  python main.py --config=configs/cifar10_at_cas.py --workdir=runs/at_cas --mode=analyze
 """
 import logging as python_logging
 import os
@@ -17,7 +18,8 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A config file from configs/.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and reports go here.")
-flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (resumes), or evaluate a workdir.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "analyze"],
+                  "Train (resumes), evaluate a workdir, or draw the paper's channel analyses.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -87,6 +89,9 @@ def main(argv):
   try:
     if FLAGS.mode == "train":
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == "analyze":
+      from cas_jax import analysis  # pylint: disable=g-import-not-at-top
+      analysis.analyze_workdir(FLAGS.config, FLAGS.workdir)
     else:
       from cas_jax import evaluate  # pylint: disable=g-import-not-at-top
       evaluate.evaluate_workdir(FLAGS.config, FLAGS.workdir)

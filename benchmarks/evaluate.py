@@ -24,10 +24,11 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # pylint: disable=g-import-not-at-top
+from cas_jax import checkpointing  # pylint: disable=g-import-not-at-top
 from cas_jax import evaluate  # pylint: disable=g-import-not-at-top
 from cas_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 from cas_jax import interop  # pylint: disable=g-import-not-at-top
-from cas_jax import train  # pylint: disable=g-import-not-at-top
+from cas_jax import models  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A config file from configs/.")
@@ -45,10 +46,9 @@ def _variables(config, model, image_shape, num_classes):
     return None
   if os.path.isfile(FLAGS.checkpoint):
     return interop.load_torch_checkpoint(config.model.name, FLAGS.checkpoint, num_classes,
-                                         **train.model_options(config.model))
-  # pylint: disable-next=protected-access
-  return next(iter(evaluate._restore_variables(config, FLAGS.checkpoint, model,
-                                               image_shape).values()))
+                                         **models.options_from_config(config.model))
+  template = models.variable_shapes(model, image_shape)
+  return checkpointing.restore_variables(FLAGS.checkpoint, template)[1]
 
 
 def main(_):
@@ -61,7 +61,7 @@ def main(_):
     labels, num_classes = dataset.test_labels[:FLAGS.images], dataset.num_classes
   else:
     x = np.random.default_rng(0).random((FLAGS.images, size, size, 3), dtype=np.float32)
-  model = train.create_model(config, num_classes)
+  model = models.from_config(config, num_classes)
   variables = _variables(config, model, x.shape[1:], num_classes)
   if variables is None:
     variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, *x.shape[1:])), train=False))(

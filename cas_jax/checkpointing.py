@@ -9,7 +9,7 @@ an older one restores, and renamed `<step>.unrestorable` (kept for inspection; O
 names that are not step numbers).
 """
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Tuple
 
 from absl import logging
 import jax
@@ -110,3 +110,73 @@ def best_step(manager: ocp.CheckpointManager) -> Optional[int]:
   scored = [(s, manager.metrics(s)) for s in manager.all_steps()]
   scored = [(s, _best_metric(m)) for s, m in scored if m]
   return max(scored, key=lambda item: item[1])[0] if scored else None
+
+
+def _replicated() -> jax.sharding.NamedSharding:
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def _leaves(tree: Any) -> dict:
+  """{'params/layer1_0/conv1/kernel': leaf} of every leaf in `tree`."""
+  return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _shapes(tree: Any) -> dict:
+  return {name: tuple(leaf.shape) for name, leaf in _leaves(tree).items()}
+
+
+def _mismatches(saved: dict, network: dict) -> list:
+  """'name: what differs' between the saved arrays' shapes and the network's."""
+  problems = [f"{name}: not in the checkpoint" for name in network if name not in saved]
+  problems += [f"{name}: only in the checkpoint" for name in saved if name not in network]
+  problems += [f"{name}: saved {saved[name]}, the network has {shape}"
+               for name, shape in network.items() if name in saved and saved[name] != shape]
+  return problems
+
+
+def restore_variables(workdir: str, template: Any, step: Any = "last") -> Tuple[int, Any]:
+  """(step, {'params', 'batch_stats'}) of a workdir checkpoint: 'last', 'best' or a step number.
+
+  `template` ({'params', 'batch_stats'} of the network, arrays or jax.ShapeDtypeStructs, e.g.
+  models.variable_shapes) gives the structure; the restored arrays are replicated over every
+  device unless the template's leaves carry shardings. Only these two collections are read.
+  """
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  manager = create_manager(workdir, async_save=False) if os.path.isdir(directory) else None
+  if manager is None or manager.latest_step() is None:
+    raise FileNotFoundError(f"no checkpoint in {directory}: train first (python main.py "
+                            f"--config=... --workdir={workdir})")
+  chosen = {"last": manager.latest_step(), "best": best_step(manager)}.get(step, step)
+  if chosen is None or chosen not in manager.all_steps():
+    raise FileNotFoundError(f"no {step} checkpoint in {directory} (saved steps: "
+                            f"{sorted(manager.all_steps())}); 'best' needs evaluation metrics")
+  wanted = {name: template[name] for name in ("params", "batch_stats")}
+  replicated = _replicated()
+  abstract = jax.tree_util.tree_map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                        sharding=getattr(leaf, "sharding", None) or replicated),
+      wanted)
+  # A partial restore reads only these collections (not the optimizer state).
+  args = ocp.args.PyTreeRestore(
+      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+      partial_restore=True)
+  try:
+    restored, failure = manager.restore(chosen, args=args), None
+  except ValueError as error:  # a shape mismatch; named below
+    restored, failure = None, error
+  tree = getattr(manager.item_metadata(chosen), "tree", None)  # known once restore has read it
+  saved = _shapes({name: tree.get(name, {}) for name in wanted}) if isinstance(tree, dict) else {}
+  problems = _mismatches(saved, _shapes(wanted)) if saved else []
+  if failure is not None and not problems:
+    problems = [str(failure).split(". ")[0]]
+  if restored is not None and not problems:  # without metadata: entries it lacks stay abstract
+    problems = [f"{name}: not in the checkpoint" for name, leaf in _leaves(restored).items()
+                if isinstance(leaf, jax.ShapeDtypeStruct)]
+  if problems:
+    shown = "; ".join(problems[:4]) + (f"; {len(problems) - 4} more" if problems[4:] else "")
+    raise ValueError(f"checkpoint step {chosen} in {directory} does not fit the network built "
+                     f"from the config ({shown}); set config.model (name, width, cas_stages) as "
+                     "it was trained")
+  return chosen, restored

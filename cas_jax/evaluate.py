@@ -34,7 +34,6 @@ from cas_jax import input_pipeline
 from cas_jax import interop
 from cas_jax import models
 from cas_jax import report as report_lib
-from cas_jax import train
 from cas_jax.attack_registry import AttackBudget, AttackSpec, attack_names, parse_attacks
 from cas_jax.attacks import engine
 from cas_jax.attacks.autoattack import autoattack
@@ -220,6 +219,36 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
   return report
 
 
+# ----------------------------------------------------------------------------- per-epoch check
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "steps", "step_size", "loss", "beta"))
+def _natural_and_pgd_counts(apply_fn, batch, key: Array, *, eps: float, steps: int,
+                            step_size: Optional[float], loss: str, beta: float):
+  x, y, mask = batch["image"], batch["label"], batch["mask"]
+  x_adv = pgd(apply_fn, x, y, eps=eps, steps=steps, step_size=step_size, loss=loss, beta=beta,
+              key=engine.index_keys(key, batch["index"]))
+  return {"natural": jnp.sum(_correct(apply_fn, x, y) & mask),
+          "pgd": jnp.sum(_correct(apply_fn, x_adv, y) & mask), "count": jnp.sum(mask)}
+
+
+def natural_and_pgd_accuracy(apply_fn, dataset, config, *, key: Array,
+                             mesh=None) -> Dict[str, float]:
+  """Natural and PGD accuracy (config.eval: eps, steps, step_size, loss) on the first
+  config.eval.num_images test images (0 = all), each batch sharded over every device."""
+  evaluation, mesh = config.eval, mesh or input_pipeline.data_mesh()
+  settings = dict(eps=evaluation.eps, steps=evaluation.steps, loss=evaluation.loss,
+                  step_size=evaluation.step_size or None, beta=config.loss.beta)
+  totals = {"natural": 0, "pgd": 0, "count": 0}
+  for batch in dataset.eval_batches(config.eval_batch_size,
+                                    num_images=evaluation.num_images or None):
+    counts = jax.device_get(_natural_and_pgd_counts(
+        _as_pytree(apply_fn), input_pipeline.to_global_array(batch, mesh), key, **settings))
+    totals = {k: totals[k] + int(counts[k]) for k in totals}
+  return {"natural_acc": totals["natural"] / totals["count"],
+          "pgd_acc": totals["pgd"] / totals["count"], "eval_images": totals["count"]}
+
+
 # ----------------------------------------------------------------------------- workdirs
 
 
@@ -252,24 +281,22 @@ def _no_checkpoint(workdir: str) -> FileNotFoundError:
       "evaluate a PyTorch file with --config.eval.torch_checkpoint=/path/to/model.pth")
 
 
-def _restore_variables(config, workdir, model, image_shape, which=("last",)):
+def _restore_variables(workdir, model, image_shape, which=("last",)):
   """{(label, step): variables} of the workdir checkpoints named in `which`."""
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise _no_checkpoint(workdir)
-  manager = checkpointing.create_manager(workdir, async_save=False)
-  steps = {"last": manager.latest_step(), "best": checkpointing.best_step(manager)}
-  if steps["last"] is None:
-    raise _no_checkpoint(workdir)
-  state = train.create_train_state(config.seed, model, config, 1, image_shape)
+  template = models.variable_shapes(model, image_shape)
   found = {}
   for label in which:
-    if steps[label] is None:
+    try:
+      step, variables = checkpointing.restore_variables(workdir, template, label)
+    except FileNotFoundError:
+      if label == "last":
+        raise _no_checkpoint(workdir) from None
       logging.warning("No best checkpoint in %s (no evaluation metrics saved); skipping it.",
                       workdir)
       continue
-    restored = checkpointing.restore(manager, state, steps[label])
-    found[(label, steps[label])] = {"params": restored.params,
-                                    "batch_stats": restored.batch_stats}
+    found[(label, step)] = variables
   if not found:
     raise FileNotFoundError(f"no best checkpoint in {workdir}: none was saved with evaluation "
                             "metrics; use --config.eval.checkpoints=last")
@@ -283,13 +310,13 @@ def _load_targets(config, workdir, model, num_classes, image_shape):
     if not os.path.isfile(path):
       raise FileNotFoundError(f"config.eval.torch_checkpoint={path!r} is not a file")
     variables = interop.load_torch_checkpoint(config.model.name, path, num_classes,
-                                              **train.model_options(config.model))
+                                              **models.options_from_config(config.model))
     return {(os.path.splitext(os.path.basename(path))[0], None): variables}
   which = [w.strip() for w in str(config.eval.get("checkpoints", "last")).split(",") if w.strip()]
   if not which or set(which) - set(CHECKPOINT_CHOICES):
     raise ValueError(f"config.eval.checkpoints={config.eval.checkpoints!r}; use a comma-separated "
                      f"subset of {', '.join(CHECKPOINT_CHOICES)}, e.g. 'last,best'")
-  return _restore_variables(config, workdir, model, image_shape, which)
+  return _restore_variables(workdir, model, image_shape, which)
 
 
 def _load_source(config, num_classes, image_shape):
@@ -301,8 +328,8 @@ def _load_source(config, num_classes, image_shape):
     name = config.eval.get("transfer_model", "") or config.model.name
     variables = interop.load_torch_checkpoint(name, path, num_classes)
     return bind_model(models.create(name, num_classes=num_classes), variables)
-  model = train.create_model(config, num_classes)
-  variables = next(iter(_restore_variables(config, path, model, image_shape).values()))
+  model = models.from_config(config, num_classes)
+  variables = next(iter(_restore_variables(path, model, image_shape).values()))
   return bind_model(model, variables)
 
 
@@ -319,7 +346,7 @@ def evaluate_workdir(config, workdir: str) -> Dict[str, report_lib.Report]:
   x = dataset.test_images[:count].astype(np.float32) / np.float32(255)
   y = dataset.test_labels[:count]
   image_shape = dataset.test_images.shape[1:]
-  model = train.create_model(config, dataset.num_classes)
+  model = models.from_config(config, dataset.num_classes)
   targets = _load_targets(config, workdir, model, dataset.num_classes, image_shape)
   needs_source = any(n.startswith("transfer") for n in attack_names(evaluation.attacks))
   source_fn = _load_source(config, dataset.num_classes, image_shape) if needs_source else None

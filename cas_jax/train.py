@@ -22,18 +22,18 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import tqdm
 
 from cas_jax import checkpointing
+from cas_jax import evaluate
 from cas_jax import input_pipeline
 from cas_jax import losses
 from cas_jax import metric_writers
 from cas_jax import models
 from cas_jax import preemption
 from cas_jax.attacks import engine
-from cas_jax.attacks import white_box
 
 OBJECTIVES = ("natural", "at", "trades", "mart")
 BATCH_NORM_MODES = ("running", "batch")
 FINITE = "state_finite"  # train_step's flag: every parameter and statistic is finite
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = models.DTYPES
 
 
 class TrainState(train_state.TrainState):
@@ -83,26 +83,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           f"{name}={config[name]} must be a multiple of the {devices} devices")
 
 
-def model_options(model_config: ml_collections.ConfigDict) -> Dict[str, Any]:
-  """models.create keyword arguments from config.model (width, cas_stages, cas_suppress, dtype)."""
-  options = {"cas_suppress": model_config.cas_suppress, "dtype": DTYPES[model_config.dtype]}
-  if model_config.width:
-    options["width"] = model_config.width
-  stages = str(model_config.cas_stages).strip()
-  if stages == "none":
-    options["cas_stages"] = ()
-  elif stages != "default":
-    try:
-      options["cas_stages"] = tuple(int(s) for s in stages.strip("()").split(",") if s.strip())
-    except ValueError:
-      raise ValueError(f"model.cas_stages={stages!r}; use 'default', 'none' or stage numbers "
-                       "such as '3,4'") from None
-  return options
-
-
-def create_model(config: ml_collections.ConfigDict, num_classes: int):
-  """The network of config.model, with its CAS placement."""
-  return models.create(config.model.name, num_classes=num_classes, **model_options(config.model))
+# The network of config.model; kept under this name for callers of earlier versions.
+create_model = models.from_config
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int):
@@ -197,32 +179,6 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
   return state, metrics
 
 
-def eval_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *,
-              config: ml_collections.ConfigDict) -> Dict[str, jax.Array]:
-  """Counts of correct natural and PGD predictions over the real (unpadded) images of a batch."""
-  x, y, mask = batch["image"], batch["label"], batch["mask"]
-  model_fn = attack_model_fn(state)
-  keys = engine.index_keys(rng, batch["index"])
-  x_adv = white_box.pgd(model_fn, x, y, eps=config.eval.eps, steps=config.eval.steps,
-                      step_size=config.eval.step_size or None, loss=config.eval.loss,
-                      beta=config.loss.beta, key=keys)
-  natural = jnp.argmax(model_fn(x)[0], -1) == y
-  robust = jnp.argmax(model_fn(x_adv)[0], -1) == y
-  return {"natural": jnp.sum(natural & mask), "pgd": jnp.sum(robust & mask),
-          "count": jnp.sum(mask)}
-
-
-def evaluate(eval_fn, state: TrainState, dataset, rng: jax.Array, batch_size: int,
-             num_images: int, mesh) -> Dict[str, float]:
-  """Natural and PGD accuracy over the first num_images test images (0 = all)."""
-  totals = {"natural": 0, "pgd": 0, "count": 0}
-  for batch in dataset.eval_batches(batch_size, num_images=num_images or None):
-    counts = jax.device_get(eval_fn(state, input_pipeline.to_global_array(batch, mesh), rng))
-    totals = {k: totals[k] + int(counts[k]) for k in totals}
-  return {"natural_acc": totals["natural"] / totals["count"],
-          "pgd_acc": totals["pgd"] / totals["count"], "eval_images": totals["count"]}
-
-
 class Diverged(ValueError):
   """Training produced a non-finite loss, parameter or statistic."""
 
@@ -257,7 +213,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   # --- Compiled steps.
   p_train_step = jax.jit(functools.partial(train_step, config=config), donate_argnums=(0,),
                          out_shardings=(replicated, replicated))
-  p_eval_step = jax.jit(functools.partial(eval_step, config=config), out_shardings=replicated)
 
   writer = metric_writers.MetricWriter(workdir, resume_step=start_step)
   num_epochs, every_steps = config.schedule.num_epochs, config.ckpt.every_steps
@@ -323,8 +278,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       eval_metrics = {}
       last = epoch + 1 == num_epochs
       if (epoch + 1) % config.eval.every_epochs == 0 or last:
-        eval_metrics = evaluate(p_eval_step, state, dataset, eval_key, config.eval_batch_size,
-                                config.eval.num_images, mesh)
+        eval_metrics = evaluate.natural_and_pgd_accuracy(
+            evaluate.bind_model(model, {"params": state.params, "batch_stats": state.batch_stats}),
+            dataset, config, key=eval_key, mesh=mesh)
       summary = {"epoch": epoch + 1, "epoch_time_s": epoch_time,
                  "train_images_per_s": (steps_per_epoch - first) * config.batch_size / epoch_time,
                  **eval_metrics}

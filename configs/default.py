@@ -85,6 +85,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.md_restarts = 1
   config.eval.eot_draws = 10
 
+  # Channel analyses (--mode=analyze, cas_jax/analysis.py): the paper's Figs. 1, 2/10 and 9 on
+  # natural and PGD test examples (the attack of config.eval: adaptive PGD-20, eps 8/255).
+  config.analysis = ml_collections.ConfigDict()
+  config.analysis.num_images = 1000  # first test images; 0 = the whole test set
+  config.analysis.class_index = 0  # the class of the activation-frequency figure (Fig. 2)
+  config.analysis.thresholds = (0.005, 0.01, 0.05)  # fractions of an example's largest channel
+  config.analysis.compare = ""  # another workdir (or .pth) drawn beside this model
+  config.analysis.compare_cas_stages = ""  # its model.cas_stages ("" = model.cas_stages)
+  config.analysis.tsne_images = 500  # t-SNE (Fig. 9) on the first of the images; 0 = all
+  config.analysis.tsne_perplexity = 30.0
+  config.analysis.tsne_max_iter = 1000
+
   config.ckpt = ml_collections.ConfigDict()
   config.ckpt.every_epochs = 1
   config.ckpt.every_steps = 0  # also every N steps (0 = off); SIGTERM / SIGINT always save

@@ -7,6 +7,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import struct
 
@@ -92,3 +93,31 @@ def test_no_restorable_checkpoint_is_an_error_and_renames_nothing(tmp_path):
     checkpointing.restore_or_init(manager, state_at(0, size=5))  # e.g. another width
   assert manager.all_steps() == [1]
   assert os.listdir(os.path.join(tmp_path, "checkpoints")) == ["1"]
+
+
+def test_restore_variables_reads_params_and_batch_stats_and_checks_shapes(tmp_path):
+  params = {"dense": {"kernel": jnp.arange(6.0).reshape(2, 3), "bias": jnp.ones(3)}}
+  saved = {"params": params, "batch_stats": {"bn": {"mean": jnp.full(3, 0.5)}},
+           "opt_state": {"trace": params}, "step": jnp.int32(7)}
+  manager = checkpointing.create_manager(str(tmp_path), async_save=False)
+  manager.save(7, args=ocp.args.StandardSave(saved))
+  manager.wait_until_finished()
+  template = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                    {"params": params, "batch_stats": saved["batch_stats"]})
+  step, variables = checkpointing.restore_variables(str(tmp_path), template)
+  assert step == 7 and set(variables) == {"params", "batch_stats"}
+  np.testing.assert_array_equal(variables["params"]["dense"]["kernel"], np.arange(6).reshape(2, 3))
+  np.testing.assert_array_equal(variables["batch_stats"]["bn"]["mean"], np.full(3, 0.5))
+  wider = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape[:-1] + (4,), s.dtype),
+                                 template)
+  with pytest.raises(ValueError, match=r"params/dense/bias: saved \(3,\), the network has \(4,\)"):
+    checkpointing.restore_variables(str(tmp_path), wider)
+  fewer = {"params": {"dense": {"kernel": template["params"]["dense"]["kernel"]}},
+           "batch_stats": template["batch_stats"]}
+  with pytest.raises(ValueError, match="params/dense/bias: only in the checkpoint"):
+    checkpointing.restore_variables(str(tmp_path), fewer)
+  with pytest.raises(FileNotFoundError, match="no best checkpoint"):
+    checkpointing.restore_variables(str(tmp_path), template, "best")
+  with pytest.raises(FileNotFoundError, match="train first"):
+    checkpointing.restore_variables(str(tmp_path / "none"), template)
+  assert not os.path.exists(tmp_path / "none")

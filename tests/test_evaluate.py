@@ -4,6 +4,7 @@ Hand-built linear models on 4x4x3 images whose gradient is switched off (stop_gr
 half of the images: a gradient attack cannot move there, a query-based or transfer attack can.
 Small budgets throughout; the same model functions are reused so that compilations are shared.
 """
+import dataclasses
 import json
 import os
 
@@ -302,3 +303,31 @@ def test_verdicts_do_not_depend_on_the_device_count():
   assert {"natural", "pgd5", "cw5", "aa", "aa-joint", "worst_case"} <= set(names)
   for name in names:
     np.testing.assert_array_equal(one[name], four[name], err_msg=name)
+
+
+def test_per_epoch_accuracy_matches_a_direct_computation():
+  from cas_jax import input_pipeline, models  # pylint: disable=g-import-not-at-top
+  from cas_jax.attacks import engine, white_box  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  config.eval.num_images, config.eval_batch_size = 12, 8  # two batches, the second padded
+  config.eval.eps = 0.3  # large enough to flip some predictions of this untrained network
+  dataset = input_pipeline.create_dataset(config)
+  model = models.from_config(config, 10)
+  variables = model.init(jax.random.key(0), dataset.test_images[:1] / 255.0, train=False)
+  variables["params"]["linear"]["kernel"] *= 300.0  # input-dependent predictions
+  apply_fn = evaluate.bind_model(model, variables)
+  # Labels: the prediction on even images, another class on odd ones (half correct).
+  predicted = np.asarray(jnp.argmax(apply_fn(dataset.test_images / np.float32(255))[0], -1))
+  labels = np.where(np.arange(predicted.size) % 2 == 0, predicted, (predicted + 1) % 10)
+  dataset = dataclasses.replace(dataset, test_labels=labels.astype(np.int32))
+  key = jax.random.PRNGKey(3)
+  result = evaluate.natural_and_pgd_accuracy(apply_fn, dataset, config, key=key)
+  x = jnp.asarray(dataset.test_images[:12], jnp.float32) / 255
+  y = jnp.asarray(dataset.test_labels[:12])
+  natural = np.asarray(jnp.argmax(apply_fn(x)[0], -1) == y)
+  x_adv = white_box.pgd(apply_fn, x, y, eps=0.3, steps=2, loss="joint_ce", beta=2.0,
+                        key=engine.index_keys(key, jnp.arange(12)))
+  robust = np.asarray(jnp.argmax(apply_fn(x_adv)[0], -1) == y)
+  assert natural.sum() == 6 and robust.sum() < 6  # the attack changes something
+  assert result == {"natural_acc": pytest.approx(natural.mean()),
+                    "pgd_acc": pytest.approx(robust.mean()), "eval_images": 12}

@@ -15,10 +15,18 @@ None = the official placement, () = none), `cas_suppress` (False: keep the CAS h
 mask), `dtype` (computation dtype, e.g. jnp.bfloat16; params stay float32), `width` (ResNet
 first-stage width / VGG first conv width, default 64), `depth` and `widen_factor` ("wrn" only,
 default 34 and 10). `cas_logits` is a tuple with one (N, C) array per CAS module.
+
+From a config (config.model: name, width, cas_stages, cas_suppress, dtype):
+    model = models.from_config(config, num_classes=10)
+
+Every network sows the input of its final classifier (after any CAS suppression):
+    _, state = model.apply(variables, x, train=False, mutable=["intermediates"])
+    features = state["intermediates"]["features"][0]   # (N, C); sow keeps a tuple of one
 """
 import operator
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -29,6 +37,7 @@ from cas_jax.models.vgg import VGG16
 from cas_jax.models.wrn import WideResNet
 
 NAMES = ("resnet18", "resnet34", "wrn34_10", "wrn", "vgg16")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 _COMMON_OPTIONS = ("cas_stages", "cas_suppress", "dtype")
 _OPTIONS = {
@@ -109,5 +118,34 @@ def create(name: str, num_classes: int = 10, **options) -> nn.Module:
   return VGG16(num_classes=num_classes, **options)
 
 
-__all__ = ["NAMES", "create", "CAS", "ResNet", "ResNet18", "ResNet34", "WideResNet", "VGG16",
+def options_from_config(model_config) -> Dict[str, Any]:
+  """create() keyword arguments from config.model (width, cas_stages, cas_suppress, dtype)."""
+  options = {"cas_suppress": model_config.cas_suppress, "dtype": DTYPES[model_config.dtype]}
+  if model_config.width:
+    options["width"] = model_config.width
+  stages = str(model_config.cas_stages).strip()
+  if stages == "none":
+    options["cas_stages"] = ()
+  elif stages != "default":
+    try:
+      options["cas_stages"] = tuple(int(s) for s in stages.strip("()").split(",") if s.strip())
+    except ValueError:
+      raise ValueError(f"model.cas_stages={stages!r}; use 'default', 'none' or stage numbers "
+                       "such as '3,4'") from None
+  return options
+
+
+def from_config(config, num_classes: int) -> nn.Module:
+  """The network of config.model (name, width, CAS placement, dtype) with num_classes outputs."""
+  return create(config.model.name, num_classes=num_classes, **options_from_config(config.model))
+
+
+def variable_shapes(model: nn.Module, image_shape: Tuple[int, ...]) -> Dict[str, Any]:
+  """{'params', 'batch_stats'} of `model` as jax.ShapeDtypeStructs (nothing is computed)."""
+  images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+
+
+__all__ = ["NAMES", "DTYPES", "create", "from_config", "options_from_config", "variable_shapes",
+           "CAS", "ResNet", "ResNet18", "ResNet34", "WideResNet", "VGG16",
            "cas", "resnet", "vgg", "wrn"]

@@ -96,6 +96,7 @@ class ResNet(nn.Module):
         y, cas_logits = block(y, labels, train, bn_train)
         all_cas_logits += cas_logits
     y = jnp.mean(y, axis=(1, 2))
+    self.sow("intermediates", "features", y)  # the classifier's input (cas_jax.analysis)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=cas_lib.torch_kernel_init,
                       bias_init=cas_lib.torch_bias_init(y.shape[-1]), name="linear")(y)
     return (logits.astype(jnp.float32),
