@@ -18,6 +18,10 @@ config_flags.DEFINE_config_file("config", None, "A config file from configs/.", 
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and reports go here.")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (resumes), or evaluate a workdir.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
+# Detected on Slurm, Open MPI and Cloud TPU when unset (JAX_COORDINATOR_ADDRESS also works).
+flags.DEFINE_string("coordinator_address", None, "With --distributed: host:port of process 0.")
+flags.DEFINE_integer("num_processes", None, "With --distributed: how many processes in all.")
+flags.DEFINE_integer("process_id", None, "With --distributed: this process's index, 0 first.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -36,7 +40,8 @@ def main(argv):
   if FLAGS.verbosity <= 0:  # --verbosity=1 shows every library's INFO lines
     logging.get_absl_handler().addFilter(_QuietLibraries())
   if FLAGS.distributed:
-    jax.distributed.initialize()
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   logging.info("JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(),
                jax.process_count())
   # Imported here so that --help stays fast.
