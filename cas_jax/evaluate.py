@@ -175,6 +175,8 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
 
   source_fn(x) is the source model of the transfer attacks; random_apply_fn(x, keys) (one key
   per image) the randomized model that eot / avg-pgd attack (default: apply_fn, with no noise).
+  With several processes every one passes the same x and y, attacks its share of the images
+  and returns the whole report.
   """
   x, y = (np.asarray(a) for a in engine.check_images_and_labels(x, y))
   engine.check_eps(eps)

@@ -125,6 +125,7 @@ def _moved_state(config):
                        opt_state=opt_state), velocity
 
 
+@pytest.mark.slow  # two compilations of a step and of its hand version: ~20 s each on 2 cores
 @pytest.mark.parametrize("objective", ["at", "trades"])
 def test_train_step_equals_the_hand_computation(objective):
   config = test_train.tiny_config(objective)
