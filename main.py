@@ -21,6 +21,10 @@ flags.DEFINE_string("workdir", None, "Checkpoints, metrics and reports go here."
 flags.DEFINE_enum("mode", "train", ["train", "eval", "analyze"],
                   "Train (resumes), evaluate a workdir, or draw the paper's channel analyses.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
+# Detected on Slurm, Open MPI and Cloud TPU when unset (JAX_COORDINATOR_ADDRESS also works).
+flags.DEFINE_string("coordinator_address", None, "With --distributed: host:port of process 0.")
+flags.DEFINE_integer("num_processes", None, "With --distributed: how many processes in all.")
+flags.DEFINE_integer("process_id", None, "With --distributed: this process's index, 0 first.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -80,7 +84,9 @@ def main(argv):
     logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # pylint: disable=g-import-not-at-top  (after the signal handlers)
   if FLAGS.distributed:
-    jax.distributed.initialize()  # its preemption service then takes SIGTERM
+    # Its preemption service then takes SIGTERM.
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   logging.info("JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(),
                jax.process_count())
   # Imported here so that --help stays fast.

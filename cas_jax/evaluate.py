@@ -15,7 +15,9 @@ MD, Avg-PGD, N-Attack) run only on the images every earlier attack left standing
 exact_per_attack=True; the table lists the attacks in the order they ran (cheap ones first).
 AutoAttack variants share one subset so that `aa` and `aa-joint` stay comparable. Each image's
 randomness is folded from its global index (`indices`), so verdicts do not depend on the batch
-size or the device count (batches are sharded over every device, as in training).
+size, the device count or the process count (batches are sharded over every local device;
+with several processes, under --distributed, each one attacks its share of the images and
+the verdicts are gathered).
 """
 import dataclasses
 import functools
@@ -28,6 +30,8 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cas_jax import checkpointing
 from cas_jax import input_pipeline
@@ -136,6 +140,23 @@ def _as_pytree(fn):
   return Partial(fn)
 
 
+def _process_rows(n: int) -> np.ndarray:
+  """The rows this process evaluates: its contiguous block of ceil(n / processes) rows, padded
+  (with copies of its first row, or of row 0) to the same size on every process."""
+  size = -(-n // jax.process_count())
+  first = jax.process_index() * size
+  rows = np.arange(first, min(first + size, n))
+  return np.concatenate([rows, np.full(size - rows.size, rows[0] if rows.size else 0)])
+
+
+def _gather_rows(local: np.ndarray, n: int) -> np.ndarray:
+  """Every process's _process_rows results, in row order: the n rows of the whole set."""
+  if jax.process_count() == 1:
+    return local[:n]
+  gathered = np.asarray(multihost_utils.process_allgather(local))  # (processes, size, ...)
+  return gathered.reshape((-1,) + local.shape[1:])[:n]
+
+
 def _padded_batches(x, y, indices, batch_size):
   """(count, x, y, index) per batch; the last one padded to batch_size with copies of row 0."""
   for start in range(0, len(y), batch_size):
@@ -153,11 +174,13 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
 
   source_fn(x) is the source model of the transfer attacks; random_apply_fn(x, keys) (one key
   per image) the randomized model that eot / avg-pgd attack (default: apply_fn, with no noise).
+  With several processes every one passes the same x and y, attacks its share of the images
+  and returns the whole report.
   """
+  x, y = (np.asarray(a) for a in engine.check_images_and_labels(x, y))
   engine.check_eps(eps)
-  x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
-  if x.shape[:1] != y.shape or y.size == 0:
-    raise ValueError(f"x {x.shape} and y {y.shape} must hold the same positive number of images")
+  if y.size == 0:
+    raise ValueError("no images to evaluate: x and y are empty")
   indices = np.arange(y.size) if indices is None else np.asarray(indices, np.int64)
   if indices.shape != y.shape:
     raise ValueError(f"indices {indices.shape} must give one global index per image {y.shape}")
@@ -167,9 +190,14 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
     raise ValueError("transfer attacks need the source model: pass source_fn= (or set "
                      "config.eval.transfer_checkpoint)")
   model_fns = (_as_pytree(apply_fn), _as_pytree(source_fn), _as_pytree(random_apply_fn))
-  devices = jax.device_count()
+  # Each process attacks its own rows on its own devices; the verdicts are gathered at the end.
+  num_images, rows = y.size, _process_rows(y.size)
+  x, y, local_indices = x[rows], y[rows], indices[rows]
+  devices = jax.local_device_count()
   batch_size = -(-min(batch_size, y.size) // devices) * devices
-  mesh = input_pipeline.data_mesh() if devices > 1 else None
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",)) if devices > 1 else None
+  if mesh is not None:  # the weights on every device the batches are sharded over
+    model_fns = jax.device_put(model_fns, NamedSharding(mesh, P()))
 
   def to_device(*arrays):
     if mesh is None:
@@ -177,7 +205,7 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
     return tuple(input_pipeline.to_global_array(list(arrays), mesh))
 
   batches = [(count, *to_device(*arrays))
-             for count, *arrays in _padded_batches(x, y, indices, batch_size)]
+             for count, *arrays in _padded_batches(x, y, local_indices, batch_size)]
   natural = np.concatenate([np.asarray(_correct(model_fns[0], xb, yb))[:count]
                             for count, xb, yb, _ in batches])
   verdicts, ran_on, infos, seconds = {report_lib.NATURAL: natural}, {}, {}, {}
@@ -194,7 +222,7 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
     run = functools.partial(_attack_verdicts, model_fns, attack_key=attack_key, spec=spec,
                             beta=beta, budget=budget)
     if spec.family == "autoattack":  # its stages are jitted with apply_fn static
-      run = functools.partial(_autoattack_verdicts, apply_fn, spec, beta, budget)
+      run = functools.partial(_autoattack_verdicts, model_fns[0], spec, beta, budget)
     for first, (count, xb, yb, ib) in zip(range(0, y.size, batch_size), batches):
       rows = slice(first, first + count)
       if not spec.expensive:
@@ -212,6 +240,8 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
     seconds[spec.name] = time.perf_counter() - start
     logging.info("%s: %.1f%% still correct (%d attacked, %.1f s)", spec.name,
                  100 * verdict.mean(), ran.sum(), seconds[spec.name])
+  verdicts = {name: _gather_rows(v, num_images) for name, v in verdicts.items()}
+  ran_on = {name: _gather_rows(v, num_images) for name, v in ran_on.items()}
   verdicts[report_lib.WORST_CASE] = report_lib.worst_case(verdicts, infos)
   report = report_lib.Report(eps=eps, indices=indices, verdicts=verdicts, ran_on=ran_on,
                              attacks=infos, notes=notes, seconds=seconds, title=title)
@@ -352,7 +382,9 @@ def evaluate_workdir(config, workdir: str) -> Dict[str, report_lib.Report]:
   source_fn = _load_source(config, dataset.num_classes, image_shape) if needs_source else None
   key = jax.random.fold_in(jax.random.key(config.seed), 1)
   out_dir = os.path.join(workdir, "eval")
-  os.makedirs(out_dir, exist_ok=True)
+  writes = jax.process_index() == 0  # every process evaluates; the first one writes
+  if writes:
+    os.makedirs(out_dir, exist_ok=True)
   reports: Dict[str, report_lib.Report] = {}
   by_step: Dict[int, report_lib.Report] = {}
   for (label, step), variables in targets.items():
@@ -370,6 +402,9 @@ def evaluate_workdir(config, workdir: str) -> Dict[str, report_lib.Report]:
           budget=budget, exact_per_attack=evaluation.get("exact_per_attack", False),
           source_fn=source_fn, title=title)
       by_step[step] = report
+    reports[label] = report
+    if not writes:
+      continue
     paths = [os.path.join(out_dir, f"{label}_report.{ext}") for ext in ("md", "json")]
     with open(paths[0], "w") as f:
       f.write(report.markdown())
@@ -377,5 +412,4 @@ def evaluate_workdir(config, workdir: str) -> Dict[str, report_lib.Report]:
       f.write(report.to_json())
     print(report.markdown())
     print(f"Wrote {paths[0]} and {paths[1]}\n", flush=True)
-    reports[label] = report
   return reports

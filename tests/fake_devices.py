@@ -10,11 +10,16 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def environment(devices: int) -> dict:
+  """os.environ for a subprocess with `devices` fake CPU devices that imports cas_jax and tests."""
+  flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+  return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
+              PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+
+
 def run_script(name: str, devices: int):
   """Run tests/<name> under --xla_force_host_platform_device_count; the arrays it saved."""
-  flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
-  env = dict(os.environ, XLA_FLAGS=flags,
-             PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+  env = environment(devices)
   result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", name)], env=env,
                           capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]

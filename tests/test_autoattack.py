@@ -271,7 +271,7 @@ def test_bad_options_raise_clear_errors(options, message):
 
 def _parity_data():
   """8x8 CIFAR-10 images (4x4 mean-pooled) from CAS_JAX_CIFAR_DIR, else synthetic classes."""
-  folder = os.environ.get("CAS_JAX_CIFAR_DIR", "/work/shared/data/cifar-10-batches-py")
+  folder = os.environ.get("CAS_JAX_CIFAR_DIR", "")
   names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
   if all(os.path.exists(os.path.join(folder, n)) for n in names):
     parts = []

@@ -30,14 +30,17 @@ def test_config_builds_its_network(name):
   assert name.endswith("_cas") == with_cas or name in ("smoke", "cifar_subset")
 
 
-def test_paper_settings_follow_the_reference():
-  trades = importlib.import_module("configs.cifar10_trades_cas").get_config()
-  assert (trades.attack.start, trades.attack.eps, trades.attack.step_size) == ("normal", 0.031,
-                                                                              0.007)
-  assert tuple(trades.schedule.milestones) == (75, 90, 100)
-  at = importlib.import_module("configs.cifar10_at_cas").get_config()
-  assert (at.attack.start, at.attack.steps, at.optim.weight_decay, at.loss.beta) == (
-      "uniform", 10, 2e-4, 2.0)
-  assert abs(at.attack.eps - 8 / 255) < 1e-12 and abs(at.attack.step_size - 2 / 255) < 1e-12
-  assert importlib.import_module("configs.vgg16_at_cas").get_config().loss.beta == 3.0
-  assert importlib.import_module("configs.wrn34_10_mart_cas").get_config().optim.weight_decay == 5e-4
+@pytest.mark.parametrize("name, drops", [
+    ("cifar10_at_cas", (75, 90)), ("cifar10_trades_cas", (75, 90, 100)),
+    ("wrn34_10_mart_cas", (75, 90, 100)), ("svhn_at_cas", (75, 90))])
+def test_learning_rate_is_divided_by_ten_from_the_paper_epochs(name, drops):
+  # Paper section 5.1: lr 0.1 (SVHN 0.01), divided by 10 at epochs 75 and 90 (and 100 for
+  # TRADES / MART); epoch e (1-indexed) runs steps (e - 1) * steps_per_epoch onwards.
+  config = importlib.import_module(f"configs.{name}").get_config()
+  steps_per_epoch = 7
+  lr_fn = train.create_learning_rate_fn(config, steps_per_epoch)
+  first = 0.01 if name.startswith("svhn") else 0.1
+  for epoch in range(1, config.schedule.num_epochs + 1):
+    expected = first * 0.1 ** sum(epoch >= d for d in drops)
+    for step in ((epoch - 1) * steps_per_epoch, epoch * steps_per_epoch - 1):
+      assert float(lr_fn(step)) == pytest.approx(expected, rel=1e-6), (epoch, step)

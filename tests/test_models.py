@@ -294,9 +294,20 @@ def test_create_rejects_bad_input_naming_what_is_valid(name, options, message):
     models.create(name, **options)
 
 
-def test_create_passes_options_through():
-  model = models.create("wrn", 100, depth=16, widen_factor=2, cas_suppress=False)
-  assert (model.depth, model.widen_factor, model.num_classes, model.cas_suppress) == (16, 2, 100,
-                                                                                      False)
+def test_create_options_reach_the_network(small_resnet):
+  model, variables = small_resnet
+  x = _images()
+  # Doubling the first CAS head's weights changes the main logits through its mask, unless
+  # the network is built with cas_suppress=False, where only its CAS logits change.
+  params = jax.tree.map(lambda a: a, variables["params"])
+  params["layer4_0"]["cas"]["fc"]["kernel"] = 2 * params["layer4_0"]["cas"]["fc"]["kernel"]
+  doubled = {**variables, "params": params}
+  plain = models.create("resnet18", NUM_CLASSES, width=4, cas_suppress=False)
+  (logits, cas_logits), (logits_2, cas_logits_2) = (
+      plain.apply(v, x, train=False) for v in (variables, doubled))
+  chex.assert_trees_all_close(logits, logits_2)
+  assert not np.allclose(cas_logits[0], cas_logits_2[0])
+  suppressed, suppressed_2 = (model.apply(v, x, train=False)[0] for v in (variables, doubled))
+  assert not np.allclose(suppressed, suppressed_2)
+  # Stages are a set: their order does not matter.
   assert models.create("resnet18", cas_stages=[4, 3]).cas_stages == (3, 4)
-  assert models.NAMES == ("resnet18", "resnet34", "wrn34_10", "wrn", "vgg16")

@@ -200,6 +200,7 @@ def apgd(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, steps: int = 
   range(2, 11) is APGD-T). `active` (N,) bool picks the images to attack (default: those
   classified correctly); best_loss=True returns every image's highest-loss point instead.
   """
+  x, y = engine.check_images_and_labels(x, y)
   engine.check_eps(eps)
   apgd_loss(loss, beta)  # validates the name
   if steps < 1 or restarts < 1:

@@ -75,6 +75,7 @@ def autoattack(model_fn, x: Array, y: Array, *, eps=8 / 255, version: str = "sta
   `attacks` overrides the version's list (run in the order given), e.g. ("apgd-ce", "square").
   The step, query, target and draw counts default to AutoAttack's; tests make them small.
   """
+  x, y = engine.check_images_and_labels(x, y)
   engine.check_eps(eps)
   if version not in VERSIONS:
     raise ValueError(f"unknown version {version!r}; valid: {', '.join(VERSIONS)}")

@@ -26,6 +26,7 @@ _ATANH_SHRINK = 0.999999
 def transfer(source_model_fn, x: Array, y: Array, *, attack: str = "pgd", eps=8 / 255,
              steps: int = 20, key: Array, step_size=None, loss=None, beta: float = 2.0) -> Array:
   """Adversarial examples crafted on a source model (PGD-20 on CE, or CW-inf), for a target."""
+  x, y = engine.check_images_and_labels(x, y)
   if attack not in TRANSFER_ATTACKS:
     raise ValueError(f"unknown transfer attack {attack!r}; valid: {', '.join(TRANSFER_ATTACKS)}")
   if attack == "pgd":
@@ -58,6 +59,7 @@ def n_attack(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, populatio
   iteration (the authors' code checks every 10th). Returns the first projected mean that is
   misclassified, else the last projected mean.
   """
+  x, y = engine.check_images_and_labels(x, y)
   engine.check_eps(eps)
   if population < 2:
     raise ValueError(f"population={population} must be >= 2 (NES standardises the losses)")

@@ -41,6 +41,44 @@ def check_eps(eps) -> None:
     raise ValueError(f"eps={eps} is outside (0, 1]; images are in [0, 1], e.g. eps=8/255.")
 
 
+def check_images(x) -> Array:
+  """x (numpy or JAX) as a JAX float array of NHWC images in [0, 1]; else a ValueError naming the fix.
+
+  The shape is always checked; the values only when they are concrete (not traced by jit/grad).
+  """
+  if isinstance(x, jax.core.Tracer):
+    values = None
+  else:
+    values = np.asarray(x) if isinstance(x, np.ndarray) else x
+  x = jnp.asarray(x)
+  if x.ndim != 4:
+    raise ValueError(f"images must be NHWC of rank 4 (N, H, W, C), got shape {x.shape}; add the "
+                     "missing axes (x[None] for one image, x[..., None] for one channel) or "
+                     "reshape flat inputs to (N, H, W, C) and flatten inside the model function")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    x = x.astype(jnp.float32)
+  if values is not None and x.size:
+    low, high = float(values.min()), float(values.max())
+    if not 0.0 <= low <= high <= 1.0:
+      raise ValueError(f"images must lie in [0, 1], got values in [{low:g}, {high:g}]; scale "
+                       "them (e.g. x / 255 for 8-bit pixels) and undo any normalisation, which "
+                       "belongs inside the model function")
+  return x
+
+
+def check_images_and_labels(x, y) -> Tuple[Array, Array]:
+  """(x, y) as JAX arrays: NHWC images in [0, 1] (check_images) and one integer label per image."""
+  x = check_images(x)
+  y = jnp.asarray(y)
+  if y.ndim != 1 or y.shape[0] != x.shape[0]:
+    raise ValueError(f"labels must have shape (N,) = ({x.shape[0]},), one per image, got "
+                     f"{y.shape}; pass class indices (argmax of one-hot labels), as many as images")
+  if not jnp.issubdtype(y.dtype, jnp.integer):
+    raise ValueError(f"labels must be integer class indices, got dtype {y.dtype}; convert them "
+                     "with y.astype(int)")
+  return x, y
+
+
 def example_keys(key: Array, n: int) -> Array:
   """One key per example: key folded with 0..n-1, or `key` itself when it is already a batch of n.
 
@@ -93,6 +131,7 @@ def sign_step(x_adv: Array, grad: Array, step_size) -> Array:
 def ascend(loss_fn: LossFn, x: Array, *, eps, step_size, steps: int, key: Array,
            start: str = "uniform", sigma: float = 0.001, step_rule: StepRule = sign_step) -> Array:
   """Maximise sum(loss_fn(x_adv)) over the eps-ball around x with `steps` projected steps."""
+  x = check_images(x)
   check_eps(eps)
   grad_fn = jax.grad(lambda z: jnp.sum(loss_fn(z)))
 

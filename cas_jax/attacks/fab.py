@@ -107,6 +107,7 @@ def fab(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, steps: int = 1
   the eps/2-ball. range(2, 11) is AutoAttack's FAB-T on 10 classes. `active` (N,) bool
   picks the images to attack (default: those classified correctly).
   """
+  x, y = engine.check_images_and_labels(x, y)
   engine.check_eps(eps)
   if steps < 1 or restarts < 1:
     raise ValueError(f"steps={steps} and restarts={restarts} must both be >= 1")

@@ -27,6 +27,7 @@ def eot_pgd(random_model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 20
             draws: int = 10, key: Array, step_size=None, loss="ce", beta: float = 2.0,
             noise_std: float = 0.0, start: str = "uniform") -> Array:
   """PGD whose every step ascends the loss gradient averaged over `draws` random draws (EOT)."""
+  x, y = engine.check_images_and_labels(x, y)
   engine.check_eps(eps)
   if draws < 1:
     raise ValueError(f"draws={draws} must be a positive number of random draws per step")
@@ -57,5 +58,6 @@ def avg_pgd(random_model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 10
             draws: int = 10, key: Array, step_size=None, loss="cw", beta: float = 2.0,
             noise_std: float = 0.0) -> Array:
   """Avg-PGD-100 (Tramer et al. 2020): PGD on the margin loss averaged over random draws."""
+  x, y = engine.check_images_and_labels(x, y)
   return eot_pgd(random_model_fn, x, y, eps=eps, steps=steps, draws=draws, key=key,
                  step_size=step_size, loss=loss, beta=beta, noise_std=noise_std)

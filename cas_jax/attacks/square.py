@@ -93,10 +93,8 @@ def square_run(model_fn, x: Array, y: Array, keys: Array, x_start: Array, eps, *
 def square(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, queries: int = 5000,
            p_init: float = 0.8, rescale_schedule: bool = False, active=None) -> Array:
   """Square Attack on `active` images (default: those classified correctly); else x stays."""
+  x, y = engine.check_images_and_labels(x, y)
   engine.check_eps(eps)
-  if x.ndim != 4:
-    raise ValueError(f"square needs NHWC images, got shape {x.shape}; reshape flat inputs to "
-                     "(N, H, W, C) and flatten inside model_fn")
   if queries < 1 or not 0.0 < p_init <= 1.0:
     raise ValueError(f"queries={queries} must be >= 1 and p_init={p_init} in (0, 1]")
   keys = engine.example_keys(key, x.shape[0])

@@ -57,6 +57,7 @@ def attack_loss(name: Union[str, AttackLoss], beta: float = 2.0) -> AttackLoss:
 def pgd(model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 20, key: Array,
         step_size=None, loss="ce", beta: float = 2.0, start: str = "uniform") -> Array:
   """PGD-`steps` with step `step_size` (default eps/10, the paper's protocol) on `loss`."""
+  x, y = engine.check_images_and_labels(x, y)
   engine.check_eps(eps)
   loss_fn = attack_loss(loss, beta)
   step_size = eps / 10 if step_size is None else step_size
@@ -67,12 +68,14 @@ def pgd(model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 20, key: Arra
 def fgsm(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, loss="ce",
          beta: float = 2.0) -> Array:
   """FGSM as the paper runs it: one signed step of size eps from a uniform random start."""
+  x, y = engine.check_images_and_labels(x, y)
   return pgd(model_fn, x, y, eps=eps, steps=1, key=key, step_size=eps, loss=loss, beta=beta)
 
 
 def cw_inf(model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 20, key: Array,
            step_size=None, loss="cw", beta: float = 2.0) -> Array:
   """CW-inf: PGD on the margin loss max_{k != y} z_k - z_y ("joint_cw" for CAS models)."""
+  x, y = engine.check_images_and_labels(x, y)
   return pgd(model_fn, x, y, eps=eps, steps=steps, key=key, step_size=step_size, loss=loss,
              beta=beta)
 
@@ -128,6 +131,7 @@ def margin_decomposition(model_fn, x: Array, y: Array, *, eps=8 / 255, steps: in
   breaking iterate is returned (else the one with the largest margin).
   beta > 0 adds beta * (the mean over CAS heads of the same term): an adaptive MD.
   """
+  x, y = engine.check_images_and_labels(x, y)
   engine.check_eps(eps)
   change_point = steps // 2 if change_point is None else change_point
   if not 0 <= change_point <= steps:
