@@ -25,11 +25,14 @@ from cas_jax import input_pipeline
 from cas_jax import losses
 from cas_jax import metric_writers
 from cas_jax import models
+from cas_jax.models import baselines
 from cas_jax.attacks import engine
 from cas_jax.attacks import white_box
 
 OBJECTIVES = ("natural", "at", "trades", "mart")
 BATCH_NORM_MODES = ("running", "batch")
+# fold_in tag of the SAP networks' draws (separate from the attacks' per-example streams).
+_SAP_TAG = 0x5A9
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -49,6 +52,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"attack.batch_norm={config.attack.batch_norm!r}; valid: {', '.join(BATCH_NORM_MODES)}")
   check(config.attack.start in engine.STARTS,
         f"attack.start={config.attack.start!r}; valid: {', '.join(engine.STARTS)}")
+  baseline = config.get("baseline", "none")
+  check(baseline in baselines.BASELINES,
+        f"baseline={baseline!r}; valid: {', '.join(baselines.BASELINES)}")
+  check(baseline != "pcl" or config.loss.objective in ("natural", "at"),
+        f"baseline='pcl' trains with loss.objective 'at' or 'natural', not "
+        f"{config.loss.objective!r}")
   check(config.model.dtype in DTYPES,
         f"model.dtype={config.model.dtype!r}; valid: {', '.join(DTYPES)}")
   for name in ("attack", "eval"):
@@ -79,9 +88,24 @@ def model_options(model_config: ml_collections.ConfigDict) -> Dict[str, Any]:
   return options
 
 
+def baseline_options(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """models.create keyword arguments of config.baseline (Table 1: kwta, sap, pcl); {} for none."""
+  baseline = config.get("baseline", "none")
+  options = {"kwta": {"kwta_ratio": config.model.get("kwta_ratio", 0.2)},
+             "sap": {"sap_ratio": config.model.get("sap_ratio", 1.0)},
+             "pcl": {"pcl_dim": config.model.get("pcl_dim", 256)}}.get(baseline)
+  return {} if options is None else {"baseline": baseline, **options}
+
+
 def create_model(config: ml_collections.ConfigDict, num_classes: int):
-  """The network of config.model, with its CAS placement."""
-  return models.create(config.model.name, num_classes=num_classes, **model_options(config.model))
+  """The network of config.model, with its CAS placement (and config.baseline, if any)."""
+  return models.create(config.model.name, num_classes=num_classes, **model_options(config.model),
+                       **baseline_options(config))
+
+
+def pcl_start_step(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """The first step with the PCL term: after loss.pcl_warmup_epochs epochs of CE (the warm-up)."""
+  return int(config.loss.get("pcl_warmup_epochs", 0)) * steps_per_epoch
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int):
@@ -112,22 +136,27 @@ def create_train_state(seed: int, model, config: ml_collections.ConfigDict,
                            tx=create_optimizer(config, steps_per_epoch))
 
 
-def attack_model_fn(state: TrainState, batch_norm: str = "running"):
+def attack_model_fn(state: TrainState, batch_norm: str = "running", sap_key=None):
   """model_fn(x) -> (logits, cas_logits) in evaluation mode, as attacks see the model.
 
   batch_norm="batch" normalises with the batch's own statistics and discards their update.
+  sap_key: the draw of a SAP network (unused by the others).
   """
   variables = {"params": state.params, "batch_stats": state.batch_stats}
+  rngs = {} if sap_key is None else {"sap": sap_key}
   if batch_norm == "running":
-    return lambda x: state.apply_fn(variables, x, train=False)
+    return lambda x: state.apply_fn(variables, x, train=False, rngs=rngs)
   return lambda x: state.apply_fn(variables, x, train=False, bn_train=True,
-                                  mutable=["batch_stats"])[0]
+                                  mutable=["batch_stats"], rngs=rngs)[0]
 
 
 def craft_training_adversaries(state: TrainState, x: jax.Array, y: jax.Array, key: jax.Array,
                                config: ml_collections.ConfigDict) -> jax.Array:
-  """The objective's training adversaries (joint CE for AT / MART, joint KL for TRADES)."""
-  model_fn = attack_model_fn(state, config.attack.batch_norm)
+  """The objective's training adversaries (joint CE for AT / MART, joint KL for TRADES).
+
+  A SAP network is attacked through one draw (the whole attack sees the same pruning).
+  """
+  model_fn = attack_model_fn(state, config.attack.batch_norm, jax.random.fold_in(key, _SAP_TAG))
   beta = config.loss.beta
   if config.loss.objective == "trades":
     nat_logits, nat_cas = jax.lax.stop_gradient(model_fn(x))
@@ -138,30 +167,48 @@ def craft_training_adversaries(state: TrainState, x: jax.Array, y: jax.Array, ke
                        steps=config.attack.steps, key=key, start=config.attack.start)
 
 
+def _pcl_branches(updates) -> list:
+  """The (features, prototypes) pairs PrototypeBranch modules sowed, in module order."""
+  return [updates["pcl"][name]["branch"][-1] for name in sorted(updates.get("pcl", {}))]
+
+
 def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *,
-               config: ml_collections.ConfigDict) -> Tuple[TrainState, Dict[str, jax.Array]]:
-  """One update: craft adversaries (eval mode), objective in training mode, SGD step."""
+               config: ml_collections.ConfigDict,
+               pcl_start: int = 0) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  """One update: craft adversaries (eval mode), objective in training mode, SGD step.
+
+  With config.baseline == "pcl", the PCL term (weight loss.pcl_weight) joins the objective
+  from step `pcl_start` on (train_and_evaluate: after loss.pcl_warmup_epochs epochs).
+  """
   x, y = batch["image"], batch["label"]
   objective, beta, lam = config.loss.objective, config.loss.beta, config.loss.lam
+  step_key = jax.random.fold_in(rng, state.step)
   x_adv = None
   if objective != "natural":
-    x_adv = craft_training_adversaries(state, x, y, jax.random.fold_in(rng, state.step), config)
+    x_adv = craft_training_adversaries(state, x, y, step_key, config)
+  with_pcl = config.get("baseline", "none") == "pcl"
+  collections = ["batch_stats", "pcl"] if with_pcl else ["batch_stats"]
+  sap_rngs = {"sap": jax.random.fold_in(step_key, _SAP_TAG + 1)}
 
   def forward(params, batch_stats, images):
     (logits, cas_logits), updates = state.apply_fn(
         {"params": params, "batch_stats": batch_stats}, images, labels=y, train=True,
-        mutable=["batch_stats"])
-    return logits, cas_logits, updates["batch_stats"]
+        mutable=collections, rngs=sap_rngs)
+    return logits, cas_logits, updates["batch_stats"], _pcl_branches(updates)
 
   def loss_fn(params):
     if objective in ("natural", "at"):
       images, objective_fn = (x, losses.natural_loss) if objective == "natural" else (
           x_adv, losses.at_loss)
-      logits, cas_logits, batch_stats = forward(params, state.batch_stats, images)
-      loss = objective_fn(logits, cas_logits, y, beta)
+      logits, cas_logits, batch_stats, branches = forward(params, state.batch_stats, images)
+      if with_pcl:
+        weight = jnp.where(state.step >= pcl_start, config.loss.pcl_weight, 0.0)
+        loss = losses.pcl_loss(logits, cas_logits, branches, y, beta, weight)
+      else:
+        loss = objective_fn(logits, cas_logits, y, beta)
     else:  # TRADES / MART: natural and adversarial batches in two training-mode passes.
-      nat_logits, nat_cas, batch_stats = forward(params, state.batch_stats, x)
-      logits, cas_logits, batch_stats = forward(params, batch_stats, x_adv)
+      nat_logits, nat_cas, batch_stats, _ = forward(params, state.batch_stats, x)
+      logits, cas_logits, batch_stats, _ = forward(params, batch_stats, x_adv)
       objective_fn = losses.trades_loss if objective == "trades" else losses.mart_loss
       loss = objective_fn(nat_logits, nat_cas, logits, cas_logits, y, beta, lam)
     return loss, (batch_stats, logits)
@@ -179,7 +226,7 @@ def eval_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *,
               config: ml_collections.ConfigDict) -> Dict[str, jax.Array]:
   """Counts of correct natural and PGD predictions over the real (unpadded) images of a batch."""
   x, y, mask = batch["image"], batch["label"], batch["mask"]
-  model_fn = attack_model_fn(state)
+  model_fn = attack_model_fn(state, sap_key=jax.random.fold_in(rng, _SAP_TAG))  # one SAP draw
   keys = engine.index_keys(rng, batch["index"])
   x_adv = white_box.pgd(model_fn, x, y, eps=config.eval.eps, steps=config.eval.steps,
                       step_size=config.eval.step_size or None, loss=config.eval.loss,
@@ -224,7 +271,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     logging.info("Resumed from step %d in %s", start_step, workdir)
 
   # --- Compiled steps.
-  p_train_step = jax.jit(functools.partial(train_step, config=config), donate_argnums=(0,),
+  p_train_step = jax.jit(functools.partial(train_step, config=config,
+                                           pcl_start=pcl_start_step(config, steps_per_epoch)),
+                         donate_argnums=(0,),
                          out_shardings=(replicated, replicated))
   p_eval_step = jax.jit(functools.partial(eval_step, config=config), out_shardings=replicated)
 
