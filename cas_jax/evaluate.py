@@ -33,6 +33,7 @@ from cas_jax import checkpointing
 from cas_jax import input_pipeline
 from cas_jax import interop
 from cas_jax import models
+from cas_jax.models import baselines
 from cas_jax import report as report_lib
 from cas_jax import train
 from cas_jax.attack_registry import AttackBudget, AttackSpec, attack_names, parse_attacks
@@ -60,6 +61,23 @@ def _correct(model, x: Array, y: Array) -> Array:
 
 
 image_keys = jax.jit(engine.index_keys)  # one key per image, from its global index
+_VERDICT_STREAM = 0x7E5  # fold_in tag of the fresh draws that judge a randomized model
+
+
+@functools.partial(jax.jit, static_argnames="draws")
+def _correct_fraction(random_model, x: Array, y: Array, keys: Array, draws: int) -> Array:
+  """Per image, the fraction of `draws` fresh draws of a randomized model that classify it y."""
+  keys = engine.fold_keys(keys, _VERDICT_STREAM)
+  hits = jax.lax.map(lambda d: jnp.argmax(_main_logits(
+      lambda z: random_model(z, engine.fold_keys(keys, d)), x), -1) == y, jnp.arange(draws))
+  return jnp.mean(hits, axis=0)
+
+
+def _judge(model_fns, x_adv: Array, y: Array, keys: Array, draws: int) -> Array:
+  """Still correct: on the model, or, for a randomized one (draws > 0), in most of `draws` draws."""
+  if not draws:
+    return _correct(model_fns[0], x_adv, y)
+  return _correct_fraction(model_fns[2], x_adv, y, keys, draws) > 0.5
 
 
 def _attack_fn(spec: AttackSpec, eps, beta: float, budget: AttackBudget, model, source,
@@ -94,31 +112,40 @@ def _attack_fn(spec: AttackSpec, eps, beta: float, budget: AttackBudget, model, 
   raise ValueError(f"{spec.name} is not a single compiled attack")
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "beta", "budget"))
+@functools.partial(jax.jit, static_argnames=("spec", "beta", "budget", "draws"))
 def _compiled_verdicts(model_fns, x: Array, y: Array, index: Array, attack_key: Array, eps, *,
-                       spec: AttackSpec, beta: float, budget: AttackBudget) -> Array:
-  x_adv = _attack_fn(spec, eps, beta, budget, *model_fns)(x, y, image_keys(attack_key, index))
-  return _correct(model_fns[0], x_adv, y)
+                       spec: AttackSpec, beta: float, budget: AttackBudget, draws: int) -> Array:
+  keys = image_keys(attack_key, index)
+  x_adv = _attack_fn(spec, eps, beta, budget, *model_fns)(x, y, keys)
+  return _judge(model_fns, x_adv, y, keys, draws)
 
 
 def _attack_verdicts(model_fns, x: Array, y: Array, index: Array, *, attack_key: Array,
-                     spec: AttackSpec, beta: float, budget: AttackBudget) -> Array:
+                     spec: AttackSpec, beta: float, budget: AttackBudget, draws: int) -> Array:
   """Whether each image is still classified correctly after `spec`'s attack."""
   # Name and eps are not compiled in: pgd20, pgd20@8 and the sweep share one compilation.
   return _compiled_verdicts(model_fns, x, y, index, attack_key, jnp.float32(spec.eps),
                             spec=dataclasses.replace(spec, name="", eps=0.0), beta=beta,
-                            budget=budget)
+                            budget=budget, draws=draws)
 
 
-def _autoattack_verdicts(model_fn, spec: AttackSpec, beta: float, budget: AttackBudget,
-                         x: Array, y: Array, keys: Array) -> np.ndarray:
-  """AutoAttack (or one of its parts) on x: whether each image is still robust after it."""
-  stages = None if spec.method == "aa" else (spec.method,)
-  _, robust = autoattack(model_fn, x, y, eps=spec.eps, key=keys, beta=beta,
-                         loss="joint" if spec.joint else "main", attacks=stages,
-                         return_per_attack=True, apgd_steps=budget.apgd_steps,
-                         fab_steps=budget.fab_steps, square_queries=budget.square_queries,
-                         target_classes=budget.target_classes)
+def _autoattack_verdicts(model_fns, spec: AttackSpec, beta: float, budget: AttackBudget,
+                         draws: int, x: Array, y: Array, keys: Array) -> np.ndarray:
+  """AutoAttack (or one of its parts) on x: whether each image is still robust after it.
+
+  "aa-rand" attacks the randomized model (model_fns[2]) with AutoAttack's rand version.
+  """
+  randomized = spec.method == "aa-rand"
+  stages = None if spec.method in ("aa", "aa-rand") else (spec.method,)
+  model_fn = model_fns[2] if randomized else model_fns[0]
+  x_adv, robust = autoattack(model_fn, x, y, eps=spec.eps, key=keys, beta=beta,
+                             version="rand" if randomized else "standard",
+                             loss="joint" if spec.joint else "main", attacks=stages,
+                             return_per_attack=True, apgd_steps=budget.apgd_steps,
+                             fab_steps=budget.fab_steps, square_queries=budget.square_queries,
+                             target_classes=budget.target_classes, eot_draws=budget.eot_draws)
+  if draws:
+    return np.asarray(_judge(model_fns, x_adv, y, keys, draws))
   return list(robust.values())[-1]
 
 
@@ -128,13 +155,6 @@ def _autoattack_verdicts(model_fn, spec: AttackSpec, beta: float, budget: Attack
 def _has_cas_heads(apply_fn, x: np.ndarray) -> bool:
   shapes = jax.eval_shape(lambda z: engine.split_outputs(apply_fn(z))[1], x[:1])
   return len(shapes) > 0
-
-
-def _as_pytree(fn):
-  """fn as a pytree argument of jit (arrays bound in a Partial are traced, not constants)."""
-  if fn is None or isinstance(fn, Partial):
-    return fn
-  return Partial(fn)
 
 
 def _padded_batches(x, y, indices, batch_size):
@@ -152,8 +172,11 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
                       title: str = "Robustness report") -> report_lib.Report:
   """Verdicts of natural, every attack in `attacks` (default: the default set) and the worst case.
 
-  source_fn(x) is the source model of the transfer attacks; random_apply_fn(x, keys) (one key
-  per image) the randomized model that eot / avg-pgd attack (default: apply_fn, with no noise).
+  source_fn(x) is the source model of the transfer attacks. random_apply_fn(x, keys) (one key
+  per image) is a randomized model (e.g. SAP), which eot / avg-pgd / aa-rand attack; then
+  apply_fn is its deterministic version (what the other attacks ascend), every verdict is
+  the majority over budget.eot_draws fresh draws of the randomized model, and natural
+  accuracy is the mean over those draws. Without it, eot / avg-pgd attack apply_fn (no noise).
   """
   engine.check_eps(eps)
   x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
@@ -167,7 +190,8 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
   if source_fn is None and any(s.method.startswith("transfer") for s in specs):
     raise ValueError("transfer attacks need the source model: pass source_fn= (or set "
                      "config.eval.transfer_checkpoint)")
-  model_fns = (_as_pytree(apply_fn), _as_pytree(source_fn), _as_pytree(random_apply_fn))
+  model_fns = tuple(engine.as_partial(f) for f in (apply_fn, source_fn, random_apply_fn))
+  draws = budget.eot_draws if random_apply_fn is not None else 0
   devices = jax.device_count()
   batch_size = -(-min(batch_size, y.size) // devices) * devices
   mesh = input_pipeline.data_mesh() if devices > 1 else None
@@ -179,12 +203,20 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
 
   batches = [(count, *to_device(*arrays))
              for count, *arrays in _padded_batches(x, y, indices, batch_size)]
-  natural = np.concatenate([np.asarray(_correct(model_fns[0], xb, yb))[:count]
-                            for count, xb, yb, _ in batches])
+  if draws:  # one draw fraction per image, from keys folded with its global index
+    natural_key = jax.random.fold_in(key, zlib.crc32(report_lib.NATURAL.encode()))
+    fraction = np.concatenate([np.asarray(_correct_fraction(
+        model_fns[2], xb, yb, image_keys(natural_key, ib), draws))[:count]
+                               for count, xb, yb, ib in batches])
+    natural = fraction > 0.5
+  else:
+    natural = np.concatenate([np.asarray(_correct(model_fns[0], xb, yb))[:count]
+                              for count, xb, yb, _ in batches])
   verdicts, ran_on, infos, seconds = {report_lib.NATURAL: natural}, {}, {}, {}
   for spec in [s for s in specs if not s.expensive] + [s for s in specs if s.expensive]:
     start = time.perf_counter()
     info = spec.info(in_worst_case=abs(spec.eps - eps) < 1e-9)
+    info["gradient_draws"] = budget.eot_draws if spec.averages_draws and draws else 0
     attack_key = jax.random.fold_in(key, zlib.crc32(spec.name.encode()) & 0x7FFFFFFF)
     active = natural.copy()
     if spec.expensive and info["in_worst_case"] and not exact_per_attack:
@@ -193,9 +225,9 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
           active &= verdicts[name]
     verdict, ran = natural.copy(), np.zeros_like(natural)
     run = functools.partial(_attack_verdicts, model_fns, attack_key=attack_key, spec=spec,
-                            beta=beta, budget=budget)
-    if spec.family == "autoattack":  # its stages are jitted with apply_fn static
-      run = functools.partial(_autoattack_verdicts, apply_fn, spec, beta, budget)
+                            beta=beta, budget=budget, draws=draws)
+    if spec.family == "autoattack":  # its stages are jitted with the model as a Partial
+      run = functools.partial(_autoattack_verdicts, model_fns, spec, beta, budget, draws)
     for first, (count, xb, yb, ib) in zip(range(0, y.size, batch_size), batches):
       rows = slice(first, first + count)
       if not spec.expensive:
@@ -215,7 +247,9 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
                  100 * verdict.mean(), ran.sum(), seconds[spec.name])
   verdicts[report_lib.WORST_CASE] = report_lib.worst_case(verdicts, infos)
   report = report_lib.Report(eps=eps, indices=indices, verdicts=verdicts, ran_on=ran_on,
-                             attacks=infos, notes=notes, seconds=seconds, title=title)
+                             attacks=infos, notes=notes, seconds=seconds, title=title,
+                             draws=draws,
+                             natural_mean=float(np.mean(fraction)) if draws else None)
   report.sanity = report_lib.sanity_checks(report)
   return report
 
@@ -321,6 +355,9 @@ def evaluate_workdir(config, workdir: str) -> Dict[str, report_lib.Report]:
   image_shape = dataset.test_images.shape[1:]
   model = train.create_model(config, dataset.num_classes)
   targets = _load_targets(config, workdir, model, dataset.num_classes, image_shape)
+  # A randomized defense (SAP): the attacks without EOT ascend its expectation.
+  randomized = baselines.is_randomized(model)
+  expectation = baselines.expectation_model(model)
   needs_source = any(n.startswith("transfer") for n in attack_names(evaluation.attacks))
   source_fn = _load_source(config, dataset.num_classes, image_shape) if needs_source else None
   key = jax.random.fold_in(jax.random.key(config.seed), 1)
@@ -338,10 +375,11 @@ def evaluate_workdir(config, workdir: str) -> Dict[str, report_lib.Report]:
       report.notes = report.notes + [f"The same checkpoint as the report above (step {step})."]
     else:
       report = robustness_report(
-          bind_model(model, variables), x, y, key=key, eps=evaluation.eps,
+          bind_model(expectation, variables), x, y, key=key, eps=evaluation.eps,
           attacks=evaluation.attacks, beta=config.loss.beta, batch_size=config.eval_batch_size,
           budget=budget, exact_per_attack=evaluation.get("exact_per_attack", False),
-          source_fn=source_fn, title=title)
+          source_fn=source_fn, title=title,
+          random_apply_fn=baselines.bind_random(model, variables) if randomized else None)
       by_step[step] = report
     paths = [os.path.join(out_dir, f"{label}_report.{ext}") for ext in ("md", "json")]
     with open(paths[0], "w") as f:

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from cas_jax.attacks import engine
-from cas_jax.attacks.apgd import jit_with_model, predict, ranked_targets
+from cas_jax.attacks.apgd import ranked_targets
+from cas_jax.attacks.engine import jit_with_model, predict
 
 Array = jax.Array
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from cas_jax import losses
 from cas_jax.attacks import engine
-from cas_jax.attacks.apgd import jit_with_model, predict
+from cas_jax.attacks.engine import jit_with_model, predict
 
 Array = jax.Array
 
