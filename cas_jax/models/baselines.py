@@ -15,6 +15,8 @@ Choices where the issue is silent (from the baselines' papers):
   activations). Entry j, drawn with probability p_j = |x_j| / sum|x|, survives with
   q_j = 1 - (1 - p_j)^r and is scaled by 1 / q_j. SAP draws in training too (the network
   trains as it runs); `sap_deterministic=True` builds its expectation (a plain ReLU network).
+  Gradients treat 1 / q_j as a constant, so the mean of per-draw gradients is an unbiased
+  estimate of the gradient of the expected output (the attacker's best case for EOT).
 - PCL (Mustafa et al. 2019): prototype branches on the global-average-pooled output of stage 3
   (through a Dense G_phi to `pcl_dim` features) and on the penultimate features (no
   projection), each with C learned prototypes; `losses.prototype_conformity` is their loss.
@@ -64,7 +66,10 @@ def _sap_one(h: Array, key: Array, keep: Array, samples: int) -> Array:
   u = jax.random.uniform(key, (samples,)) * cumulative[-1]
   drawn = jnp.clip(jnp.searchsorted(cumulative, u, side="right"), 0, h.size - 1)
   kept = jnp.zeros(h.shape, bool).at[drawn].set(True) & (keep > 0)
-  return jnp.where(kept, h / jnp.where(keep > 0, keep, 1), 0)
+  # The scale 1/q is a constant to gradients: a draw's gradient is then 1[kept] / q per entry,
+  # whose mean over draws is the gradient of E[output] = h (what EOT needs to estimate).
+  scale = jax.lax.stop_gradient(1.0 / jnp.where(keep > 0, keep, 1))
+  return jnp.where(kept, h * scale, 0)
 
 
 def sap(x: Array, key: Array, ratio: float = 1.0) -> Array:
