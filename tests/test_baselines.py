@@ -143,6 +143,51 @@ def test_eot_against_sap_is_stronger_than_pgd_on_a_single_draw():
   assert np.all(single < optimum - eps)
 
 
+# ------------------------------------------------------------------- randomized evaluation
+
+_W = jax.random.normal(jax.random.key(0), (48, 10)) / 7
+_X = np.random.default_rng(0).uniform(0.3, 0.7, (8, 4, 4, 3)).astype(np.float32)
+_Y = np.asarray(jnp.argmax(_X.reshape(8, -1) @ _W, -1), np.int32)
+
+
+def _linear(x):
+  return x.reshape(x.shape[0], -1) @ _W
+
+
+def _flipping(x, keys):
+  """The linear model whose logits are negated (so wrong) in a draw with probability 0.4."""
+  flip = jax.vmap(lambda k: jax.random.uniform(k) < 0.4)(keys)
+  return jnp.where(flip[:, None], -1.0, 1.0) * _linear(x)
+
+
+def _report(attacks, random_apply_fn):
+  from cas_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from cas_jax.attack_registry import AttackBudget  # pylint: disable=g-import-not-at-top
+  return evaluate.robustness_report(_linear, _X, _Y, key=jax.random.key(0), eps=0.05,
+                                    attacks=attacks, budget=AttackBudget(eot_draws=5),
+                                    random_apply_fn=random_apply_fn)
+
+
+def test_randomized_report_judges_by_draws_and_flags_missing_eot():
+  same_draws = _report("pgd3,eot3", lambda x, keys: _linear(x))
+  deterministic = _report("pgd3,eot3", None)
+  # Draws that all agree give the deterministic verdicts, and a mean equal to the accuracy.
+  for name in ("natural", "pgd3", "eot3"):
+    np.testing.assert_array_equal(same_draws.verdicts[name], deterministic.verdicts[name])
+  assert same_draws.natural_mean == pytest.approx(deterministic.accuracy("natural"))
+  assert same_draws.draws == 5 and deterministic.draws == 0
+  assert same_draws.attacks["eot3"]["gradient_draws"] == 5
+  assert same_draws.attacks["pgd3"]["gradient_draws"] == 0
+  flipping = _report("pgd3", _flipping)
+  # Natural: the mean over 5 draws (multiples of 1/40), shown as such; every image is
+  # correct unless flipped, so the mean is near 0.6 and most images win their majority.
+  assert flipping.natural_mean * 40 == pytest.approx(round(flipping.natural_mean * 40))
+  assert 0.3 < flipping.natural_mean < 0.9
+  assert "natural (mean over 5 draws)" in flipping.markdown()
+  assert any("no attack averaged its gradients over draws" in w for w in flipping.sanity)
+  assert not any("averaged its gradients" in w for w in _report("pgd3,eot3", _flipping).sanity)
+
+
 # ------------------------------------------------------------------------------------- PCL
 
 
