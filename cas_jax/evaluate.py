@@ -73,6 +73,11 @@ def _correct_fraction(random_model, x: Array, y: Array, keys: Array, draws: int)
   return jnp.mean(hits, axis=0)
 
 
+def _ignoring_keys(model, x: Array, keys: Array):
+  del keys
+  return model(x)
+
+
 def _judge(model_fns, x_adv: Array, y: Array, keys: Array, draws: int) -> Array:
   """Still correct: on the model, or, for a randomized one (draws > 0), in most of `draws` draws."""
   if not draws:
@@ -85,8 +90,6 @@ def _attack_fn(spec: AttackSpec, eps, beta: float, budget: AttackBudget, model, 
   """(x, y, keys) -> x_adv for every attack that compiles as one function."""
   ce, cw = ("joint_ce", "joint_cw") if spec.joint else ("ce", "cw")
   steps = spec.steps
-  if random_model is None:
-    random_model = lambda z, keys: model(z)
   if spec.method == "fgsm":
     return lambda x, y, k: fgsm(model, x, y, eps=eps, key=k, loss=ce, beta=beta)
   if spec.method in ("pgd", "cas-head"):
@@ -192,6 +195,8 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
                      "config.eval.transfer_checkpoint)")
   model_fns = tuple(engine.as_partial(f) for f in (apply_fn, source_fn, random_apply_fn))
   draws = budget.eot_draws if random_apply_fn is not None else 0
+  if random_apply_fn is None:  # eot / avg-pgd / aa-rand on a deterministic model: no noise
+    model_fns = model_fns[:2] + (Partial(_ignoring_keys, model_fns[0]),)
   devices = jax.device_count()
   batch_size = -(-min(batch_size, y.size) // devices) * devices
   mesh = input_pipeline.data_mesh() if devices > 1 else None

@@ -164,15 +164,16 @@ def _report(attacks, random_apply_fn):
   from cas_jax import evaluate  # pylint: disable=g-import-not-at-top
   from cas_jax.attack_registry import AttackBudget  # pylint: disable=g-import-not-at-top
   return evaluate.robustness_report(_linear, _X, _Y, key=jax.random.key(0), eps=0.05,
-                                    attacks=attacks, budget=AttackBudget(eot_draws=5),
+                                    attacks=attacks,
+                                    budget=AttackBudget(eot_draws=5, apgd_steps=3),
                                     random_apply_fn=random_apply_fn)
 
 
 def test_randomized_report_judges_by_draws_and_flags_missing_eot():
-  same_draws = _report("pgd3,eot3", lambda x, keys: _linear(x))
-  deterministic = _report("pgd3,eot3", None)
+  same_draws = _report("pgd3,eot3,aa-rand", lambda x, keys: _linear(x))
+  deterministic = _report("pgd3,eot3,aa-rand", None)
   # Draws that all agree give the deterministic verdicts, and a mean equal to the accuracy.
-  for name in ("natural", "pgd3", "eot3"):
+  for name in ("natural", "pgd3", "eot3", "aa-rand"):
     np.testing.assert_array_equal(same_draws.verdicts[name], deterministic.verdicts[name])
   assert same_draws.natural_mean == pytest.approx(deterministic.accuracy("natural"))
   assert same_draws.draws == 5 and deterministic.draws == 0
