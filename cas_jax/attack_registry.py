@@ -139,8 +139,9 @@ class AttackSpec:
 
 def _bad_name(name: str, why: str) -> ValueError:
   return ValueError(f"attack {name!r}: {why}. Valid names: default, fgsm, pgd<k>, cw<k>, "
-                    "cas-head<k>, eot<k>, avg-pgd<k>, md<k>, aa, aa-joint, aa-rand, apgd-ce, apgd-t, "
-                    "apgd-dlr, fab-t, square, n-attack, transfer-pgd<k>, transfer-cw<k>, sweep; "
+                    "cas-head<k>, eot<k>, avg-pgd<k>, md<k>, aa, aa-joint, aa-rand, apgd-ce, "
+                    "apgd-t, apgd-dlr, fab-t, square, n-attack, transfer-pgd<k>, transfer-cw<k>, "
+                    "sweep; "
                     "add -main / -joint for the loss and @<e> for eps e/255, e.g. pgd100-main@16")
 
 

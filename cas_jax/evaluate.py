@@ -16,6 +16,8 @@ exact_per_attack=True; the table lists the attacks in the order they ran (cheap 
 AutoAttack variants share one subset so that `aa` and `aa-joint` stay comparable. Each image's
 randomness is folded from its global index (`indices`), so verdicts do not depend on the batch
 size or the device count (batches are sharded over every device, as in training).
+A randomized model (a SAP network; `random_apply_fn=`) is judged over fresh draws: each
+verdict is the majority over budget.eot_draws draws, natural accuracy their mean.
 """
 import dataclasses
 import functools

@@ -168,7 +168,7 @@ def mart_loss(nat_logits: Array, nat_cas_logits: CasLogits, adv_logits: Array,
 
 
 def _distances(a: Array, b: Array) -> Array:
-  """Euclidean distances between the rows of a (N, D) and b (M, D): (N, M); finite gradients at 0."""
+  """Euclidean distances (N, M) between the rows of a (N, D) and b (M, D); finite gradient at 0."""
   return jnp.sqrt(jnp.sum(jnp.square(a[:, None, :] - b[None, :, :]), axis=-1) + 1e-12)
 
 

@@ -51,7 +51,7 @@ def kwta(x: Array, ratio: float = 0.2) -> Array:
 
 
 def sap_keep_probabilities(x: Array, ratio: float = 1.0) -> Array:
-  """SAP's per-entry keep probability 1 - (1 - |x_j| / sum|x|)^r, r = ceil(ratio * D), per example."""
+  """SAP's keep probability per entry, 1 - (1 - |x_j| / sum|x|)^r with r = ceil(ratio * D)."""
   flat = jnp.abs(x.reshape(x.shape[0], -1))
   total = jnp.sum(flat, axis=1, keepdims=True)
   p = flat / jnp.where(total > 0, total, 1)
@@ -73,7 +73,7 @@ def _sap_one(h: Array, key: Array, keep: Array, samples: int) -> Array:
 
 
 def sap(x: Array, key: Array, ratio: float = 1.0) -> Array:
-  """Stochastic activation pruning: entries sampled in proportion to |x|, survivors scaled by 1/q."""
+  """Stochastic activation pruning: entries drawn in proportion to |x|, survivors scaled by 1/q."""
   if ratio <= 0:
     raise ValueError(f"sap ratio={ratio} must be > 0 (samples per activation, e.g. 1.0)")
   n = x.shape[0]
