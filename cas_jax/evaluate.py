@@ -53,13 +53,9 @@ CHECKPOINT_CHOICES = ("last", "best")
 # ----------------------------------------------------------------------------- compiled attacks
 
 
-def _main_logits(model, x: Array) -> Array:
-  return engine.split_outputs(model(x))[0]
-
-
 @jax.jit
 def _correct(model, x: Array, y: Array) -> Array:
-  return jnp.argmax(_main_logits(model, x), -1) == y
+  return jnp.argmax(engine.main_logits(model, x), -1) == y
 
 
 image_keys = jax.jit(engine.index_keys)  # one key per image, from its global index
@@ -70,7 +66,7 @@ _VERDICT_STREAM = 0x7E5  # fold_in tag of the fresh draws that judge a randomize
 def _correct_fraction(random_model, x: Array, y: Array, keys: Array, draws: int) -> Array:
   """Per image, the fraction of `draws` fresh draws of a randomized model that classify it y."""
   keys = engine.fold_keys(keys, _VERDICT_STREAM)
-  hits = jax.lax.map(lambda d: jnp.argmax(_main_logits(
+  hits = jax.lax.map(lambda d: jnp.argmax(engine.main_logits(
       lambda z: random_model(z, engine.fold_keys(keys, d)), x), -1) == y, jnp.arange(draws))
   return jnp.mean(hits, axis=0)
 

@@ -170,6 +170,11 @@ def jit_with_model(*static_argnames: str):
   return decorate
 
 
+def main_logits(model_fn, x: Array) -> Array:
+  """The main head's logits of model_fn(x) (its CAS logits, if any, dropped)."""
+  return split_outputs(model_fn(x))[0]
+
+
 def call_model(model_fn, x: Array, keys: Array, randomized: bool):
   """model_fn(x), or model_fn(x, keys) (one draw per example) for a randomized model."""
   return model_fn(x, keys) if randomized else model_fn(x)

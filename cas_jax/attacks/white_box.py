@@ -155,8 +155,8 @@ def margin_decomposition(model_fn, x: Array, y: Array, *, eps=8 / 255, steps: in
     track = (best, lambda state, x_adv, logits: keep_best(state, x_adv, logits, y))
     x_adv, best = engine.ascend(objective, x, eps=eps, step_size=step_size_at, steps=steps,
                                 key=engine.fold_keys(keys, run), with_step=True, track=track)
-    return keep_best(best, x_adv, engine.split_outputs(model_fn(x_adv))[0], y)
+    return keep_best(best, x_adv, engine.main_logits(model_fn, x_adv), y)
 
-  best = init_best(x, engine.split_outputs(model_fn(x))[0], y)
+  best = init_best(x, engine.main_logits(model_fn, x), y)
   x_best, _, _ = jax.lax.fori_loop(0, 2 * restarts, run_body, best)
   return jax.lax.stop_gradient(x_best)
