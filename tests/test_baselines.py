@@ -225,9 +225,8 @@ def test_pcl_network_sows_both_branches_and_train_step_adds_the_term_after_warm_
   assert [w.shape for _, w in branches] == [(3, 6), (3, 32)]
   batch = {"image": x, "label": y}
   step = jax.jit(lambda s, start: train.train_step(s, batch, jax.random.key(0), config=config,
-                                                   pcl_start=start)[1]["train_loss"],
-                 static_argnums=1)
-  warm_up, with_pcl = float(step(state, 1)), float(step(state, 0))
+                                                   pcl_start=start)[1]["train_loss"])
+  warm_up, with_pcl = float(step(state, 1)), float(step(state, 0))  # one compilation
   pcl = sum(float(jnp.mean(losses.prototype_conformity(f, w, y))) for f, w in branches)
   np.testing.assert_allclose(with_pcl - warm_up, 0.5 * pcl, rtol=1e-4, atol=1e-5)
 
