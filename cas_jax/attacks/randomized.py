@@ -2,9 +2,10 @@
 
 A randomized model is `random_model_fn(x, keys) -> outputs`, where `keys` holds one PRNG key
 per example (shape (N,)): a model that draws example i's randomness from keys[i] gives each
-image a result independent of its batch. Each step averages the loss gradient over `draws`
-fresh draws (Expectation over Transformation, Athalye et al. 2018); `noise_std` > 0 also
-evaluates every draw at x_adv + N(0, noise_std^2), averaging the gradient over nearby points.
+image a result independent of its batch. Each step ascends the loss averaged over `draws`
+fresh draws (Expectation over Transformation, Athalye et al. 2018): `engine.ascend` on the
+loss `engine.mean_over_draws` builds. `noise_std` > 0 also evaluates every draw at
+x_adv + N(0, noise_std^2), averaging the gradient over nearby points.
 
     x_adv = eot_pgd(random_model_fn, x, y, eps=8/255, steps=20, draws=10, key=key)
     x_adv = avg_pgd(random_model_fn, x, y, eps=8/255, key=key)     # Avg-PGD-100, margin loss
