@@ -1,4 +1,4 @@
-"""Tests for the Table 1 baselines: kWTA, SAP (and EOT against it), PCL, and their end-to-end runs."""
+"""Tests for the Table 1 baselines (kWTA, SAP and EOT against it, PCL) and their smoke runs."""
 import math
 import os
 
