@@ -13,6 +13,12 @@ from cas_jax import models
 from cas_jax.attacks import randomized
 from cas_jax.models import baselines
 
+
+def _init(model, x):
+  # A jitted init with an "rbg" key compiles in seconds (as in test_models.py).
+  return jax.jit(lambda k: model.init(k, x, train=False))(jax.random.key(0, impl="rbg"))
+
+
 # ------------------------------------------------------------------------------------ kWTA
 
 
@@ -48,8 +54,9 @@ def test_kwta_replaces_every_relu_of_the_network():
   model = models.create("resnet18", num_classes=3, width=4, cas_stages=(), baseline="kwta",
                         kwta_ratio=0.2)
   x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 3))
-  variables = model.init(jax.random.key(0), x, train=False)
-  _, state = model.apply(variables, x, train=False, capture_intermediates=True)
+  variables = _init(model, x)
+  _, state = jax.jit(lambda v: model.apply(v, x, train=False, capture_intermediates=True))(
+      variables)
   flat = jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]
   outputs = [leaf for path, leaf in flat if "Activation" in jax.tree_util.keystr(path)]
   assert len(outputs) == 1 + 2 * 8  # the stem and two per BasicBlock
@@ -95,9 +102,9 @@ def test_sap_mean_over_many_keys_equals_its_input_within_hoeffding_bound():
 def test_sap_network_draws_fresh_noise_per_key_and_errors_without_one():
   model = models.create("resnet18", num_classes=3, width=4, cas_stages=(), baseline="sap")
   x = jax.random.uniform(jax.random.key(0), (3, 8, 8, 3))
-  variables = model.init(jax.random.key(0), x, train=False)
+  variables = _init(model, x)
   keys = jax.random.split(jax.random.key(1), 3)
-  random_fn = baselines.bind_random(model, variables)
+  random_fn = jax.jit(baselines.bind_random(model, variables))
   first, again = random_fn(x, keys)[0], random_fn(x, keys)[0]
   other = random_fn(x, jax.random.split(jax.random.key(2), 3))[0]
   np.testing.assert_array_equal(np.asarray(first), np.asarray(again))
@@ -109,8 +116,8 @@ def test_sap_network_draws_fresh_noise_per_key_and_errors_without_one():
     model.apply(variables, x, train=False)
   expectation = baselines.expectation_model(model)
   plain = models.create("resnet18", num_classes=3, width=4, cas_stages=())
-  chex.assert_trees_all_close(expectation.apply(variables, x, train=False),
-                              plain.apply(variables, x, train=False))
+  apply = lambda m: jax.jit(lambda v: m.apply(v, x, train=False))(variables)
+  chex.assert_trees_all_close(apply(expectation), apply(plain))
 
 
 def test_eot_against_sap_is_stronger_than_pgd_on_a_single_draw():
