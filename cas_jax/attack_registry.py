@@ -11,6 +11,8 @@ Names (case-insensitive; a number after the name sets the step count):
                         joint margin); on a deterministic model the draws coincide
   md<k>                 Margin Decomposition (Table 12), adaptive unless "-main"
   aa (= autoattack)     AutoAttack standard on the main logits; "aa-joint": APGD on the joint losses
+  aa-rand               AutoAttack's "rand" version (APGD-CE, APGD-DLR with EOT) for randomized
+                        models such as SAP; "aa-rand-joint" on the joint losses
   apgd-ce, apgd-t, apgd-dlr, fab-t, square   one AutoAttack part ("-joint" for APGD's joint losses)
   n-attack              query-based black-box N-Attack (Table 6)
   transfer-pgd<k>, transfer-cw<k>   black-box transfer from a source model (Table 6)
@@ -27,6 +29,7 @@ from cas_jax.attacks import engine
 DEFAULT_ATTACKS = ("pgd20", "cw", "aa", "aa-joint")
 SWEEP_EPS_255 = (2, 4, 8, 16, 32)
 ALIASES = {"autoattack": "aa"}
+EOT_METHODS = ("eot", "avg-pgd", "aa-rand")  # gradients averaged over random draws
 _NAME = re.compile(r"(?P<base>[a-z][a-z-]*?)(?P<steps>\d+)?(?P<mode>-main|-joint)?"
                    r"(?:@(?P<eps>\d+(?:\.\d+)?))?")
 
@@ -50,6 +53,7 @@ METHODS = {
     "avg-pgd": Method(100, True, True, False, "avg-pgd"),
     "md": Method(40, True, True, False, "md"),
     "aa": Method(None, False, True, False, "autoattack"),
+    "aa-rand": Method(None, False, True, False, "autoattack"),
     "apgd-ce": Method(None, False, True, False, "autoattack"),
     "apgd-t": Method(None, False, True, False, "autoattack"),
     "apgd-dlr": Method(None, False, True, False, "autoattack"),
@@ -71,7 +75,7 @@ class AttackBudget:
   n_attack_population: int = 300
   n_attack_iters: int = 500
   md_restarts: int = 1
-  eot_draws: int = 10
+  eot_draws: int = 10  # per EOT step (eot, avg-pgd, aa-rand); also per randomized verdict
 
   def __post_init__(self):
     for name, value in vars(self).items():
@@ -101,6 +105,11 @@ class AttackSpec:
     return METHODS[self.method].family
 
   @property
+  def averages_draws(self) -> bool:
+    """Whether its gradients average over random draws (EOT): the attack for randomized models."""
+    return self.method in EOT_METHODS
+
+  @property
   def description(self) -> str:
     loss = {True: "joint loss (adaptive)", False: "main head"}[self.joint]
     method, steps = self.method, self.steps
@@ -113,6 +122,8 @@ class AttackSpec:
         "avg-pgd": f"Avg-PGD-{steps} margin, {loss}",
         "md": f"MD-{steps}, {loss}",
         "aa": "AutoAttack standard, " + ("joint losses" if self.joint else "main logits"),
+        "aa-rand": "AutoAttack rand (APGD-CE, APGD-DLR with EOT), " + (
+            "joint losses" if self.joint else "main logits"),
         "n-attack": "N-Attack (black-box)",
         "transfer-pgd": f"transfer PGD-{steps} from the source model",
         "transfer-cw": f"transfer CW-inf-{steps} from the source model",
@@ -121,14 +132,16 @@ class AttackSpec:
   def info(self, in_worst_case: bool) -> dict:
     """The JSON-ready description the report and its sanity checks read."""
     return {"description": self.description, "method": self.method, "steps": self.steps,
+            "averages_draws": self.averages_draws,
             "joint": self.joint, "eps": self.eps, "black_box": self.black_box,
             "expensive": self.expensive, "family": self.family, "in_worst_case": in_worst_case}
 
 
 def _bad_name(name: str, why: str) -> ValueError:
   return ValueError(f"attack {name!r}: {why}. Valid names: default, fgsm, pgd<k>, cw<k>, "
-                    "cas-head<k>, eot<k>, avg-pgd<k>, md<k>, aa, aa-joint, apgd-ce, apgd-t, "
-                    "apgd-dlr, fab-t, square, n-attack, transfer-pgd<k>, transfer-cw<k>, sweep; "
+                    "cas-head<k>, eot<k>, avg-pgd<k>, md<k>, aa, aa-joint, aa-rand, apgd-ce, "
+                    "apgd-t, apgd-dlr, fab-t, square, n-attack, transfer-pgd<k>, transfer-cw<k>, "
+                    "sweep; "
                     "add -main / -joint for the loss and @<e> for eps e/255, e.g. pgd100-main@16")
 
 

@@ -18,6 +18,8 @@ randomness is folded from its global index (`indices`), so verdicts do not depen
 size, the device count or the process count (batches are sharded over every local device;
 with several processes, under --distributed, each one attacks its share of the images and
 the verdicts are gathered).
+A randomized model (a SAP network; `random_apply_fn=`) is judged over fresh draws: each
+verdict is the majority over budget.eot_draws draws, natural accuracy their mean.
 """
 import dataclasses
 import functools
@@ -37,6 +39,7 @@ from cas_jax import checkpointing
 from cas_jax import input_pipeline
 from cas_jax import interop
 from cas_jax import models
+from cas_jax.models import baselines
 from cas_jax import report as report_lib
 from cas_jax.attack_registry import AttackBudget, AttackSpec, attack_names, parse_attacks
 from cas_jax.attacks import engine
@@ -53,16 +56,34 @@ CHECKPOINT_CHOICES = ("last", "best")
 # ----------------------------------------------------------------------------- compiled attacks
 
 
-def _main_logits(model, x: Array) -> Array:
-  return engine.split_outputs(model(x))[0]
-
-
 @jax.jit
 def _correct(model, x: Array, y: Array) -> Array:
-  return jnp.argmax(_main_logits(model, x), -1) == y
+  return jnp.argmax(engine.main_logits(model, x), -1) == y
 
 
 image_keys = jax.jit(engine.index_keys)  # one key per image, from its global index
+_VERDICT_STREAM = 0x7E5  # fold_in tag of the fresh draws that judge a randomized model
+
+
+@functools.partial(jax.jit, static_argnames="draws")
+def _correct_fraction(random_model, x: Array, y: Array, keys: Array, draws: int) -> Array:
+  """Per image, the fraction of `draws` fresh draws of a randomized model that classify it y."""
+  keys = engine.fold_keys(keys, _VERDICT_STREAM)
+  hits = jax.lax.map(lambda d: jnp.argmax(engine.main_logits(
+      lambda z: random_model(z, engine.fold_keys(keys, d)), x), -1) == y, jnp.arange(draws))
+  return jnp.mean(hits, axis=0)
+
+
+def _ignoring_keys(model, x: Array, keys: Array):
+  del keys
+  return model(x)
+
+
+def _judge(model_fns, x_adv: Array, y: Array, keys: Array, draws: int) -> Array:
+  """Still correct: on the model, or, for a randomized one (draws > 0), in most of `draws` draws."""
+  if not draws:
+    return _correct(model_fns[0], x_adv, y)
+  return _correct_fraction(model_fns[2], x_adv, y, keys, draws) > 0.5
 
 
 def _attack_fn(spec: AttackSpec, eps, beta: float, budget: AttackBudget, model, source,
@@ -70,8 +91,6 @@ def _attack_fn(spec: AttackSpec, eps, beta: float, budget: AttackBudget, model, 
   """(x, y, keys) -> x_adv for every attack that compiles as one function."""
   ce, cw = ("joint_ce", "joint_cw") if spec.joint else ("ce", "cw")
   steps = spec.steps
-  if random_model is None:
-    random_model = lambda z, keys: model(z)
   if spec.method == "fgsm":
     return lambda x, y, k: fgsm(model, x, y, eps=eps, key=k, loss=ce, beta=beta)
   if spec.method in ("pgd", "cas-head"):
@@ -97,31 +116,40 @@ def _attack_fn(spec: AttackSpec, eps, beta: float, budget: AttackBudget, model, 
   raise ValueError(f"{spec.name} is not a single compiled attack")
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "beta", "budget"))
+@functools.partial(jax.jit, static_argnames=("spec", "beta", "budget", "draws"))
 def _compiled_verdicts(model_fns, x: Array, y: Array, index: Array, attack_key: Array, eps, *,
-                       spec: AttackSpec, beta: float, budget: AttackBudget) -> Array:
-  x_adv = _attack_fn(spec, eps, beta, budget, *model_fns)(x, y, image_keys(attack_key, index))
-  return _correct(model_fns[0], x_adv, y)
+                       spec: AttackSpec, beta: float, budget: AttackBudget, draws: int) -> Array:
+  keys = image_keys(attack_key, index)
+  x_adv = _attack_fn(spec, eps, beta, budget, *model_fns)(x, y, keys)
+  return _judge(model_fns, x_adv, y, keys, draws)
 
 
 def _attack_verdicts(model_fns, x: Array, y: Array, index: Array, *, attack_key: Array,
-                     spec: AttackSpec, beta: float, budget: AttackBudget) -> Array:
+                     spec: AttackSpec, beta: float, budget: AttackBudget, draws: int) -> Array:
   """Whether each image is still classified correctly after `spec`'s attack."""
   # Name and eps are not compiled in: pgd20, pgd20@8 and the sweep share one compilation.
   return _compiled_verdicts(model_fns, x, y, index, attack_key, jnp.float32(spec.eps),
                             spec=dataclasses.replace(spec, name="", eps=0.0), beta=beta,
-                            budget=budget)
+                            budget=budget, draws=draws)
 
 
-def _autoattack_verdicts(model_fn, spec: AttackSpec, beta: float, budget: AttackBudget,
-                         x: Array, y: Array, keys: Array) -> np.ndarray:
-  """AutoAttack (or one of its parts) on x: whether each image is still robust after it."""
-  stages = None if spec.method == "aa" else (spec.method,)
-  _, robust = autoattack(model_fn, x, y, eps=spec.eps, key=keys, beta=beta,
-                         loss="joint" if spec.joint else "main", attacks=stages,
-                         return_per_attack=True, apgd_steps=budget.apgd_steps,
-                         fab_steps=budget.fab_steps, square_queries=budget.square_queries,
-                         target_classes=budget.target_classes)
+def _autoattack_verdicts(model_fns, spec: AttackSpec, beta: float, budget: AttackBudget,
+                         draws: int, x: Array, y: Array, keys: Array) -> np.ndarray:
+  """AutoAttack (or one of its parts) on x: whether each image is still robust after it.
+
+  "aa-rand" attacks the randomized model (model_fns[2]) with AutoAttack's rand version.
+  """
+  randomized = spec.method == "aa-rand"
+  stages = None if spec.method in ("aa", "aa-rand") else (spec.method,)
+  model_fn = model_fns[2] if randomized else model_fns[0]
+  x_adv, robust = autoattack(model_fn, x, y, eps=spec.eps, key=keys, beta=beta,
+                             version="rand" if randomized else "standard",
+                             loss="joint" if spec.joint else "main", attacks=stages,
+                             return_per_attack=True, apgd_steps=budget.apgd_steps,
+                             fab_steps=budget.fab_steps, square_queries=budget.square_queries,
+                             target_classes=budget.target_classes, eot_draws=budget.eot_draws)
+  if draws:
+    return np.asarray(_judge(model_fns, x_adv, y, keys, draws))
   return list(robust.values())[-1]
 
 
@@ -131,13 +159,6 @@ def _autoattack_verdicts(model_fn, spec: AttackSpec, beta: float, budget: Attack
 def _has_cas_heads(apply_fn, x: np.ndarray) -> bool:
   shapes = jax.eval_shape(lambda z: engine.split_outputs(apply_fn(z))[1], x[:1])
   return len(shapes) > 0
-
-
-def _as_pytree(fn):
-  """fn as a pytree argument of jit (arrays bound in a Partial are traced, not constants)."""
-  if fn is None or isinstance(fn, Partial):
-    return fn
-  return Partial(fn)
 
 
 def _process_rows(n: int) -> np.ndarray:
@@ -172,8 +193,11 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
                       title: str = "Robustness report") -> report_lib.Report:
   """Verdicts of natural, every attack in `attacks` (default: the default set) and the worst case.
 
-  source_fn(x) is the source model of the transfer attacks; random_apply_fn(x, keys) (one key
-  per image) the randomized model that eot / avg-pgd attack (default: apply_fn, with no noise).
+  source_fn(x) is the source model of the transfer attacks. random_apply_fn(x, keys) (one key
+  per image) is a randomized model (e.g. SAP), which eot / avg-pgd / aa-rand attack; then
+  apply_fn is its deterministic version (what the other attacks ascend), every verdict is
+  the majority over budget.eot_draws fresh draws of the randomized model, and natural
+  accuracy is the mean over those draws. Without it, eot / avg-pgd attack apply_fn (no noise).
   With several processes every one passes the same x and y, attacks its share of the images
   and returns the whole report.
   """
@@ -189,7 +213,10 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
   if source_fn is None and any(s.method.startswith("transfer") for s in specs):
     raise ValueError("transfer attacks need the source model: pass source_fn= (or set "
                      "config.eval.transfer_checkpoint)")
-  model_fns = (_as_pytree(apply_fn), _as_pytree(source_fn), _as_pytree(random_apply_fn))
+  model_fns = tuple(engine.as_partial(f) for f in (apply_fn, source_fn, random_apply_fn))
+  draws = budget.eot_draws if random_apply_fn is not None else 0
+  if random_apply_fn is None:  # eot / avg-pgd / aa-rand on a deterministic model: no noise
+    model_fns = model_fns[:2] + (Partial(_ignoring_keys, model_fns[0]),)
   # Each process attacks its own rows on its own devices; the verdicts are gathered at the end.
   num_images, rows = y.size, _process_rows(y.size)
   x, y, local_indices = x[rows], y[rows], indices[rows]
@@ -206,12 +233,20 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
 
   batches = [(count, *to_device(*arrays))
              for count, *arrays in _padded_batches(x, y, local_indices, batch_size)]
-  natural = np.concatenate([np.asarray(_correct(model_fns[0], xb, yb))[:count]
-                            for count, xb, yb, _ in batches])
+  if draws:  # one draw fraction per image, from keys folded with its global index
+    natural_key = jax.random.fold_in(key, zlib.crc32(report_lib.NATURAL.encode()))
+    fraction = np.concatenate([np.asarray(_correct_fraction(
+        model_fns[2], xb, yb, image_keys(natural_key, ib), draws))[:count]
+                               for count, xb, yb, ib in batches])
+    natural = fraction > 0.5
+  else:
+    natural = np.concatenate([np.asarray(_correct(model_fns[0], xb, yb))[:count]
+                              for count, xb, yb, _ in batches])
   verdicts, ran_on, infos, seconds = {report_lib.NATURAL: natural}, {}, {}, {}
   for spec in [s for s in specs if not s.expensive] + [s for s in specs if s.expensive]:
     start = time.perf_counter()
     info = spec.info(in_worst_case=abs(spec.eps - eps) < 1e-9)
+    info["gradient_draws"] = budget.eot_draws if spec.averages_draws and draws else 0
     attack_key = jax.random.fold_in(key, zlib.crc32(spec.name.encode()) & 0x7FFFFFFF)
     active = natural.copy()
     if spec.expensive and info["in_worst_case"] and not exact_per_attack:
@@ -220,9 +255,9 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
           active &= verdicts[name]
     verdict, ran = natural.copy(), np.zeros_like(natural)
     run = functools.partial(_attack_verdicts, model_fns, attack_key=attack_key, spec=spec,
-                            beta=beta, budget=budget)
-    if spec.family == "autoattack":  # its stages are jitted with apply_fn static
-      run = functools.partial(_autoattack_verdicts, model_fns[0], spec, beta, budget)
+                            beta=beta, budget=budget, draws=draws)
+    if spec.family == "autoattack":  # its stages are jitted with the model as a Partial
+      run = functools.partial(_autoattack_verdicts, model_fns, spec, beta, budget, draws)
     for first, (count, xb, yb, ib) in zip(range(0, y.size, batch_size), batches):
       rows = slice(first, first + count)
       if not spec.expensive:
@@ -244,7 +279,9 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
   ran_on = {name: _gather_rows(v, num_images) for name, v in ran_on.items()}
   verdicts[report_lib.WORST_CASE] = report_lib.worst_case(verdicts, infos)
   report = report_lib.Report(eps=eps, indices=indices, verdicts=verdicts, ran_on=ran_on,
-                             attacks=infos, notes=notes, seconds=seconds, title=title)
+                             attacks=infos, notes=notes, seconds=seconds, title=title,
+                             draws=draws,
+                             natural_mean=float(np.mean(_gather_rows(fraction, num_images))) if draws else None)
   report.sanity = report_lib.sanity_checks(report)
   return report
 
@@ -273,7 +310,7 @@ def natural_and_pgd_accuracy(apply_fn, dataset, config, *, key: Array,
   for batch in dataset.eval_batches(config.eval_batch_size,
                                     num_images=evaluation.num_images or None):
     counts = jax.device_get(_natural_and_pgd_counts(
-        _as_pytree(apply_fn), input_pipeline.to_global_array(batch, mesh), key, **settings))
+        engine.as_partial(apply_fn), input_pipeline.to_global_array(batch, mesh), key, **settings))
     totals = {k: totals[k] + int(counts[k]) for k in totals}
   return {"natural_acc": totals["natural"] / totals["count"],
           "pgd_acc": totals["pgd"] / totals["count"], "eval_images": totals["count"]}
@@ -378,6 +415,9 @@ def evaluate_workdir(config, workdir: str) -> Dict[str, report_lib.Report]:
   image_shape = dataset.test_images.shape[1:]
   model = models.from_config(config, dataset.num_classes)
   targets = _load_targets(config, workdir, model, dataset.num_classes, image_shape)
+  # A randomized defense (SAP): the attacks without EOT ascend its expectation.
+  randomized = baselines.is_randomized(model)
+  expectation = baselines.expectation_model(model)
   needs_source = any(n.startswith("transfer") for n in attack_names(evaluation.attacks))
   source_fn = _load_source(config, dataset.num_classes, image_shape) if needs_source else None
   key = jax.random.fold_in(jax.random.key(config.seed), 1)
@@ -397,10 +437,11 @@ def evaluate_workdir(config, workdir: str) -> Dict[str, report_lib.Report]:
       report.notes = report.notes + [f"The same checkpoint as the report above (step {step})."]
     else:
       report = robustness_report(
-          bind_model(model, variables), x, y, key=key, eps=evaluation.eps,
+          bind_model(expectation, variables), x, y, key=key, eps=evaluation.eps,
           attacks=evaluation.attacks, beta=config.loss.beta, batch_size=config.eval_batch_size,
           budget=budget, exact_per_attack=evaluation.get("exact_per_attack", False),
-          source_fn=source_fn, title=title)
+          source_fn=source_fn, title=title,
+          random_apply_fn=baselines.bind_random(model, variables) if randomized else None)
       by_step[step] = report
     reports[label] = report
     if not writes:

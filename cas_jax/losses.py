@@ -162,3 +162,36 @@ def mart_loss(nat_logits: Array, nat_cas_logits: CasLogits, adv_logits: Array,
       for n, a in _paired_heads(nat_cas_logits, adv_cas_logits)
   ]
   return jnp.mean(main + beta * _mean_over_heads(heads, main))
+
+
+# ---------------------------------------------------------------- PCL (paper Table 1 baseline)
+
+
+def _distances(a: Array, b: Array) -> Array:
+  """Euclidean distances (N, M) between the rows of a (N, D) and b (M, D); finite gradient at 0."""
+  return jnp.sqrt(jnp.sum(jnp.square(a[:, None, :] - b[None, :, :]), axis=-1) + 1e-12)
+
+
+def prototype_conformity(features: Array, prototypes: Array, labels: Array) -> Array:
+  """Per-example PCL (Mustafa et al. 2019, eq. 3): pull f to its prototype, push from the rest.
+
+  ||f - w_y|| - 1/(C-1) sum_{j != y} (||f - w_j|| + ||w_y - w_j||), Euclidean norms.
+  """
+  num_classes = prototypes.shape[0]
+  _check_num_classes(prototypes.T, 2, "prototype_conformity")
+  to_prototypes = _distances(features, prototypes)  # (N, C)
+  between = _distances(prototypes, prototypes)[labels]  # (N, C): ||w_y - w_j||
+  is_label = jax.nn.one_hot(labels, num_classes, dtype=bool)
+  pull = _label_value(to_prototypes, labels)
+  push = jnp.sum(jnp.where(is_label, 0.0, to_prototypes + between), axis=-1) / (num_classes - 1)
+  return pull - push
+
+
+def pcl_loss(logits: Array, cas_logits: CasLogits, branches, labels: Array, beta: float,
+             weight: float) -> Array:
+  """AT with PCL: mean of CE(+CAS) on the adversaries + weight * sum over branches of mean PCL.
+
+  branches: (features, prototypes) pairs, as models.baselines.PrototypeBranch sows them.
+  """
+  pcl = sum(jnp.mean(prototype_conformity(f, w, labels)) for f, w in branches)
+  return jnp.mean(joint_ce(logits, cas_logits, labels, beta)) + weight * pcl

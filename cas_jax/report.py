@@ -12,7 +12,7 @@ while the worst case stays exact. `ran_on[name]` records the images each attack 
 """
 import dataclasses
 import json
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -46,6 +46,10 @@ class Report:
   notes: List[str] = dataclasses.field(default_factory=list)
   seconds: Dict[str, float] = dataclasses.field(default_factory=dict)
   title: str = "Robustness report"
+  # A randomized model (e.g. SAP): each verdict is the majority over `draws` fresh draws, and
+  # natural_mean the natural accuracy averaged over them. 0 / None: a deterministic model.
+  draws: int = 0
+  natural_mean: Optional[float] = None
 
   @property
   def num_images(self) -> int:
@@ -67,7 +71,9 @@ class Report:
     return not np.any(self.verdicts[NATURAL] & ~self.ran_on[name])
 
   def figure(self, name: str) -> str:
-    """Accuracy in percent, '<= x' where it is only an upper bound."""
+    """Accuracy in percent, '<= x' where it is only an upper bound (natural: mean over draws)."""
+    if name == NATURAL and self.natural_mean is not None:
+      return f"{100 * self.natural_mean:.1f}"
     text = f"{100 * self.accuracy(name):.1f}"
     return text if self.is_exact(name) else f"<= {text}"
 
@@ -76,15 +82,20 @@ class Report:
     rows = ["| attack | eps | accuracy (%) | worst case so far (%) | images | attacked |",
             "|---|---|---|---|---|---|"]
     natural = self.verdicts[NATURAL]
-    rows.append(f"| natural | - | {self.figure(NATURAL)} | {self.figure(NATURAL)} | "
-                f"{self.num_images} | - |")
+    natural_name = "natural" if not self.draws else f"natural (mean over {self.draws} draws)"
+    rows.append(f"| {natural_name} | - | {self.figure(NATURAL)} | "
+                f"{100 * self.accuracy(NATURAL):.1f} | {self.num_images} | - |")
     so_far = natural.copy()
     for name, info in self.attacks.items():
       cumulative = "-"  # other eps: shown, but not part of the worst case
       if info["in_worst_case"]:
         so_far &= self.verdicts[name]
         cumulative = f"{100 * np.mean(so_far):.1f}"
-      rows.append(f"| {name}: {info['description']} | {format_eps(info['eps'])} | "
+      description = info["description"]
+      if self.draws:
+        description += (f" [EOT: {info['gradient_draws']} draws per step]"
+                        if info.get("gradient_draws") else " [on the expectation (no noise)]")
+      rows.append(f"| {name}: {description} | {format_eps(info['eps'])} | "
                   f"{self.figure(name)} | {cumulative} | {self.num_images} | "
                   f"{int(np.sum(self.ran_on[name]))} |")
     worst = f"{100 * self.accuracy(WORST_CASE):.1f}"
@@ -94,7 +105,13 @@ class Report:
 
   def markdown(self) -> str:
     """The title, the table, the sanity report under it, then notes and timings."""
-    lines = [f"# {self.title}", "", self.table(), "", "## Sanity report", ""]
+    lines = [f"# {self.title}", ""]
+    if self.draws:
+      lines += [f"Randomized model: every verdict is the majority over {self.draws} fresh draws "
+                "(an image counts as correct when more than half of them classify it "
+                "correctly); the natural accuracy is the mean over those draws, and the worst "
+                "case starts from the images correct in most draws.", ""]
+    lines += [self.table(), "", "## Sanity report", ""]
     lines += [f"- WARNING: {w}" for w in self.sanity] or ["- No warnings."]
     if self.notes:
       lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
@@ -114,7 +131,7 @@ class Report:
         "verdicts": {name: as_list(v) for name, v in self.verdicts.items()},
         "ran_on": {name: as_list(v) for name, v in self.ran_on.items()},
         "attacks": self.attacks, "sanity": self.sanity, "notes": self.notes,
-        "seconds": self.seconds,
+        "seconds": self.seconds, "draws": self.draws, "natural_mean": self.natural_mean,
     }
     return json.dumps(data, indent=1)
 
@@ -127,7 +144,8 @@ class Report:
                verdicts={k: as_array(v) for k, v in data["verdicts"].items()},
                ran_on={k: as_array(v) for k, v in data["ran_on"].items()},
                attacks=data["attacks"], sanity=data["sanity"], notes=data["notes"],
-               seconds=data["seconds"], title=data["title"])
+               seconds=data["seconds"], title=data["title"], draws=data.get("draws", 0),
+               natural_mean=data.get("natural_mean"))
 
 
 def worst_case(verdicts: Dict[str, np.ndarray], attacks: Dict[str, dict]) -> np.ndarray:
@@ -239,7 +257,17 @@ def _joint_main_disagree(report: Report) -> List[str]:
   return warnings
 
 
+def _randomized_without_eot(report: Report) -> List[str]:
+  if not report.draws or any(i.get("averages_draws") for i in report.attacks.values()):
+    return []
+  return [f"this model is randomized (verdicts over {report.draws} draws) but no attack "
+          "averaged its gradients over draws: PGD on one draw or on the expectation overstates "
+          "the robustness of randomized defenses. Add eot20, avg-pgd100 or aa-rand (paper "
+          "Table 1; Athalye et al. 2018, Tramer et al. 2020)."]
+
+
 def sanity_checks(report: Report) -> List[str]:
   """Plain-English warnings about figures that a sound evaluation should not produce."""
-  return (_worst_case_gap(report) + _large_eps_not_broken(report) + _fgsm_beats_pgd(report)
+  return (_randomized_without_eot(report) + _worst_case_gap(report)
+          + _large_eps_not_broken(report) + _fgsm_beats_pgd(report)
           + _black_box_beats_white_box(report) + _joint_main_disagree(report))

@@ -28,11 +28,14 @@ from cas_jax import losses
 from cas_jax import metric_writers
 from cas_jax import models
 from cas_jax import preemption
+from cas_jax.models import baselines
 from cas_jax.attacks import engine
 
 OBJECTIVES = ("natural", "at", "trades", "mart")
 BATCH_NORM_MODES = ("running", "batch")
 FINITE = "state_finite"  # train_step's flag: every parameter and statistic is finite
+# fold_in tag of the SAP networks' draws (separate from the attacks' per-example streams).
+_SAP_TAG = 0x5A9
 DTYPES = models.DTYPES
 
 
@@ -70,6 +73,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"attack.batch_norm={config.attack.batch_norm!r}; valid: {', '.join(BATCH_NORM_MODES)}")
   check(config.attack.start in engine.STARTS,
         f"attack.start={config.attack.start!r}; valid: {', '.join(engine.STARTS)}")
+  baseline = config.get("baseline", "none")
+  check(baseline in baselines.BASELINES,
+        f"baseline={baseline!r}; valid: {', '.join(baselines.BASELINES)}")
+  check(baseline != "pcl" or config.loss.objective in ("natural", "at"),
+        f"baseline='pcl' trains with loss.objective 'at' or 'natural', not "
+        f"{config.loss.objective!r}")
   check(config.model.dtype in DTYPES,
         f"model.dtype={config.model.dtype!r}; valid: {', '.join(DTYPES)}")
   for name in ("attack", "eval"):
@@ -85,6 +94,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 # The network of config.model; kept under this name for callers of earlier versions.
 create_model = models.from_config
+
+
+def pcl_start_step(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """The first step with the PCL term: after loss.pcl_warmup_epochs epochs of CE (the warm-up)."""
+  return int(config.loss.get("pcl_warmup_epochs", 0)) * steps_per_epoch
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int):
@@ -115,22 +129,27 @@ def create_train_state(seed: int, model, config: ml_collections.ConfigDict,
                            tx=create_optimizer(config, steps_per_epoch))
 
 
-def attack_model_fn(state: TrainState, batch_norm: str = "running"):
+def attack_model_fn(state: TrainState, batch_norm: str = "running", sap_key=None):
   """model_fn(x) -> (logits, cas_logits) in evaluation mode, as attacks see the model.
 
   batch_norm="batch" normalises with the batch's own statistics and discards their update.
+  sap_key: the draw of a SAP network (unused by the others).
   """
   variables = {"params": state.params, "batch_stats": state.batch_stats}
+  rngs = {} if sap_key is None else {"sap": sap_key}
   if batch_norm == "running":
-    return lambda x: state.apply_fn(variables, x, train=False)
+    return lambda x: state.apply_fn(variables, x, train=False, rngs=rngs)
   return lambda x: state.apply_fn(variables, x, train=False, bn_train=True,
-                                  mutable=["batch_stats"])[0]
+                                  mutable=["batch_stats"], rngs=rngs)[0]
 
 
 def craft_training_adversaries(state: TrainState, x: jax.Array, y: jax.Array, key: jax.Array,
                                config: ml_collections.ConfigDict) -> jax.Array:
-  """The objective's training adversaries (joint CE for AT / MART, joint KL for TRADES)."""
-  model_fn = attack_model_fn(state, config.attack.batch_norm)
+  """The objective's training adversaries (joint CE for AT / MART, joint KL for TRADES).
+
+  A SAP network is attacked through one draw (the whole attack sees the same pruning).
+  """
+  model_fn = attack_model_fn(state, config.attack.batch_norm, jax.random.fold_in(key, _SAP_TAG))
   beta = config.loss.beta
   if config.loss.objective == "trades":
     nat_logits, nat_cas = jax.lax.stop_gradient(model_fn(x))
@@ -141,30 +160,48 @@ def craft_training_adversaries(state: TrainState, x: jax.Array, y: jax.Array, ke
                        steps=config.attack.steps, key=key, start=config.attack.start)
 
 
+def _pcl_branches(updates) -> list:
+  """The (features, prototypes) pairs PrototypeBranch modules sowed, in module order."""
+  return [updates["pcl"][name]["branch"][-1] for name in sorted(updates.get("pcl", {}))]
+
+
 def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *,
-               config: ml_collections.ConfigDict) -> Tuple[TrainState, Dict[str, jax.Array]]:
-  """One update: craft adversaries (eval mode), objective in training mode, SGD step."""
+               config: ml_collections.ConfigDict,
+               pcl_start: int = 0) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  """One update: craft adversaries (eval mode), objective in training mode, SGD step.
+
+  With config.baseline == "pcl", the PCL term (weight loss.pcl_weight) joins the objective
+  from step `pcl_start` on (train_and_evaluate: after loss.pcl_warmup_epochs epochs).
+  """
   x, y = batch["image"], batch["label"]
   objective, beta, lam = config.loss.objective, config.loss.beta, config.loss.lam
+  step_key = jax.random.fold_in(rng, state.step)
   x_adv = None
   if objective != "natural":
-    x_adv = craft_training_adversaries(state, x, y, jax.random.fold_in(rng, state.step), config)
+    x_adv = craft_training_adversaries(state, x, y, step_key, config)
+  with_pcl = config.get("baseline", "none") == "pcl"
+  collections = ["batch_stats", "pcl"] if with_pcl else ["batch_stats"]
+  sap_rngs = {"sap": jax.random.fold_in(step_key, _SAP_TAG + 1)}
 
   def forward(params, batch_stats, images):
     (logits, cas_logits), updates = state.apply_fn(
         {"params": params, "batch_stats": batch_stats}, images, labels=y, train=True,
-        mutable=["batch_stats"])
-    return logits, cas_logits, updates["batch_stats"]
+        mutable=collections, rngs=sap_rngs)
+    return logits, cas_logits, updates["batch_stats"], _pcl_branches(updates)
 
   def loss_fn(params):
     if objective in ("natural", "at"):
       images, objective_fn = (x, losses.natural_loss) if objective == "natural" else (
           x_adv, losses.at_loss)
-      logits, cas_logits, batch_stats = forward(params, state.batch_stats, images)
-      loss = objective_fn(logits, cas_logits, y, beta)
+      logits, cas_logits, batch_stats, branches = forward(params, state.batch_stats, images)
+      if with_pcl:
+        weight = jnp.where(state.step >= pcl_start, config.loss.pcl_weight, 0.0)
+        loss = losses.pcl_loss(logits, cas_logits, branches, y, beta, weight)
+      else:
+        loss = objective_fn(logits, cas_logits, y, beta)
     else:  # TRADES / MART: natural and adversarial batches in two training-mode passes.
-      nat_logits, nat_cas, batch_stats = forward(params, state.batch_stats, x)
-      logits, cas_logits, batch_stats = forward(params, batch_stats, x_adv)
+      nat_logits, nat_cas, batch_stats, _ = forward(params, state.batch_stats, x)
+      logits, cas_logits, batch_stats, _ = forward(params, batch_stats, x_adv)
       objective_fn = losses.trades_loss if objective == "trades" else losses.mart_loss
       loss = objective_fn(nat_logits, nat_cas, logits, cas_logits, y, beta, lam)
     return loss, (batch_stats, logits)
@@ -211,7 +248,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     logging.info("Resumed from step %d in %s", start_step, workdir)
 
   # --- Compiled steps.
-  p_train_step = jax.jit(functools.partial(train_step, config=config), donate_argnums=(0,),
+  p_train_step = jax.jit(functools.partial(train_step, config=config,
+                                           pcl_start=pcl_start_step(config, steps_per_epoch)),
+                         donate_argnums=(0,),
                          out_shardings=(replicated, replicated))
 
   writer = metric_writers.MetricWriter(workdir, resume_step=start_step)
@@ -278,8 +317,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       eval_metrics = {}
       last = epoch + 1 == num_epochs
       if (epoch + 1) % config.eval.every_epochs == 0 or last:
+        # A SAP network is checked on its expectation (SAP off); --mode=eval attacks its draws.
         eval_metrics = evaluate.natural_and_pgd_accuracy(
-            evaluate.bind_model(model, {"params": state.params, "batch_stats": state.batch_stats}),
+            evaluate.bind_model(baselines.expectation_model(model),
+                                {"params": state.params, "batch_stats": state.batch_stats}),
             dataset, config, key=eval_key, mesh=mesh)
       summary = {"epoch": epoch + 1, "epoch_time_s": epoch_time,
                  "train_images_per_s": (steps_per_epoch - first) * config.batch_size / epoch_time,

@@ -34,11 +34,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.cas_stages = "default"  # "default" | "none" | e.g. "3,4" (ResNet stages)
   config.model.cas_suppress = True  # False: Table 2's "CAS loss without suppressing"
   config.model.dtype = "float32"  # "bfloat16" on GPU/TPU for speed
+  # Table 1 baselines (ResNets; cas_jax/models/baselines.py), chosen by config.baseline.
+  config.model.kwta_ratio = 0.2  # kWTA: keep the top 20% of each activation layer (the paper)
+  config.model.sap_ratio = 1.0  # SAP: samples drawn per layer, as a fraction of its activations
+  config.model.pcl_dim = 256  # PCL: features of the stage-3 branch (the stage-4 one: 8 x width)
+  config.baseline = "none"  # "none" | "kwta" | "sap" | "pcl"
 
   config.loss = ml_collections.ConfigDict()
   config.loss.objective = "at"  # "natural" | "at" | "trades" | "mart"
   config.loss.beta = 2.0  # CAS loss weight (ResNet-18 and WRN: 2, VGG16: 3)
   config.loss.lam = 6.0  # TRADES / MART lambda
+  config.loss.pcl_weight = 1.0  # baseline "pcl": CE + pcl_weight * sum of the branches' PCL
+  config.loss.pcl_warmup_epochs = 10  # baseline "pcl": epochs of CE alone before the PCL term
 
   # Training adversaries (REFERENCE.md: PGD-10, eps 8/255, step 2/255, uniform start).
   config.attack = ml_collections.ConfigDict()

@@ -25,4 +25,5 @@ def get_config():
   config.eval.square_queries = 100
   config.eval.target_classes = 3
   config.log_every_steps = 4
+  config.loss.pcl_warmup_epochs = 1  # --config.baseline=pcl: the PCL term from epoch 2 on
   return config

@@ -23,7 +23,8 @@ def test_config_builds_its_network(name):
   model = train.create_model(config, config.data.num_classes)
   x = jnp.zeros((2, 32, 32, 3), jnp.float32)
   variables = jax.eval_shape(lambda k: model.init(k, x, train=False), jax.random.key(0))
-  logits, cas_logits = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
+  logits, cas_logits = jax.eval_shape(  # rngs: a SAP network draws its pruning
+      lambda v: model.apply(v, x, train=False, rngs={"sap": jax.random.key(1)}), variables)
   assert logits.shape == (2, config.data.num_classes)
   with_cas = config.model.cas_stages != "none"
   assert len(cas_logits) == (HEADS[config.model.name] if with_cas else 0)

@@ -63,35 +63,6 @@ def apgd_loss(name: str, beta: float = 2.0):
   return lambda outputs, y, targets: untargeted(outputs, y)
 
 
-def jit_with_model(*static_argnames: str):
-  """jax.jit for functions of (model_fn, ...): model_fn travels as a jax.tree_util.Partial.
-
-  A plain function is wrapped in a Partial without arguments (compiled once per function
-  object). A Partial(apply_fn, variables) passes its arrays as traced inputs: the weights are
-  not baked into the program as constants, and new weights reuse the compilation.
-  """
-  def decorate(fn):
-    compiled = jax.jit(fn, static_argnames=static_argnames)
-
-    @functools.wraps(fn)
-    def call(model_fn, *args, **kwargs):
-      if not isinstance(model_fn, jax.tree_util.Partial):
-        model_fn = jax.tree_util.Partial(model_fn)
-      return compiled(model_fn, *args, **kwargs)
-    return call
-  return decorate
-
-
-def _call(model_fn, x: Array, keys: Array, randomized: bool):
-  return model_fn(x, keys) if randomized else model_fn(x)
-
-
-@jit_with_model("randomized")
-def predict(model_fn, x: Array, keys: Array, randomized: bool = False) -> Array:
-  """Main-head logits (one draw per example, from `keys`, for a randomized model)."""
-  return engine.split_outputs(_call(model_fn, x, keys, randomized))[0]
-
-
 def should_halve(increases: Array, interval, loss_best: Array, loss_best_at_check: Array,
                  reduced_at_check: Array, rho: float = 0.75) -> Array:
   """APGD's test at a checkpoint, per example: halve the step (and restart from the best point)?
@@ -102,7 +73,7 @@ def should_halve(increases: Array, interval, loss_best: Array, loss_best_at_chec
   return (increases <= rho * interval) | (~reduced_at_check & (loss_best_at_check >= loss_best))
 
 
-@jit_with_model("steps", "loss", "beta", "rho", "eot")
+@engine.jit_with_model("steps", "loss", "beta", "rho", "eot")
 def apgd_run(model_fn, x: Array, y: Array, targets: Array, keys: Array, x_start: Array, eps,
              *, steps: int, loss: str, beta: float, rho: float = 0.75, eot=None) -> dict:
   """One APGD run from x_start; a dict of per-example results (keys: the EOT draws).
@@ -112,7 +83,7 @@ def apgd_run(model_fn, x: Array, y: Array, targets: Array, keys: Array, x_start:
   """
   loss_fn = apgd_loss(loss, beta)
   n = x.shape[0]
-  per_image = lambda v: v.reshape((n,) + (1,) * (x.ndim - 1))
+  per_image = lambda v: engine.per_image(v, x)
   is_checkpoint = np.zeros(steps + 1, bool)
   interval = np.zeros(steps + 1, np.int32)
   marks = checkpoints(steps)
@@ -121,7 +92,7 @@ def apgd_run(model_fn, x: Array, y: Array, targets: Array, keys: Array, x_start:
   is_checkpoint, interval = jnp.asarray(is_checkpoint), jnp.asarray(interval)
 
   def draw(z, draw_keys):
-    outputs = _call(model_fn, z, draw_keys, eot is not None)
+    outputs = engine.call_model(model_fn, z, draw_keys, eot is not None)
     per_example = loss_fn(outputs, y, targets)
     return jnp.sum(per_example), (per_example, engine.split_outputs(outputs)[0])
 
@@ -211,7 +182,7 @@ def apgd(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, steps: int = 
   if loss not in TARGETED_LOSSES:
     ranks = (None,)
   keys = engine.example_keys(key, x.shape[0])
-  clean_logits = predict(model_fn, x, engine.fold_keys(keys, _PREDICT), eot is not None)
+  clean_logits = engine.predict(model_fn, x, engine.fold_keys(keys, _PREDICT), eot is not None)
   targets = {r: y if r is None else ranked_targets(clean_logits, r) for r in ranks}
   run = functools.partial(apgd_run, model_fn, eps=eps, steps=steps, loss=loss, beta=beta,
                           rho=rho, eot=eot)
@@ -226,7 +197,7 @@ def apgd(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, steps: int = 
     for number, (r, _) in enumerate(rounds):
       out = start_and_run(x, y, targets[r], engine.fold_keys(keys, _ROUND, number))
       better = out["loss_best"] > loss_best
-      x_best = jnp.where(better.reshape((-1,) + (1,) * (x.ndim - 1)), out["x_best"], x_best)
+      x_best = jnp.where(engine.per_image(better, x), out["x_best"], x_best)
       loss_best = jnp.maximum(out["loss_best"], loss_best)
     return x_best
 

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cas_jax.attacks import engine
-from cas_jax.attacks.apgd import apgd, predict
+from cas_jax.attacks.apgd import apgd
+from cas_jax.attacks.engine import predict
 from cas_jax.attacks.fab import fab
 from cas_jax.attacks.square import square
 
@@ -59,7 +60,7 @@ def run_stages(stages: Sequence[Tuple[str, Stage]], x: Array, y: Array, keys: Ar
     if robust.any():
       x_stage = stage(x, y, keys, robust)
       fooled = robust & np.asarray(jnp.argmax(predict_fn(x_stage, keys), -1) != y)
-      x_adv = jnp.where(fooled.reshape((-1,) + (1,) * (x.ndim - 1)), x_stage, x_adv)
+      x_adv = jnp.where(engine.per_image(fooled, x), x_stage, x_adv)
       robust = robust & ~fooled
     per_attack[name] = robust
   return x_adv, per_attack

@@ -66,7 +66,7 @@ def n_attack(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, populatio
   n = x.shape[0]
   keys = engine.example_keys(key, n)
   w = jnp.arctanh((2.0 * x - 1.0) * _ATANH_SHRINK)
-  logits_of = lambda z: engine.split_outputs(model_fn(z))[0]
+  logits_of = lambda z: engine.main_logits(model_fn, z)
 
   def mean_image(mu):
     return engine.project(_to_image(w + mu), x, eps)

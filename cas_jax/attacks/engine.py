@@ -8,8 +8,15 @@ its own per-example loss and step rule:
 
 `loss_fn(x_adv)` returns one loss per example; the engine ascends their sum, which gives
 per-example gradients because examples do not interact in an evaluation-mode forward pass.
+A randomized model is attacked the same way: its loss averaged over draws
+(`mean_over_draws`) is just another loss, fresh at every step (`with_step=True`).
+
+The helpers every attack uses to hand a model to jit live here too: `jit_with_model`,
+`as_partial`, `call_model` / `predict` (deterministic or one draw of a randomized model),
+`per_image` (broadcast a per-image value over an image batch) and the per-example key streams.
 """
-from typing import Any, Callable, Tuple
+import functools
+from typing import Any, Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -129,17 +136,93 @@ def sign_step(x_adv: Array, grad: Array, step_size) -> Array:
 
 
 def ascend(loss_fn: LossFn, x: Array, *, eps, step_size, steps: int, key: Array,
-           start: str = "uniform", sigma: float = 0.001, step_rule: StepRule = sign_step) -> Array:
-  """Maximise sum(loss_fn(x_adv)) over the eps-ball around x with `steps` projected steps."""
+           start: str = "uniform", sigma: float = 0.001, step_rule: StepRule = sign_step,
+           with_step: bool = False, track: Optional[Tuple[Any, Callable]] = None):
+  """Maximise sum(loss_fn(x_adv)) over the eps-ball around x with `steps` projected steps.
+
+  with_step: loss_fn(x_adv, i) also gets the step index i (e.g. fresh random draws per
+  step), and step_size may be a function of i. track = (state, update): loss_fn returns
+  (per-example loss, aux), every iterate updates state = update(state, x_adv, aux), and
+  ascend returns (x_final, state) (e.g. the best iterate so far).
+  """
   x = check_images(x)
   check_eps(eps)
-  grad_fn = jax.grad(lambda z: jnp.sum(loss_fn(z)))
+  def objective(z, i):
+    value = loss_fn(z, i) if with_step else loss_fn(z)
+    value, aux = value if track is not None else (value, None)
+    return jnp.sum(value), aux
 
-  def body(_, x_adv):
-    return project(step_rule(x_adv, grad_fn(x_adv), step_size), x, eps)
+  grad_fn = jax.grad(objective, has_aux=True)
+  size_at = step_size if callable(step_size) else lambda i: step_size
 
-  x_adv = jax.lax.fori_loop(0, steps, body, random_start(key, x, eps, start, sigma))
-  return jax.lax.stop_gradient(x_adv)
+  def body(i, carry):
+    x_adv, state = carry
+    grad, aux = grad_fn(x_adv, i)
+    if track is not None:
+      state = track[1](state, x_adv, aux)
+    return project(step_rule(x_adv, grad, size_at(i)), x, eps), state
+
+  carry = (random_start(key, x, eps, start, sigma), None if track is None else track[0])
+  x_adv, state = jax.lax.fori_loop(0, steps, body, carry)
+  x_adv = jax.lax.stop_gradient(x_adv)
+  return x_adv if track is None else (x_adv, state)
+
+
+def mean_over_draws(draw_loss: Callable[[Array, int], Array], draws: int) -> LossFn:
+  """z -> the mean over d < draws of draw_loss(z, d): Expectation over Transformation's loss.
+
+  Each draw is rematerialised in the backward pass, so memory stays that of one draw.
+  """
+  one = jax.checkpoint(draw_loss)
+  return lambda z: jnp.mean(jax.lax.map(lambda d: one(z, d), jnp.arange(draws)), axis=0)
+
+
+# ----------------------------------------------------------------- models under jit
+
+
+def per_image(values: Array, like: Array) -> Array:
+  """(N,) values reshaped to broadcast against a batch `like` of shape (N, ...)."""
+  return values.reshape(values.shape + (1,) * (like.ndim - values.ndim))
+
+
+def as_partial(fn):
+  """fn as a jax.tree_util.Partial, a pytree argument of jit (None passes through).
+
+  A plain function becomes a Partial without arguments (compiled once per function object);
+  a Partial(apply_fn, variables) passes its arrays as traced inputs: the weights are not
+  baked into the program as constants, and new weights reuse the compilation.
+  """
+  if fn is None or isinstance(fn, jax.tree_util.Partial):
+    return fn
+  return jax.tree_util.Partial(fn)
+
+
+def jit_with_model(*static_argnames: str):
+  """jax.jit for functions of (model_fn, ...): model_fn travels as a Partial (`as_partial`)."""
+  def decorate(fn):
+    compiled = jax.jit(fn, static_argnames=static_argnames)
+
+    @functools.wraps(fn)
+    def call(model_fn, *args, **kwargs):
+      return compiled(as_partial(model_fn), *args, **kwargs)
+    return call
+  return decorate
+
+
+def main_logits(model_fn, x: Array) -> Array:
+  """The main head's logits of model_fn(x) (its CAS logits, if any, dropped)."""
+  return split_outputs(model_fn(x))[0]
+
+
+def call_model(model_fn, x: Array, keys: Array, randomized: bool):
+  """model_fn(x), or model_fn(x, keys) (one draw per example) for a randomized model."""
+  return model_fn(x, keys) if randomized else model_fn(x)
+
+
+@jit_with_model("randomized")
+def predict(model_fn, x: Array, keys: Array, randomized: bool = False) -> Array:
+  """Main-head logits (one draw per example, from `keys`, for a randomized model)."""
+  return split_outputs(call_model(model_fn, x, keys, randomized))[0]
 
 
 def run_on_subset(attack_fn: Callable[..., Any], active, *arrays, levels: int = 4,
@@ -168,5 +251,5 @@ def run_on_subset(attack_fn: Callable[..., Any], active, *arrays, levels: int = 
 def merge_found(x_adv: Array, robust: Array, found) -> Tuple[Array, Array]:
   """Write run_on_subset's (idx, (x_sub, fooled)) into x_adv and robust: fooled rows only."""
   idx, (x_sub, fooled) = found
-  keep = fooled.reshape((-1,) + (1,) * (x_adv.ndim - 1))
+  keep = per_image(fooled, x_sub)
   return x_adv.at[idx].set(jnp.where(keep, x_sub, x_adv[idx])), robust.at[idx].set(~fooled)

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from cas_jax.attacks import engine
-from cas_jax.attacks.apgd import jit_with_model, predict, ranked_targets
+from cas_jax.attacks.apgd import ranked_targets
+from cas_jax.attacks.engine import jit_with_model, predict
 
 Array = jax.Array
 
@@ -63,7 +64,7 @@ def fab_targeted_run(model_fn, x: Array, y: Array, targets: Array, x_start: Arra
   n = x.shape[0]
   flat = lambda a: a.reshape(n, -1)
   per_image = lambda v: v.reshape((n,) + (1,) * (x.ndim - 1))
-  logits_fn = lambda z: engine.split_outputs(model_fn(z))[0]
+  logits_fn = lambda z: engine.main_logits(model_fn, z)
   rows = jnp.arange(n)
 
   def gap(z):

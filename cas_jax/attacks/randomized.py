@@ -2,16 +2,16 @@
 
 A randomized model is `random_model_fn(x, keys) -> outputs`, where `keys` holds one PRNG key
 per example (shape (N,)): a model that draws example i's randomness from keys[i] gives each
-image a result independent of its batch. Each step averages the loss gradient over `draws`
-fresh draws (Expectation over Transformation, Athalye et al. 2018); `noise_std` > 0 also
-evaluates every draw at x_adv + N(0, noise_std^2), averaging the gradient over nearby points.
+image a result independent of its batch. Each step ascends the loss averaged over `draws`
+fresh draws (Expectation over Transformation, Athalye et al. 2018): `engine.ascend` on the
+loss `engine.mean_over_draws` builds. `noise_std` > 0 also evaluates every draw at
+x_adv + N(0, noise_std^2), averaging the gradient over nearby points.
 
     x_adv = eot_pgd(random_model_fn, x, y, eps=8/255, steps=20, draws=10, key=key)
     x_adv = avg_pgd(random_model_fn, x, y, eps=8/255, key=key)     # Avg-PGD-100, margin loss
     x_adv = avg_pgd(lambda z, keys: model_fn(z), x, y, eps=8/255, key=key, noise_std=0.01)
 """
 import jax
-import jax.numpy as jnp
 
 from cas_jax.attacks import engine
 from cas_jax.attacks.white_box import attack_loss
@@ -26,7 +26,7 @@ _MODEL_STREAM, _NOISE_STREAM = 1, 2
 def eot_pgd(random_model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 20,
             draws: int = 10, key: Array, step_size=None, loss="ce", beta: float = 2.0,
             noise_std: float = 0.0, start: str = "uniform") -> Array:
-  """PGD whose every step ascends the loss gradient averaged over `draws` random draws (EOT)."""
+  """PGD whose every step ascends the loss averaged over `draws` fresh random draws (EOT)."""
   x, y = engine.check_images_and_labels(x, y)
   engine.check_eps(eps)
   if draws < 1:
@@ -35,23 +35,18 @@ def eot_pgd(random_model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 20
   step_size = eps / 10 if step_size is None else step_size
   keys = engine.example_keys(key, x.shape[0])
 
-  def draw_loss(z, step, draw):
-    model_keys = engine.fold_keys(keys, _MODEL_STREAM, step, draw)
-    if noise_std:
-      noise_keys = engine.fold_keys(keys, _NOISE_STREAM, step, draw)
-      z = z + noise_std * engine.per_example(
-          lambda k, s: jax.random.normal(k, s, z.dtype), noise_keys, z.shape)
-    return jnp.sum(loss_fn(random_model_fn(z, model_keys), y))
+  def step_loss(z, step):
+    def draw_loss(z, draw):
+      model_keys = engine.fold_keys(keys, _MODEL_STREAM, step, draw)
+      if noise_std:
+        noise_keys = engine.fold_keys(keys, _NOISE_STREAM, step, draw)
+        z = z + noise_std * engine.per_example(
+            lambda k, s: jax.random.normal(k, s, z.dtype), noise_keys, z.shape)
+      return loss_fn(random_model_fn(z, model_keys), y)
+    return engine.mean_over_draws(draw_loss, draws)(z)
 
-  draw_grad = jax.grad(draw_loss)
-
-  def step(i, x_adv):
-    total = jax.lax.fori_loop(0, draws, lambda d, g: g + draw_grad(x_adv, i, d),
-                              jnp.zeros_like(x_adv))
-    return engine.project(engine.sign_step(x_adv, total / draws, step_size), x, eps)
-
-  x_adv = jax.lax.fori_loop(0, steps, step, engine.random_start(keys, x, eps, start))
-  return jax.lax.stop_gradient(x_adv)
+  return engine.ascend(step_loss, x, eps=eps, step_size=step_size, steps=steps, key=keys,
+                       start=start, with_step=True)
 
 
 def avg_pgd(random_model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 100,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from cas_jax import losses
 from cas_jax.attacks import engine
-from cas_jax.attacks.apgd import jit_with_model, predict
+from cas_jax.attacks.engine import jit_with_model, predict
 
 Array = jax.Array
 
@@ -35,7 +35,7 @@ def square_fraction(iteration, queries: int, p_init: float = 0.8,
 
 def _margin(model_fn, z: Array, y: Array) -> Array:
   """z_y - max_{k != y} z_k of the main head: what Square lowers (<= 0: misclassified)."""
-  return -losses.margin(engine.split_outputs(model_fn(z))[0], y)
+  return -losses.margin(engine.main_logits(model_fn, z), y)
 
 
 def vertical_stripes(keys: Array, x: Array, eps) -> Array:

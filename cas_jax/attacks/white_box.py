@@ -83,10 +83,6 @@ def cw_inf(model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 20, key: A
 # ---------------------------------------------------------------- per-example best so far
 
 
-def _per_example(mask: Array, like: Array) -> Array:
-  return mask.reshape(mask.shape + (1,) * (like.ndim - mask.ndim))
-
-
 def init_best(x: Array, logits: Array, y: Array):
   """Best-so-far state (x_best, margin, broken) seeded with candidate x and its logits."""
   return x, losses.margin(logits, y), jnp.argmax(logits, axis=-1) != y
@@ -101,7 +97,7 @@ def keep_best(best, x_candidate: Array, logits: Array, y: Array):
   margin = losses.margin(logits, y)
   broken = jnp.argmax(logits, axis=-1) != y
   better = (broken & ~best_broken) | ((broken == best_broken) & (margin > best_margin))
-  return (jnp.where(_per_example(better, x_best), x_candidate, x_best),
+  return (jnp.where(engine.per_image(better, x_best), x_candidate, x_best),
           jnp.where(better, margin, best_margin), best_broken | broken)
 
 
@@ -149,29 +145,22 @@ def margin_decomposition(model_fn, x: Array, y: Array, *, eps=8 / 255, steps: in
       value = value + beta * sum(term(c, y) for c in cas_logits) / len(cas_logits)
     return value
 
-  def objective(z, i, run):
-    outputs = model_fn(z)
-    label = joint(_label_logit, outputs)
-    other = joint(_other_max_logit, outputs)
-    first_stage = jnp.where(run % 2 == 0, -label, other)
-    value = jnp.where(i == 0, label, jnp.where(i < change_point, first_stage, other - label))
-    return jnp.sum(value), engine.split_outputs(outputs)[0]
-
-  grad_fn = jax.grad(objective, has_aux=True)
-
   def run_body(run, best):
-    run_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, run)
+    def objective(z, i):
+      outputs = model_fn(z)
+      label = joint(_label_logit, outputs)
+      other = joint(_other_max_logit, outputs)
+      first_stage = jnp.where(run % 2 == 0, -label, other)
+      value = jnp.where(i == 0, label, jnp.where(i < change_point, first_stage, other - label))
+      return value, engine.split_outputs(outputs)[0]
 
-    def step(i, carry):
-      x_adv, best = carry
-      grad, logits = grad_fn(x_adv, i, run)
-      best = keep_best(best, x_adv, logits, y)
-      size = jnp.where(i == 0, 2 * eps, jnp.where(i < change_point, first_step_size, step_size))
-      return engine.project(engine.sign_step(x_adv, grad, size), x, eps), best
+    step_size_at = lambda i: jnp.where(i == 0, 2 * eps, jnp.where(i < change_point,
+                                                                  first_step_size, step_size))
+    track = (best, lambda state, x_adv, logits: keep_best(state, x_adv, logits, y))
+    x_adv, best = engine.ascend(objective, x, eps=eps, step_size=step_size_at, steps=steps,
+                                key=engine.fold_keys(keys, run), with_step=True, track=track)
+    return keep_best(best, x_adv, engine.main_logits(model_fn, x_adv), y)
 
-    x_adv, best = jax.lax.fori_loop(0, steps, step, (engine.random_start(run_keys, x, eps), best))
-    return keep_best(best, x_adv, engine.split_outputs(model_fn(x_adv))[0], y)
-
-  best = init_best(x, engine.split_outputs(model_fn(x))[0], y)
+  best = init_best(x, engine.main_logits(model_fn, x), y)
   x_best, _, _ = jax.lax.fori_loop(0, 2 * restarts, run_body, best)
   return jax.lax.stop_gradient(x_best)

@@ -15,6 +15,8 @@ None = the official placement, () = none), `cas_suppress` (False: keep the CAS h
 mask), `dtype` (computation dtype, e.g. jnp.bfloat16; params stay float32), `width` (ResNet
 first-stage width / VGG first conv width, default 64), `depth` and `widen_factor` ("wrn" only,
 default 34 and 10). `cas_logits` is a tuple with one (N, C) array per CAS module.
+ResNets also take the Table 1 baselines (models/baselines.py): `baseline` ("none", "kwta",
+"sap", "pcl"), `kwta_ratio` (0.2), `sap_ratio` (1.0), `sap_deterministic`, `pcl_dim` (256).
 
 From a config (config.model: name, width, cas_stages, cas_suppress, dtype):
     model = models.from_config(config, num_classes=10)
@@ -30,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cas_jax.models import cas, resnet, vgg, wrn
+from cas_jax.models import baselines, cas, resnet, vgg, wrn
 from cas_jax.models.cas import CAS
 from cas_jax.models.resnet import ResNet, ResNet18, ResNet34
 from cas_jax.models.vgg import VGG16
@@ -40,9 +42,10 @@ NAMES = ("resnet18", "resnet34", "wrn34_10", "wrn", "vgg16")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 _COMMON_OPTIONS = ("cas_stages", "cas_suppress", "dtype")
+_BASELINE_OPTIONS = ("baseline", "kwta_ratio", "sap_ratio", "sap_deterministic", "pcl_dim")
 _OPTIONS = {
-    "resnet18": ("width",) + _COMMON_OPTIONS,
-    "resnet34": ("width",) + _COMMON_OPTIONS,
+    "resnet18": ("width",) + _COMMON_OPTIONS + _BASELINE_OPTIONS,
+    "resnet34": ("width",) + _COMMON_OPTIONS + _BASELINE_OPTIONS,
     "wrn34_10": _COMMON_OPTIONS,
     "wrn": ("depth", "widen_factor") + _COMMON_OPTIONS,
     "vgg16": ("width",) + _COMMON_OPTIONS,
@@ -77,6 +80,9 @@ def _floating_dtype(value: Any) -> Any:
 def _checked_options(name: str, options: Dict[str, Any]) -> Dict[str, Any]:
   """Validated, normalised options for model `name`."""
   unknown = sorted(set(options) - set(_OPTIONS[name]))
+  if options.get("baseline", "none") != "none" and not name.startswith("resnet"):
+    raise ValueError(f"baseline={options['baseline']!r}: the Table 1 baselines are built for "
+                     "resnet18 and resnet34 only; use one of them or baseline='none'")
   if unknown:
     hint = " (use 'wrn' to choose depth/widen_factor)" if name == "wrn34_10" else ""
     raise ValueError(f"unknown option(s) {', '.join(unknown)} for {name}; valid: "
@@ -87,6 +93,7 @@ def _checked_options(name: str, options: Dict[str, Any]) -> Dict[str, Any]:
       checked[key] = _positive_int(checked[key], key)
   if "dtype" in checked:
     checked["dtype"] = _floating_dtype(checked["dtype"])
+  _check_baseline(checked)
   if "cas_suppress" in checked and not isinstance(checked["cas_suppress"], bool):
     raise ValueError(f"cas_suppress={checked['cas_suppress']!r} invalid; choose True or False.")
   if "cas_stages" in checked:
@@ -99,6 +106,19 @@ def _checked_options(name: str, options: Dict[str, Any]) -> Dict[str, Any]:
   if name == "wrn":
     wrn.check_depth_and_width(checked.get("depth", 34), checked.get("widen_factor", 10))
   return checked
+
+
+def _check_baseline(options: Dict[str, Any]) -> None:
+  """ValueError naming the fix for a bad baseline option (kept in place otherwise)."""
+  baseline = options.get("baseline", "none")
+  if baseline not in baselines.BASELINES:
+    raise ValueError(f"baseline={baseline!r}; valid: {', '.join(baselines.BASELINES)}")
+  if not 0.0 < options.get("kwta_ratio", 0.2) <= 1.0:
+    raise ValueError(f"kwta_ratio={options['kwta_ratio']!r} must lie in (0, 1], e.g. 0.2")
+  if not options.get("sap_ratio", 1.0) > 0.0:
+    raise ValueError(f"sap_ratio={options['sap_ratio']!r} must be > 0, e.g. 1.0")
+  if "pcl_dim" in options:
+    options["pcl_dim"] = _positive_int(options["pcl_dim"], "pcl_dim")
 
 
 def create(name: str, num_classes: int = 10, **options) -> nn.Module:
@@ -135,9 +155,19 @@ def options_from_config(model_config) -> Dict[str, Any]:
   return options
 
 
+def baseline_options(config) -> Dict[str, Any]:
+  """create() keyword arguments of config.baseline (Table 1: kwta, sap, pcl); {} for none."""
+  baseline = config.get("baseline", "none")
+  options = {"kwta": {"kwta_ratio": config.model.get("kwta_ratio", 0.2)},
+             "sap": {"sap_ratio": config.model.get("sap_ratio", 1.0)},
+             "pcl": {"pcl_dim": config.model.get("pcl_dim", 256)}}.get(baseline)
+  return {} if options is None else {"baseline": baseline, **options}
+
+
 def from_config(config, num_classes: int) -> nn.Module:
-  """The network of config.model (name, width, CAS placement, dtype) with num_classes outputs."""
-  return create(config.model.name, num_classes=num_classes, **options_from_config(config.model))
+  """The network of config.model (name, width, CAS placement, dtype) and config.baseline."""
+  return create(config.model.name, num_classes=num_classes, **options_from_config(config.model),
+                **baseline_options(config))
 
 
 def variable_shapes(model: nn.Module, image_shape: Tuple[int, ...]) -> Dict[str, Any]:
@@ -146,6 +176,6 @@ def variable_shapes(model: nn.Module, image_shape: Tuple[int, ...]) -> Dict[str,
   return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
 
 
-__all__ = ["NAMES", "DTYPES", "create", "from_config", "options_from_config", "variable_shapes",
+__all__ = ["NAMES", "DTYPES", "baselines", "baseline_options", "create", "from_config", "options_from_config", "variable_shapes",
            "CAS", "ResNet", "ResNet18", "ResNet34", "WideResNet", "VGG16",
            "cas", "resnet", "vgg", "wrn"]

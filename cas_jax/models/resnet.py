@@ -9,12 +9,13 @@ Layout of the official PyTorch code: 3x3 stem (stride 1, no max-pool), stages of
 each stage in `cas_stages` (params `layer{stage}_{block}/cas/fc`). Inits are torch's defaults.
 """
 import functools
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from cas_jax.models import baselines
 from cas_jax.models import cas as cas_lib
 
 Array = jax.Array
@@ -48,12 +49,14 @@ class BasicBlock(nn.Module):
   with_cas: bool
   cas_suppress: bool = True
   dtype: cas_lib.Dtype = jnp.float32
+  activation: Callable[[], nn.Module] = baselines.Activation
 
   @nn.compact
   def __call__(self, x: Array, labels: Optional[Array], train: bool,
                bn_train: bool) -> Tuple[Array, Tuple[Array, ...]]:
     norm = functools.partial(cas_lib.BatchNorm, use_running_average=not bn_train, dtype=self.dtype)
-    y = nn.relu(norm(name="bn1")(_conv3x3(self.features, self.strides, self.dtype, "conv1")(x)))
+    y = norm(name="bn1")(_conv3x3(self.features, self.strides, self.dtype, "conv1")(x))
+    y = self.activation()(y)
     y = norm(name="bn2")(_conv3x3(self.features, 1, self.dtype, "conv2")(y))
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.features:
@@ -61,7 +64,7 @@ class BasicBlock(nn.Module):
                          kernel_init=cas_lib.torch_kernel_init, dtype=self.dtype,
                          name="shortcut_conv")(x)
       shortcut = norm(name="shortcut_bn")(shortcut)
-    y = nn.relu(y + shortcut)
+    y = self.activation()(y + shortcut)
     if not self.with_cas:
       return y, ()
     y, cas_logits = cas_lib.CAS(self.num_classes, suppress=self.cas_suppress, dtype=self.dtype,
@@ -77,14 +80,24 @@ class ResNet(nn.Module):
   cas_stages: Sequence[int] = (4,)
   cas_suppress: bool = True
   dtype: cas_lib.Dtype = jnp.float32
+  # Table 1 baselines (models/baselines.py): "none" | "kwta" | "sap" | "pcl".
+  baseline: str = "none"
+  kwta_ratio: float = 0.2
+  sap_ratio: float = 1.0
+  sap_deterministic: bool = False
+  pcl_dim: int = 256
 
   @nn.compact
   def __call__(self, x: Array, labels: Optional[Array] = None, train: bool = False,
                bn_train: Optional[bool] = None) -> Tuple[Array, Tuple[Array, ...]]:
     cas_stages = check_cas_stages(self.cas_stages)
     bn_train = train if bn_train is None else bn_train
+    kind = baselines.activation_kind(self.baseline)
+    activation = functools.partial(
+        baselines.Activation, kind, self.kwta_ratio if kind == "kwta" else self.sap_ratio,
+        self.sap_deterministic)
     y = _conv3x3(self.width, 1, self.dtype, "conv1")(x)
-    y = nn.relu(cas_lib.BatchNorm(not bn_train, dtype=self.dtype, name="bn1")(y))
+    y = activation()(cas_lib.BatchNorm(not bn_train, dtype=self.dtype, name="bn1")(y))
     all_cas_logits = ()
     for stage, num_blocks in enumerate(self.stage_sizes, start=1):
       for index in range(num_blocks):
@@ -92,11 +105,15 @@ class ResNet(nn.Module):
         block = BasicBlock(self.width * 2**(stage - 1), strides=strides,
                            num_classes=self.num_classes, with_cas=stage in cas_stages,
                            cas_suppress=self.cas_suppress, dtype=self.dtype,
-                           name=f"layer{stage}_{index}")
+                           activation=activation, name=f"layer{stage}_{index}")
         y, cas_logits = block(y, labels, train, bn_train)
         all_cas_logits += cas_logits
+      if self.baseline == "pcl" and stage == 3:
+        baselines.PrototypeBranch(self.num_classes, self.pcl_dim, self.dtype, name="pcl3")(y)
     y = jnp.mean(y, axis=(1, 2))
     self.sow("intermediates", "features", y)  # the classifier's input (cas_jax.analysis)
+    if self.baseline == "pcl":
+      baselines.PrototypeBranch(self.num_classes, 0, self.dtype, name="pcl4")(y)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=cas_lib.torch_kernel_init,
                       bias_init=cas_lib.torch_bias_init(y.shape[-1]), name="linear")(y)
     return (logits.astype(jnp.float32),
