@@ -127,13 +127,6 @@ def _get(config, path: str):
   return config
 
 
-def _set(config, path: str, value) -> None:
-  *parents, key = path.split(".")
-  for parent in parents:
-    config = config[parent]
-  config[key] = value
-
-
 def setting_fields(experiment: Experiment, setting: Setting,
                    base: ml_collections.ConfigDict) -> Dict[str, Any]:
   """The config fields `setting` sets on the base config, by dotted path."""
@@ -178,9 +171,8 @@ def setting_config(name: str, setting: Setting, base: ml_collections.ConfigDict,
     raise ValueError(f"--config.{clash[0]} is what {name} sets per setting ({setting.name}); "
                      "drop it (choose rows with --settings=...)")
   config = base.copy_and_resolve_references()
-  for path, value in {**EVAL_DEFAULTS, **fields}.items():
-    if path not in command_line:
-      _set(config, path, value)
+  changes = {**EVAL_DEFAULTS, **fields}
+  config.update_from_flattened_dict({p: v for p, v in changes.items() if p not in command_line})
   train.validate_config(config)
   return config
 

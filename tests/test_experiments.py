@@ -21,8 +21,7 @@ TINY = {"data.image_size": 8, "data.synthetic_num_train": 32, "data.synthetic_nu
 
 def smoke_base(**overrides):
   config = importlib.import_module("configs.smoke").get_config()
-  for path, value in overrides.items():
-    experiments._set(config, path, value)  # pylint: disable=protected-access
+  config.update_from_flattened_dict(overrides)
   return config
 
 
