@@ -29,7 +29,7 @@ def _points(row: dict, name: str) -> float:
 
 
 def twin_comparisons(rows: List[dict]) -> List[str]:
-  """One line per CAS row: its gain over the plain twin per attack, in words for the verdict."""
+  """One line per row with a twin (a CAS row's: the row without CAS): its gain per attack."""
   by_key = {(r["setting"], r["checkpoint"]): r for r in rows}
   lines = []
   for row in rows:
@@ -82,7 +82,7 @@ def markdown(result: dict) -> str:
   lines.append("")
   comparisons = twin_comparisons(rows)
   if comparisons:
-    lines += ["## CAS against its twin without CAS", ""] + [f"- {c}" for c in comparisons] + [""]
+    lines += ["## Each row against its twin (CAS against no CAS; bfloat16 against float32)", ""] + [f"- {c}" for c in comparisons] + [""]
   with_paper = [r for r in rows if r["paper"]]
   if with_paper:
     names = list(with_paper[0]["paper"])

@@ -102,6 +102,12 @@ EXPERIMENTS = {
     )),
     "fig8": Experiment("Robustness against the CAS loss weight beta (paper Figure 8)",
                        tuple(_beta(b) for b in (0, 0.5, 1, 2, 5, 10, 20)), plot_beta=True),
+    # Not in the paper: does the fast bfloat16 mode train as well as float32 (same seed)?
+    "dtype": Experiment("bfloat16 against float32 computation, same seed and schedule", (
+        Setting("float32", "float32", overrides=(("model.dtype", "float32"),)),
+        Setting("bfloat16", "bfloat16", twin="float32",
+                overrides=(("model.dtype", "bfloat16"),)),
+    )),
     # Appendix F (paper Tables 8 and 9): rows whose numbers the paper text lost have none.
     "wrn34_10": Experiment("WideResNet-34-10 with and without CAS (paper appendix F.1)",
                            _methods_table({"TRADES+CAS": _paper(87.15, 66.15, 53.15, 57.07),

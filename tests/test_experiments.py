@@ -34,7 +34,7 @@ def test_every_setting_builds_a_valid_config(name):
     config = configs[setting.name]
     if setting.cas is not None:
       assert (config.model.cas_stages != "none") == setting.cas
-    if setting.twin:  # a CAS row is compared with a row without CAS of the same table
+    if setting.twin and setting.cas:  # a CAS row is compared with a row without CAS
       assert configs[setting.twin].model.cas_stages == "none" != config.model.cas_stages
     assert config.eval.attacks == "default,fgsm" and config.eval.checkpoints == "last"
     assert config.data.source == "synthetic"  # the base's fields the setting does not set
@@ -56,6 +56,10 @@ def test_settings_follow_the_paper():
   assert not experiments.setting_config("table2", ablation, base).model.cas_suppress
   vgg = experiments.setting_config("vgg16", experiments.EXPERIMENTS["vgg16"].settings[1], base)
   assert (vgg.model.name, vgg.loss.beta) == ("vgg16", 3.0)
+  f32, bf16 = (experiments.setting_config("dtype", s, base).to_dict()
+               for s in experiments.select_settings("dtype"))
+  assert bf16["model"].pop("dtype") == "bfloat16" and f32["model"].pop("dtype") == "float32"
+  assert f32 == bf16  # the same setting and seed otherwise
   wrn = experiments.setting_config("wrn34_10", experiments.EXPERIMENTS["wrn34_10"].settings[1],
                                    base)
   assert (wrn.model.name, wrn.optim.weight_decay) == ("wrn34_10", 5e-4)
@@ -90,6 +94,11 @@ def test_cas_rows_are_compared_with_their_twins_in_points():
   (line,) = experiment_tables.twin_comparisons([plain, cas])
   assert "natural +10.0, fgsm -5.0, pgd20 +10.0, worst case -10.0 points" in line
   assert "(fgsm, pgd20): pgd20 only; under the worst case: no." in line
+  cas["paper"] = {"natural": 82.61, "pgd20": 42.73}
+  markdown = experiment_tables.markdown({"experiment": "t", "title": "T", "rows": [plain, cas]})
+  assert "| AT+CAS | last | 60.0 | 25.0 | 30.0 | 10.0 | **10.0** | 1 | 0 | 0 |" in markdown
+  assert "| AT | last | 50.0 | 30.0 | 20.0 | - | **20.0** |" in markdown
+  assert "| setting | natural | pgd20 |\n|---|---|---|\n| AT+CAS | 82.61 | 42.73 |" in markdown
 
 
 def _mtimes(folder):
