@@ -76,7 +76,7 @@ def markdown(result: dict) -> str:
   for row in rows:
     descriptions.update(row["descriptions"])
   lines += ["", "Attacks: " + "; ".join(f"{n}: {d}" for n, d in descriptions.items()) + "."]
-  if "aa-joint" in columns:
+  if any("aa-joint" not in r["accuracy"] for r in rows) and "aa-joint" in columns:
     lines.append("A model without CAS heads has no joint loss: its adaptive attacks are the "
                  "plain ones, and its `aa-joint` is its `aa` (shown as -).")
   lines.append("")
