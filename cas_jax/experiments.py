@@ -19,6 +19,7 @@ the paper text gives them. Settings run one after the other in one process (sing
 import dataclasses
 import json
 import os
+import shlex
 import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -33,6 +34,8 @@ from cas_jax import checkpointing
 from cas_jax import evaluate
 from cas_jax import experiment_tables
 from cas_jax import input_pipeline
+from cas_jax import metric_writers
+from cas_jax import preemption
 from cas_jax import report as report_lib
 from cas_jax import train
 from configs import default
@@ -236,12 +239,14 @@ def evaluate_setting(config: ml_collections.ConfigDict,
 def _training_summary(workdir: str) -> Dict[str, float]:
   """Epochs trained and the summed epoch times of workdir/metrics.jsonl."""
   epochs, seconds = 0, 0.0
-  path = os.path.join(workdir, "metrics.jsonl")
+  path = os.path.join(workdir, metric_writers.METRICS_FILE)
   if os.path.isfile(path):
     with open(path) as f:
-      for row in (json.loads(line) for line in f if line.strip()):
-        if "epoch" in row:
-          epochs, seconds = max(epochs, int(row["epoch"])), seconds + row.get("epoch_time_s", 0.0)
+      lines = [line for line in f if metric_writers.row_step(line) is not None]  # whole rows
+    for row in map(json.loads, lines):
+      if row.get("epoch") is not None:
+        epochs = max(epochs, int(row["epoch"]))
+        seconds += row.get("epoch_time_s") or 0.0
   return {"epochs": epochs, "train_seconds": seconds}
 
 
@@ -307,6 +312,7 @@ def main(argv: List[str]) -> None:
     raise app.UsageError("usage: python -m cas_jax.experiments NAME --workdir=W "
                          f"[--config=...] [--config.x=v ...]; NAME: {', '.join(EXPERIMENTS)}")
   name, overrides = argv[1], config_flags.get_override_values(FLAGS["config"])
+  command = shlex.join(["python", "-m", "cas_jax.experiments", *sys.argv[1:]])
   try:
     if FLAGS.dry_run:
       for setting in select_settings(name, FLAGS.settings):
@@ -315,11 +321,13 @@ def main(argv: List[str]) -> None:
         print(f"{setting.name} ({setting.label}): {changes}; {config.schedule.num_epochs} "
               f"epochs; eval {config.eval.attacks} on {config.eval.checkpoints}")
       return
-    run_experiment(name, FLAGS.config, FLAGS.workdir, overrides, FLAGS.settings,
-                   command=" ".join(["python -m cas_jax.experiments", *sys.argv[1:]]))
+    run_experiment(name, FLAGS.config, FLAGS.workdir, overrides, FLAGS.settings, command=command)
   except (ValueError, FileNotFoundError) as error:
     logging.debug("Traceback of the error below:", exc_info=True)
     sys.exit(f"error: {error}")
+  except preemption.Stopped as stopped:  # the setting in training saved its checkpoint
+    print(f"{stopped}; rerun the same command to resume: {command}", file=sys.stderr)
+    sys.exit(stopped.exit_status)
 
 
 if __name__ == "__main__":
