@@ -1,0 +1,142 @@
+"""The outputs of an experiment (cas_jax/experiments.py): W/NAME.md, W/NAME.json and the beta plot.
+
+    write_outputs(result, workdir, plot_beta=True)   # result: experiments.run_experiment's dict
+
+A result holds one row per (setting, checkpoint) with every attack's accuracy, the worst case,
+the paper's figures where known and the setting's training and evaluation times.
+"""
+import json
+import os
+from typing import Dict, List
+
+from cas_jax import report as report_lib
+
+PAPER_ATTACKS = ("fgsm", "pgd20", "cw")  # the paper's white-box columns, in its order
+WORST = report_lib.WORST_CASE
+
+
+def attack_columns(rows: List[dict]) -> List[str]:
+  """natural, the paper's attacks, every other attack (first seen first), then the worst case."""
+  seen = []
+  for row in rows:
+    seen += [n for n in row["accuracy"] if n not in seen and n not in (report_lib.NATURAL, WORST)]
+  ordered = [n for n in PAPER_ATTACKS if n in seen] + [n for n in seen if n not in PAPER_ATTACKS]
+  return [report_lib.NATURAL, *ordered, WORST]
+
+
+def _points(row: dict, name: str) -> float:
+  return 100 * row["accuracy"][name]
+
+
+def twin_comparisons(rows: List[dict]) -> List[str]:
+  """One line per row with a twin (a CAS row's: the row without CAS): its gain per attack."""
+  by_key = {(r["setting"], r["checkpoint"]): r for r in rows}
+  lines = []
+  for row in rows:
+    twin = by_key.get((row["twin"], row["checkpoint"]))
+    if twin is None:
+      continue
+    shared = [n for n in attack_columns([row]) if n in twin["accuracy"]]
+    gains = {n: _points(row, n) - _points(twin, n) for n in shared}
+    paper = [n for n in PAPER_ATTACKS if n in gains]
+    better = [n for n in paper if gains[n] > 0]
+    verdict = ("all" if len(better) == len(paper) else "none" if not better
+               else ", ".join(better) + " only")
+    words = ", ".join(f"{n.replace('_', ' ')} {gains[n]:+.1f}" for n in shared)
+    lines.append(
+        f"{row['label']} vs {twin['label']} ({row['checkpoint']} checkpoint): {words} points. "
+        f"Better under the paper's attacks ({', '.join(paper) or 'none run'}): {verdict}; "
+        f"under the worst case: {'yes' if gains[WORST] > 0 else 'no'}.")
+  return lines
+
+
+def markdown(result: dict) -> str:
+  """The experiment's table, its CAS-vs-twin lines, the paper's figures and the sanity reports."""
+  rows = result["rows"]
+  columns = attack_columns(rows)
+  first = rows[0]
+  lines = [f"# {result['experiment']}: {result['title']}", ""]
+  if result.get("command"):
+    lines += [f"`{result['command']}` on {result['devices']}.", ""]
+  lines += [
+      f"{first['num_images']} test images, eps {report_lib.format_eps(first['eps'])}; white-box "
+      "attacks on CAS models are adaptive (joint loss of the main and CAS heads). The worst "
+      "case counts an image as robust only if it is correct and every attack at that eps "
+      "failed on it. `<= x`: an upper bound (the attack ran only on the images that earlier "
+      "attacks left standing). Accuracy in %; train: summed epoch times of metrics.jsonl.", "",
+      "| setting | checkpoint | " + " | ".join(c.replace("_", " ") for c in columns)
+      + " | epochs | train (s) | eval (s) |",
+      "|---|---|" + "---|" * (len(columns) + 3)]
+  for row in rows:
+    cells = [row["figure"].get(c, "-") for c in columns]
+    cells[-1] = f"**{cells[-1]}**"
+    lines.append(f"| {row['label']} | {row['checkpoint']} | " + " | ".join(cells)
+                 + f" | {row['epochs']} | {row['train_seconds']:.0f} | {row['eval_seconds']:.0f} |")
+  descriptions = {}
+  for row in rows:
+    descriptions.update(row["descriptions"])
+  lines += ["", "Attacks: " + "; ".join(f"{n}: {d}" for n, d in descriptions.items()) + "."]
+  if any("aa-joint" not in r["accuracy"] for r in rows) and "aa-joint" in columns:
+    lines.append("A model without CAS heads has no joint loss: its adaptive attacks are the "
+                 "plain ones, and its `aa-joint` is its `aa` (shown as -).")
+  lines.append("")
+  comparisons = twin_comparisons(rows)
+  if comparisons:
+    lines += ["## Each row against its twin (CAS against no CAS; bfloat16 against float32)", ""] + [f"- {c}" for c in comparisons] + [""]
+  with_paper = [r for r in rows if r["paper"]]
+  if with_paper:
+    names = list(with_paper[0]["paper"])
+    lines += ["## The paper's figures (last checkpoint, %)", "",
+              "| setting | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines += [f"| {r['label']} | " + " | ".join(f"{r['paper'][n]:.2f}" for n in names) + " |"
+              for r in with_paper]
+    lines += ["", "The paper reports no worst case; settings without figures lost them in the "
+              "paper text.", ""]
+  lines += ["## Sanity reports", ""]
+  warnings = [f"- {r['label']} ({r['checkpoint']}): {w}" for r in rows for w in r["sanity"]]
+  lines += warnings or ["- No warnings."]
+  return "\n".join(lines) + "\n"
+
+
+def plot_beta(result: dict, path: str) -> None:
+  """Accuracy of every attack and of the worst case against beta (one panel per checkpoint)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  rows = result["rows"]
+  labels = list(dict.fromkeys(r["checkpoint"] for r in rows))
+  figure, axes = plt.subplots(1, len(labels), figsize=(5.5 * len(labels), 4), squeeze=False)
+  for ax, label in zip(axes[0], labels):
+    panel = sorted((r for r in rows if r["checkpoint"] == label), key=lambda r: r["beta"])
+    positions = range(len(panel))  # betas 0..20: evenly spaced, labelled with their values
+    for name in attack_columns(panel):
+      style = {report_lib.NATURAL: dict(color="gray", linestyle=":"),
+               WORST: dict(color="black", linewidth=2.5)}.get(name, {})
+      values = [_points(r, name) if name in r["accuracy"] else float("nan") for r in panel]
+      ax.plot(positions, values, marker="o", label=name.replace("_", " "), **style)
+    ax.set_xticks(list(positions), [f"{r['beta']:g}" for r in panel])
+    ax.set_xlabel("beta (CAS loss weight; 0 = AT without CAS)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"{result['experiment']}, {label} checkpoint, {panel[0]['num_images']} images")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  plt.close(figure)
+
+
+def write_outputs(result: dict, workdir: str, plot_beta_png: bool = False) -> Dict[str, str]:
+  """Write W/NAME.md and W/NAME.json (and W/NAME.png); return their paths by extension."""
+  os.makedirs(workdir, exist_ok=True)
+  base = os.path.join(workdir, result["experiment"])
+  paths = {"md": base + ".md", "json": base + ".json"}
+  with open(paths["md"], "w") as f:
+    f.write(markdown(result))
+  with open(paths["json"], "w") as f:
+    json.dump(result, f, indent=1)
+  if plot_beta_png:
+    paths["png"] = base + ".png"
+    plot_beta(result, paths["png"])
+  for path in paths.values():
+    print(f"Wrote {path}", flush=True)
+  return paths

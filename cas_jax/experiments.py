@@ -1,0 +1,335 @@
+"""One command per paper table: train every setting, evaluate each with the same attacks, write the table.
+
+    python -m cas_jax.experiments table3 --workdir=runs/table3
+    python -m cas_jax.experiments fig8 --workdir=runs/fig8 --config=configs/cifar_subset.py \
+        --config.data.cifar_dir=../shared/data/cifar-10-batches-py --settings=beta0,beta2
+    python -m cas_jax.experiments table2 --workdir=runs/table2 --dry_run   # the settings only
+
+A setting is the base config (--config, default configs/cifar10_at_cas.py, with every
+--config.x=v override: dataset, width, epochs, data source, eval budgets...) plus the few
+fields the setting changes (the EXPERIMENTS table below). Each trains in W/<setting>/ with
+`train.train_and_evaluate` (skipped once the final epoch's checkpoint exists; a stopped run
+resumes from its latest checkpoint), is evaluated by `evaluate.evaluate_workdir` with one
+attack list for all (default: the report's default set plus FGSM, the last checkpoint;
+cached in W/<setting>/experiment_eval.json and reused while the request is unchanged), and
+the driver writes W/NAME.md, W/NAME.json (and W/fig8.png): every attack's accuracy beside the
+per-image worst case, the CAS rows against their plain twins, and the paper's figures where
+the paper text gives them. Settings run one after the other in one process (single host).
+"""
+import dataclasses
+import json
+import os
+import shlex
+import sys
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import ml_collections
+from ml_collections import config_flags
+
+from cas_jax import checkpointing
+from cas_jax import evaluate
+from cas_jax import experiment_tables
+from cas_jax import input_pipeline
+from cas_jax import metric_writers
+from cas_jax import preemption
+from cas_jax import report as report_lib
+from cas_jax import train
+from configs import default
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "cifar10_at_cas.py")
+# What every setting of an experiment is evaluated with, unless given on the command line.
+EVAL_DEFAULTS = {"eval.attacks": "default,fgsm", "eval.checkpoints": "last"}
+# The fields a setting takes from default.setting(...) when it names an objective / a model.
+OBJECTIVE_FIELDS = ("loss.objective", "loss.lam", "attack.start", "attack.eps", "attack.step_size")
+MODEL_FIELDS = ("model.name", "loss.beta", "optim.weight_decay")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One row of a table: its workdir name, its label and what it changes in the base config."""
+  name: str
+  label: str
+  objective: Optional[str] = None  # take OBJECTIVE_FIELDS from default.setting(objective, ...)
+  cas: Optional[bool] = None  # model.cas_stages "default" (True) or "none" (False)
+  overrides: Tuple[Tuple[str, Any], ...] = ()  # (dotted config path, value), applied last
+  twin: str = ""  # the setting without CAS this one is compared with
+  paper: Tuple[Tuple[str, float], ...] = ()  # the paper's figures (last checkpoint, %)
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """A paper table or figure: a title and its settings (model: every row's architecture)."""
+  title: str
+  settings: Tuple[Setting, ...]
+  model: Optional[str] = None  # take MODEL_FIELDS from default.setting(..., model)
+  plot_beta: bool = False  # draw accuracy against the CAS loss weight beta (fig8)
+
+
+def _paper(natural, fgsm, pgd20, cw):
+  return (("natural", natural), ("fgsm", fgsm), ("pgd20", pgd20), ("cw", cw))
+
+
+def _methods_table(paper: Dict[str, tuple]) -> Tuple[Setting, ...]:
+  """AT, TRADES and MART, each without and with CAS (the CAS row compared with its twin)."""
+  rows = []
+  for objective, label in (("at", "AT"), ("trades", "TRADES"), ("mart", "MART")):
+    rows.append(Setting(objective, label, objective, cas=False, paper=paper.get(label, ())))
+    rows.append(Setting(f"{objective}_cas", f"{label}+CAS", objective, cas=True, twin=objective,
+                        paper=paper.get(f"{label}+CAS", ())))
+  return tuple(rows)
+
+
+def _beta(beta: float) -> Setting:
+  # beta 0 is plain AT, as in the paper's Figure 8: no CAS module at all.
+  if beta == 0:
+    return Setting("beta0", "beta 0 (AT, no CAS)", cas=False)
+  return Setting(f"beta{beta:g}", f"beta {beta:g}", cas=True, twin="beta0",
+                 overrides=(("loss.beta", float(beta)),))
+
+
+EXPERIMENTS = {
+    # The issue's "table3" is the paper's Table 5 (white-box robustness, ResNet-18, CIFAR-10);
+    # the paper's ResNet-18 figures did not survive in its text, so none are shown.
+    "table3": Experiment("AT, TRADES and MART with and without CAS (paper Table 5, ResNet-18)",
+                         _methods_table({})),
+    "table2": Experiment("CAS ablation: channel suppressing is what helps (paper Table 2)", (
+        Setting("no_cas", "no CAS", cas=False),
+        Setting("cas_no_suppress", "CAS loss without suppressing", cas=True, twin="no_cas",
+                overrides=(("model.cas_suppress", False),)),
+        Setting("cas", "CAS", cas=True, twin="no_cas", overrides=(("model.cas_suppress", True),)),
+    )),
+    "fig8": Experiment("Robustness against the CAS loss weight beta (paper Figure 8)",
+                       tuple(_beta(b) for b in (0, 0.5, 1, 2, 5, 10, 20)), plot_beta=True),
+    # Not in the paper: does the fast bfloat16 mode train as well as float32 (same seed)?
+    "dtype": Experiment("bfloat16 against float32 computation, same seed and schedule", (
+        Setting("float32", "float32", overrides=(("model.dtype", "float32"),)),
+        Setting("bfloat16", "bfloat16", twin="float32",
+                overrides=(("model.dtype", "bfloat16"),)),
+    )),
+    # Appendix F (paper Tables 8 and 9): rows whose numbers the paper text lost have none.
+    "wrn34_10": Experiment("WideResNet-34-10 with and without CAS (paper appendix F.1)",
+                           _methods_table({"TRADES+CAS": _paper(87.15, 66.15, 53.15, 57.07),
+                                           "MART": _paper(85.69, 66.41, 54.49, 52.55),
+                                           "MART+CAS": _paper(89.20, 67.96, 54.95, 57.11)}),
+                           model="wrn34_10"),
+    "vgg16": Experiment("VGG16 with and without CAS (paper appendix F.2)",
+                        _methods_table({"AT+CAS": _paper(82.61, 57.56, 42.73, 49.68),
+                                        "TRADES": _paper(76.67, 52.99, 41.13, 45.25),
+                                        "TRADES+CAS": _paper(83.25, 61.51, 49.56, 52.47),
+                                        "MART": _paper(72.20, 54.90, 46.53, 44.72),
+                                        "MART+CAS": _paper(83.28, 61.70, 49.13, 49.10)}),
+                        model="vgg16"),
+}
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _get(config, path: str):
+  for key in path.split("."):
+    config = config[key]
+  return config
+
+
+def setting_fields(experiment: Experiment, setting: Setting,
+                   base: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """The config fields `setting` sets on the base config, by dotted path."""
+  fields = {}
+  if setting.objective or experiment.model:
+    paper = default.setting(setting.objective or base.loss.objective, True,
+                            experiment.model or base.model.name, base.data.dataset)
+    names = (OBJECTIVE_FIELDS if setting.objective else ()) + (
+        MODEL_FIELDS if experiment.model else ())
+    fields.update({name: _get(paper, name) for name in names})
+  if setting.cas is not None:
+    fields["model.cas_stages"] = "default" if setting.cas else "none"
+  fields.update(setting.overrides)
+  return fields
+
+
+def select_settings(name: str, only: Optional[Sequence[str]] = None) -> Tuple[Setting, ...]:
+  """The experiment's settings, or those named in `only` (in the table's order)."""
+  if name not in EXPERIMENTS:
+    raise ValueError(f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)}")
+  settings = EXPERIMENTS[name].settings
+  if only:
+    unknown = set(only) - {s.name for s in settings}
+    if unknown:
+      raise ValueError(f"{name} has no setting {', '.join(sorted(unknown))}; valid: "
+                       f"{', '.join(s.name for s in settings)}")
+    settings = tuple(s for s in settings if s.name in only)
+  return settings
+
+
+def setting_config(name: str, setting: Setting, base: ml_collections.ConfigDict,
+                   command_line: Iterable[str] = ()) -> ml_collections.ConfigDict:
+  """The base config with `setting`'s fields and the experiment's evaluation defaults.
+
+  command_line: the dotted paths overridden on the command line; they keep their values
+  (evaluation defaults included) and may not touch a field the experiment varies.
+  """
+  command_line = set(command_line)
+  fields = setting_fields(EXPERIMENTS[name], setting, base)
+  clash = sorted(command_line & set(fields))
+  if clash:
+    raise ValueError(f"--config.{clash[0]} is what {name} sets per setting ({setting.name}); "
+                     "drop it (choose rows with --settings=...)")
+  config = base.copy_and_resolve_references()
+  changes = {**EVAL_DEFAULTS, **fields}
+  config.update_from_flattened_dict({p: v for p, v in changes.items() if p not in command_line})
+  train.validate_config(config)
+  return config
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def is_trained(config: ml_collections.ConfigDict, workdir: str) -> bool:
+  """Whether workdir holds the checkpoint of config's final epoch."""
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    return False
+  manager = checkpointing.create_manager(workdir, async_save=False)
+  latest = manager.latest_step()
+  manager.close()
+  if latest is None:
+    return False
+  steps_per_epoch = input_pipeline.create_dataset(config).steps_per_epoch
+  return latest >= config.schedule.num_epochs * steps_per_epoch
+
+
+def _latest_step(workdir: str) -> Optional[int]:
+  manager = checkpointing.create_manager(workdir, async_save=False)
+  step = manager.latest_step()
+  manager.close()
+  return step
+
+
+def _eval_request(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Everything an evaluation depends on, as JSON data (a cached result is reused if equal)."""
+  request = {"eval": config.eval.to_dict(), "data": config.data.to_dict(),
+             "model": config.model.to_dict(), "seed": config.seed, "beta": config.loss.beta,
+             "step": _latest_step(workdir)}
+  return json.loads(json.dumps(request))
+
+
+def evaluate_setting(config: ml_collections.ConfigDict,
+                     workdir: str) -> Dict[str, report_lib.Report]:
+  """{checkpoint label: Report} of workdir, from the cache if it answers the same request."""
+  path = os.path.join(workdir, "experiment_eval.json")
+  request = _eval_request(config, workdir)
+  if os.path.isfile(path):
+    with open(path) as f:
+      cached = json.load(f)
+    if cached["request"] == request:
+      logging.info("Reusing the evaluation in %s", path)
+      return {label: report_lib.Report.from_json(json.dumps(data))
+              for label, data in cached["reports"].items()}
+  reports = evaluate.evaluate_workdir(config, workdir)
+  with open(path, "w") as f:
+    json.dump({"request": request,
+               "reports": {label: json.loads(r.to_json()) for label, r in reports.items()}}, f)
+  return reports
+
+
+def _training_summary(workdir: str) -> Dict[str, float]:
+  """Epochs trained and the summed epoch times of workdir/metrics.jsonl."""
+  epochs, seconds = 0, 0.0
+  path = os.path.join(workdir, metric_writers.METRICS_FILE)
+  if os.path.isfile(path):
+    with open(path) as f:
+      lines = [line for line in f if metric_writers.row_step(line) is not None]  # whole rows
+    for row in map(json.loads, lines):
+      if row.get("epoch") is not None:
+        epochs = max(epochs, int(row["epoch"]))
+        seconds += row.get("epoch_time_s") or 0.0
+  return {"epochs": epochs, "train_seconds": seconds}
+
+
+def _row(setting: Setting, config, fields: dict, label: str, report: report_lib.Report,
+         workdir: str) -> dict:
+  names = [report_lib.NATURAL, *report.attacks, report_lib.WORST_CASE]
+  beta = config.loss.beta if config.model.cas_stages != "none" else 0.0
+  return {"setting": setting.name, "label": setting.label, "checkpoint": label,
+          "twin": setting.twin, "fields": fields, "beta": beta, "workdir": workdir,
+          "num_images": report.num_images, "eps": report.eps,
+          "accuracy": {n: report.accuracy(n) for n in names},
+          "figure": {n: report.figure(n) for n in names},
+          "descriptions": {n: info["description"] for n, info in report.attacks.items()},
+          "paper": dict(setting.paper), "sanity": report.sanity,
+          "eval_seconds": sum(report.seconds.values()), **_training_summary(workdir)}
+
+
+def run_experiment(name: str, base: ml_collections.ConfigDict, workdir: str,
+                   command_line: Iterable[str] = (), only: Optional[Sequence[str]] = None,
+                   command: str = "") -> dict:
+  """Train (unless finished) and evaluate every setting of `name`; write W/NAME.md/.json(/.png)."""
+  settings = select_settings(name, only)
+  command_line = set(command_line)
+  # Every config is built and validated before the first (possibly hours-long) training.
+  configs = {s.name: setting_config(name, s, base, command_line) for s in settings}
+  rows = []
+  for setting in settings:
+    config, setting_dir = configs[setting.name], os.path.join(workdir, setting.name)
+    if is_trained(config, setting_dir):
+      logging.info("%s: trained (final checkpoint in %s)", setting.name, setting_dir)
+    else:
+      logging.info("%s: training in %s", setting.name, setting_dir)
+      train.train_and_evaluate(config, setting_dir)
+    for label, report in evaluate_setting(config, setting_dir).items():
+      rows.append(_row(setting, config, setting_fields(EXPERIMENTS[name], setting, base), label,
+                       report, setting_dir))
+  devices = jax.devices()
+  result = {"experiment": name, "title": EXPERIMENTS[name].title, "command": command,
+            "devices": f"{len(devices)} x {devices[0].device_kind}",
+            "overrides": sorted(command_line), "rows": rows}
+  experiment_tables.write_outputs(result, workdir, plot_beta_png=EXPERIMENTS[name].plot_beta)
+  return result
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "The base config (configs/*.py).",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Each setting trains in <workdir>/<setting>/.")
+  flags.DEFINE_list("settings", None, "Run only these settings of the experiment (row names).")
+  flags.DEFINE_bool("dry_run", False, "Print every setting's config changes; train nothing.")
+  flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv: List[str]) -> None:
+  """Run the experiment named by the one positional argument."""
+  if len(argv) != 2:
+    raise app.UsageError("usage: python -m cas_jax.experiments NAME --workdir=W "
+                         f"[--config=...] [--config.x=v ...]; NAME: {', '.join(EXPERIMENTS)}")
+  name, overrides = argv[1], config_flags.get_override_values(FLAGS["config"])
+  command = shlex.join(["python", "-m", "cas_jax.experiments", *sys.argv[1:]])
+  try:
+    if FLAGS.dry_run:
+      for setting in select_settings(name, FLAGS.settings):
+        config = setting_config(name, setting, FLAGS.config, overrides)
+        changes = setting_fields(EXPERIMENTS[name], setting, FLAGS.config)
+        print(f"{setting.name} ({setting.label}): {changes}; {config.schedule.num_epochs} "
+              f"epochs; eval {config.eval.attacks} on {config.eval.checkpoints}")
+      return
+    run_experiment(name, FLAGS.config, FLAGS.workdir, overrides, FLAGS.settings, command=command)
+  except (ValueError, FileNotFoundError) as error:
+    logging.debug("Traceback of the error below:", exc_info=True)
+    sys.exit(f"error: {error}")
+  except preemption.Stopped as stopped:  # the setting in training saved its checkpoint
+    print(f"{stopped}; rerun the same command to resume: {command}", file=sys.stderr)
+    sys.exit(stopped.exit_status)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,132 @@
+"""Experiment drivers: the settings tables, the table text, and a tiny fig8 run that resumes."""
+import glob
+import importlib
+import json
+import os
+
+import pytest
+
+from cas_jax import evaluate
+from cas_jax import experiment_tables
+from cas_jax import experiments
+from cas_jax import train
+
+# Tiny sizes on top of configs/smoke.py, given as if on the command line.
+TINY = {"data.image_size": 8, "data.synthetic_num_train": 32, "data.synthetic_num_test": 16,
+        "model.width": 4, "batch_size": 16, "eval_batch_size": 16, "attack.steps": 1,
+        "eval.steps": 1, "eval.num_images": 16, "eval.report_images": 8,
+        "eval.attacks": "fgsm,pgd2", "schedule.num_epochs": 1, "schedule.milestones": (2,),
+        "ckpt.async_save": False, "log_every_steps": 1}
+
+
+def smoke_base(**overrides):
+  config = importlib.import_module("configs.smoke").get_config()
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+@pytest.mark.parametrize("name", sorted(experiments.EXPERIMENTS))
+def test_every_setting_builds_a_valid_config(name):
+  base = smoke_base()
+  settings = experiments.select_settings(name)
+  configs = {s.name: experiments.setting_config(name, s, base) for s in settings}
+  for setting in settings:
+    config = configs[setting.name]
+    if setting.cas is not None:
+      assert (config.model.cas_stages != "none") == setting.cas
+    if setting.twin and setting.cas:  # a CAS row is compared with a row without CAS
+      assert configs[setting.twin].model.cas_stages == "none" != config.model.cas_stages
+    assert config.eval.attacks == "default,fgsm" and config.eval.checkpoints == "last"
+    assert config.data.source == "synthetic"  # the base's fields the setting does not set
+  assert len({json.dumps(c.to_dict(), sort_keys=True) for c in configs.values()}) == len(configs)
+
+
+def test_settings_follow_the_paper():
+  base = smoke_base()
+  trades = experiments.setting_config("table3", experiments.select_settings(
+      "table3", ["trades_cas"])[0], base)
+  assert (trades.loss.objective, trades.attack.start, trades.attack.eps,
+          trades.attack.step_size) == ("trades", "normal", 0.031, 0.007)
+  assert tuple(trades.schedule.milestones) == tuple(base.schedule.milestones)  # one schedule
+  fig8 = experiments.select_settings("fig8")
+  betas = [experiments.setting_config("fig8", s, base) for s in fig8]
+  assert [c.loss.beta if c.model.cas_stages != "none" else 0 for c in betas] == [
+      0, 0.5, 1, 2, 5, 10, 20]
+  ablation = experiments.select_settings("table2", ["cas_no_suppress"])[0]
+  assert not experiments.setting_config("table2", ablation, base).model.cas_suppress
+  vgg = experiments.setting_config("vgg16", experiments.EXPERIMENTS["vgg16"].settings[1], base)
+  assert (vgg.model.name, vgg.loss.beta) == ("vgg16", 3.0)
+  f32, bf16 = (experiments.setting_config("dtype", s, base).to_dict()
+               for s in experiments.select_settings("dtype"))
+  assert bf16["model"].pop("dtype") == "bfloat16" and f32["model"].pop("dtype") == "float32"
+  assert f32 == bf16  # the same setting and seed otherwise
+  wrn = experiments.setting_config("wrn34_10", experiments.EXPERIMENTS["wrn34_10"].settings[1],
+                                   base)
+  assert (wrn.model.name, wrn.optim.weight_decay) == ("wrn34_10", 5e-4)
+
+
+def test_command_line_overrides_win_or_are_refused():
+  base = smoke_base(**{"eval.attacks": "pgd2"})
+  setting = experiments.select_settings("fig8", ["beta5"])[0]
+  config = experiments.setting_config("fig8", setting, base, command_line={"eval.attacks"})
+  assert config.eval.attacks == "pgd2" and config.loss.beta == 5.0
+  with pytest.raises(ValueError, match="--config.loss.beta is what fig8 sets"):
+    experiments.setting_config("fig8", setting, base, command_line={"loss.beta"})
+  with pytest.raises(ValueError, match="no setting beta3; valid: beta0, beta0.5"):
+    experiments.select_settings("fig8", ["beta3"])
+  with pytest.raises(ValueError, match="unknown experiment 'table9'"):
+    experiments.select_settings("table9")
+
+
+def _row(setting, label, twin, accuracy):
+  return {"setting": setting, "label": label, "checkpoint": "last", "twin": twin,
+          "accuracy": accuracy, "figure": {n: f"{100 * a:.1f}" for n, a in accuracy.items()},
+          "descriptions": {}, "paper": {}, "sanity": [], "epochs": 1, "train_seconds": 0,
+          "eval_seconds": 0, "num_images": 10, "eps": 8 / 255, "beta": 0}
+
+
+def test_cas_rows_are_compared_with_their_twins_in_points():
+  plain = _row("at", "AT", "", {"natural": 0.5, "pgd20": 0.2, "fgsm": 0.3, "worst_case": 0.2})
+  cas = _row("at_cas", "AT+CAS", "at",
+             {"natural": 0.6, "pgd20": 0.3, "fgsm": 0.25, "aa": 0.1, "worst_case": 0.1})
+  assert experiment_tables.attack_columns([plain, cas]) == [
+      "natural", "fgsm", "pgd20", "aa", "worst_case"]
+  (line,) = experiment_tables.twin_comparisons([plain, cas])
+  assert "natural +10.0, fgsm -5.0, pgd20 +10.0, worst case -10.0 points" in line
+  assert "(fgsm, pgd20): pgd20 only; under the worst case: no." in line
+  cas["paper"] = {"natural": 82.61, "pgd20": 42.73}
+  markdown = experiment_tables.markdown({"experiment": "t", "title": "T", "rows": [plain, cas]})
+  assert "| AT+CAS | last | 60.0 | 25.0 | 30.0 | 10.0 | **10.0** | 1 | 0 | 0 |" in markdown
+  assert "| AT | last | 50.0 | 30.0 | 20.0 | - | **20.0** |" in markdown
+  assert "| setting | natural | pgd20 |\n|---|---|---|\n| AT+CAS | 82.61 | 42.73 |" in markdown
+
+
+def _mtimes(folder):
+  return {p: os.path.getmtime(p) for p in glob.glob(os.path.join(folder, "**"), recursive=True)}
+
+
+@pytest.mark.slow
+def test_fig8_trains_evaluates_and_writes_then_resumes_without_work(tmp_path, monkeypatch):
+  base, workdir, only = smoke_base(**TINY), str(tmp_path), ["beta0", "beta2"]
+  result = experiments.run_experiment("fig8", base, workdir, command_line=TINY, only=only)
+  for ext in ("md", "json", "png"):
+    assert os.path.getsize(os.path.join(workdir, f"fig8.{ext}")) > 0
+  with open(os.path.join(workdir, "fig8.json")) as f:
+    written = json.load(f)
+  assert [(r["setting"], r["beta"]) for r in written["rows"]] == [("beta0", 0.0), ("beta2", 2.0)]
+  markdown = open(os.path.join(workdir, "fig8.md")).read()
+  for row in written["rows"]:  # the table holds what each setting's own eval report says
+    with open(os.path.join(workdir, row["setting"], "eval", "last_report.json")) as f:
+      report = json.load(f)
+    assert row["accuracy"] == report["accuracy"] and row["num_images"] == 8
+    assert set(report["accuracy"]) == {"natural", "fgsm", "pgd2", "worst_case"}
+    assert f"| {row['label']} | last | " + " | ".join(
+        row["figure"][n] for n in ("natural", "fgsm", "pgd2")) in markdown
+    assert row["epochs"] == 1
+  # A second run trains and evaluates nothing: it reads the checkpoints and the cached reports.
+  before = {s: _mtimes(os.path.join(workdir, s)) for s in only}
+  monkeypatch.setattr(train, "train_and_evaluate", pytest.fail)
+  monkeypatch.setattr(evaluate, "evaluate_workdir", pytest.fail)
+  again = experiments.run_experiment("fig8", base, workdir, command_line=TINY, only=only)
+  assert again["rows"] == result["rows"]
+  assert {s: _mtimes(os.path.join(workdir, s)) for s in only} == before
