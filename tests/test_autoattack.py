@@ -4,6 +4,8 @@ Small models, 8 images and few steps or queries; the same model functions and sh
 reused so that compilations are shared. The parity test against torchattacks (marked slow)
 runs the full standard AutoAttack on both sides.
 """
+import fractions
+import math
 import os
 import pickle
 
@@ -67,12 +69,33 @@ def _assert_in_ball(x_adv, x, eps):
 # ---------------------------------------------------------------- APGD
 
 
-def test_checkpoints_match_the_hand_computed_schedule():
-  # p_j: 0, .22, .41 (+.19), .57 (+.16), .70 (+.13), .80 (+.10), .87 (+.07), .93 (+.06),
-  # .99 (+.06); 1.05 > 1 stops. w_j = ceil(p_j * steps).
-  assert checkpoints(100) == (0, 22, 41, 57, 70, 80, 87, 93, 99)
-  # 10 steps: ceil of 2.2, 4.1, 5.7, 7.0, 8.0, 8.7, 9.3, 9.9 (the repeated 10 counts once).
-  assert checkpoints(10) == (0, 3, 5, 6, 7, 8, 9, 10)
+def _reference_checkpoints(torch, apgd_class, steps):
+  """The iterations after which torchattacks' APGD checks its step size, read off its own run."""
+  torch.manual_seed(0)
+  net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+  attack = apgd_class(net, eps=0.1, steps=steps)
+  seen, check = [], attack.check_oscillation
+  attack.check_oscillation = lambda x, j, *rest, **kw: seen.append(j + 1) or check(x, j, *rest,
+                                                                                 **kw)
+  attack.attack_single_run(torch.rand(2, 3, 2, 2), torch.tensor([0, 1]))
+  return tuple([0] + seen)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 10, 20, 33, 50, 100, 150, 1000])
+def test_checkpoints_are_the_reference_codes_at_every_budget(steps):
+  torch = pytest.importorskip("torch")
+  from torchattacks.attacks.apgd import APGD  # pylint: disable=g-import-not-at-top
+  assert checkpoints(steps) == _reference_checkpoints(torch, APGD, steps)
+
+
+@pytest.mark.parametrize("steps", [100, 200, 1000])
+def test_checkpoints_follow_the_papers_formula_at_multiples_of_100(steps):
+  # Croce & Hein (2020): p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06),
+  # w_j = ceil(p_j * steps) while p_j <= 1, in exact rational arithmetic.
+  p = [fractions.Fraction(0), fractions.Fraction(22, 100)]
+  while p[-1] <= 1:
+    p.append(p[-1] + max(p[-1] - p[-2] - fractions.Fraction(3, 100), fractions.Fraction(6, 100)))
+  assert checkpoints(steps) == tuple(math.ceil(q * steps) for q in p[:-1])
 
 
 def test_step_size_halves_at_every_checkpoint_when_the_loss_is_flat():
@@ -83,7 +106,45 @@ def test_step_size_halves_at_every_checkpoint_when_the_loss_is_flat():
   # Iteration i runs with 2 eps halved once per checkpoint w_j <= i (w_j: after w_j steps).
   expected = 2 * EPS * 0.5 ** np.array([np.sum(marks <= i) for i in range(10)])
   chex.assert_trees_all_close(out["step_sizes"], np.repeat(expected[:, None], N, 1), rtol=1e-6)
-  chex.assert_trees_all_close(expected[-1], 2 * EPS / 2**6)  # halved after 3, 5, ..., 9
+  chex.assert_trees_all_close(expected[-1], 2 * EPS / 2**8)  # halved after 2, 3, ..., 9
+
+
+def _torch_mlp(torch):
+  """mlp in PyTorch (NCHW input, flattened in NHWC order), the same weights."""
+  hidden, out = (torch.tensor(np.asarray(w)) for w in (W_HIDDEN, W_OUT))
+  return lambda z: torch.relu(z.permute(0, 2, 3, 1).reshape(z.shape[0], -1) @ hidden) @ out * 4
+
+
+# Budgets whose schedules differ from the paper's formula. (At some others, a float32 tie
+# between two losses late in the run, when steps are ~1e-4, picks a different best point.)
+@pytest.mark.parametrize("loss, steps", [("ce", 10), ("ce", 30), ("targeted_dlr", 20)])
+def test_apgd_run_follows_the_reference_trajectory(monkeypatch, loss, steps):
+  # The same start point on both sides: torchattacks starts at x + eps * t / max|t| with
+  # t = 2 * torch.rand - 1, so a t with max|t| = 1 fixes it. Then every step size, halving
+  # and restart from the best point must match: the best points and losses agree.
+  torch = pytest.importorskip("torch")
+  from torchattacks.attacks.apgd import APGD  # pylint: disable=g-import-not-at-top
+  from torchattacks.attacks.apgdt import APGDT  # pylint: disable=g-import-not-at-top
+  t = np.array(jax.random.uniform(jax.random.key(11), X.shape, minval=-1.0, maxval=1.0))
+  t[:, 0, 0, 0] = 1.0
+  to_nchw = lambda a: torch.tensor(np.transpose(np.asarray(a), (0, 3, 1, 2)))
+  x_start = jnp.clip(X + EPS * t, 0.0, 1.0)
+  y = jnp.argmax(mlp(X), -1)
+  rank = 3
+  if loss == "ce":
+    reference, targets = APGD(_torch_mlp(torch), eps=EPS, steps=steps, loss="ce"), y
+  else:
+    reference = APGDT(_torch_mlp(torch), eps=EPS, steps=steps, n_classes=CLASSES)
+    reference.target_class = rank
+    targets = jnp.argsort(mlp(X), -1)[:, -rank]
+  monkeypatch.setattr(torch, "rand", lambda *shape, **kw: (to_nchw(t) + 1) / 2)
+  x_best, acc, loss_best, _ = reference.attack_single_run(to_nchw(X), torch.tensor(np.asarray(y, np.int64)))
+  ours = apgd_run(mlp, X, y, targets, engine.example_keys(KEY, N), x_start, EPS, steps=steps,
+                  loss=loss, beta=2.0)
+  chex.assert_trees_all_close(ours["loss_best"], loss_best.numpy(), rtol=1e-4, atol=1e-5)
+  chex.assert_trees_all_close(ours["x_best"], np.transpose(x_best.numpy(), (0, 2, 3, 1)),
+                              atol=1e-5)
+  np.testing.assert_array_equal(ours["fooled"], ~acc.numpy())
 
 
 def test_should_halve_follows_both_conditions():
