@@ -472,7 +472,7 @@ def test_autoattack_on_a_cas_model_is_at_least_as_strong_as_torchattacks(referen
     correct = net(torch.tensor(images[5000:])).argmax(1).numpy() == labels[5000:]
   chosen = 5000 + np.flatnonzero(correct)[:32]
   x, y = torch.tensor(images[chosen]), torch.tensor(labels[chosen])
-  eps = (4 if source == "cifar" else 12) / 255
+  eps = (4 if source == "cifar" else 24) / 255
   budget = dict(apgd_steps=10, fab_steps=10, square_queries=100)
   reference_robust = []
   for seed in range(3):
