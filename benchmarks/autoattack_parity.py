@@ -45,13 +45,15 @@ flags.DEFINE_string("checkpoint", None, "A workdir (its latest checkpoint) or a 
 flags.DEFINE_integer("images", 128, "The first N test images.")
 flags.DEFINE_float("eps", 8.0, "Radius in 1/255 units.")
 flags.DEFINE_integer("seeds", 5, "Seeds per side (0..seeds-1).")
+flags.DEFINE_list("sides", ["ours", "reference"], "Which AutoAttacks to run.")
+flags.DEFINE_integer("first_seed", 0, "Seeds first_seed..seeds-1 (split one run over processes).")
+flags.DEFINE_list("merge", [], "JSON files of this script to combine into --out (runs nothing).")
 flags.DEFINE_enum("reference", "official", ["official", "shipped"],
                   "torchattacks at AutoAttack's official budgets, or at its own defaults.")
 flags.DEFINE_integer("apgd_steps", 100, "APGD/FAB iterations on both sides (official budget).")
 flags.DEFINE_integer("square_queries", 5000, "Square queries on both sides (official budget).")
 flags.DEFINE_integer("torch_threads", 1, "torch.set_num_threads.")
 flags.DEFINE_string("out", "", "Write the per-image verdicts and the summary as JSON here.")
-flags.mark_flags_as_required(["config", "checkpoint"])
 
 STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
 
@@ -204,8 +206,28 @@ def markdown(summary: dict, setting: str) -> str:
   return "\n".join(lines)
 
 
+def merge(paths):
+  """Combine the verdicts of runs of one setting split over processes; write and print them."""
+  runs = []
+  for path in paths:
+    with open(path) as f:
+      runs.append(json.load(f))
+  verdicts = {side: [v for r in runs for v in r["verdicts"][side]] for side in ("ours", "reference")}
+  seconds = {side: [t for r in runs for t in r["seconds"][side]] for side in ("ours", "reference")}
+  first = runs[0]
+  for name in ("eps", "images", "reference", "apgd_steps", "square_queries", "checkpoint"):
+    setattr(FLAGS, name, first[name])
+  clean = np.array([v != "clean" for v in (verdicts["ours"] or verdicts["reference"])[0]])
+  print(write_result(verdicts, seconds, clean, np.array(first["labels"]),
+                     max(r["max_logit_gap"] for r in runs))["markdown"])
+
+
 def main(_):
   """Load, check the two forward passes agree, run both AutoAttacks over seeds, report."""
+  if FLAGS.merge:
+    return merge(FLAGS.merge)
+  if not FLAGS.config or not FLAGS.checkpoint:
+    raise app.UsageError("--config and --checkpoint are required (or --merge=a.json,b.json)")
   torch.set_num_threads(FLAGS.torch_threads)
   config = FLAGS.config
   _, (test_images, test_labels) = input_pipeline.load_cifar_dir(config.data.cifar_dir)
@@ -223,9 +245,11 @@ def main(_):
   clean = ours_logits.argmax(1) == y
   eps = FLAGS.eps / 255
   verdicts, seconds = {"ours": [], "reference": []}, {"ours": [], "reference": []}
-  for seed in range(FLAGS.seeds):
+  for seed in range(FLAGS.first_seed, FLAGS.seeds):
     for name, run in (("ours", lambda: run_ours(model_fn, x, y, eps, seed)),
                       ("reference", lambda: run_reference(net, x_nchw, y, eps, seed))):
+      if name not in FLAGS.sides:
+        continue
       start = time.perf_counter()
       verdicts[name].append(run())
       seconds[name].append(time.perf_counter() - start)
@@ -239,7 +263,8 @@ def main(_):
 def write_result(verdicts, seconds, clean, y, logit_gap) -> dict:
   """The summary and every verdict so far, written to --out as JSON; returns them."""
   seeds = min(len(verdicts["ours"]), len(verdicts["reference"]))
-  summary = summarize(verdicts["ours"][:seeds], verdicts["reference"][:seeds], clean)
+  summary = (summarize(verdicts["ours"][:seeds], verdicts["reference"][:seeds], clean)
+             if seeds else None)  # one side only: merge it with the other side's run
   setting = (f"{FLAGS.checkpoint}, eps {FLAGS.eps:g}/255, {FLAGS.images} test images, "
              f"{seeds} seeds per side, APGD/FAB {FLAGS.apgd_steps} iterations, Square "
              f"{FLAGS.square_queries} queries, reference budgets: {FLAGS.reference}")
@@ -248,7 +273,7 @@ def write_result(verdicts, seconds, clean, y, logit_gap) -> dict:
             "apgd_steps": FLAGS.apgd_steps, "square_queries": FLAGS.square_queries,
             "max_logit_gap": logit_gap, "seconds": seconds, "torch_threads": FLAGS.torch_threads,
             "cpu_count": os.cpu_count(), "summary": summary, "labels": y.tolist(),
-            "verdicts": verdicts, "markdown": markdown(summary, setting)}
+            "verdicts": verdicts, "markdown": markdown(summary, setting) if seeds else ""}
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
       json.dump(result, f, indent=1)
