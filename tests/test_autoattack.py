@@ -81,7 +81,7 @@ def _reference_checkpoints(torch, apgd_class, steps):
   return tuple([0] + seen)
 
 
-@pytest.mark.parametrize("steps", [1, 2, 5, 10, 20, 33, 50, 100, 150, 1000])
+@pytest.mark.parametrize("steps", [1, 2, 5, 10, 20, 33, 50, 100, 150, 250])  # 1000: below
 def test_checkpoints_are_the_reference_codes_at_every_budget(steps):
   torch = pytest.importorskip("torch")
   from torchattacks.attacks.apgd import APGD  # pylint: disable=g-import-not-at-top
