@@ -262,18 +262,18 @@ def main(_):
 
 def write_result(verdicts, seconds, clean, y, logit_gap) -> dict:
   """The summary and every verdict so far, written to --out as JSON; returns them."""
-  seeds = min(len(verdicts["ours"]), len(verdicts["reference"]))
-  summary = (summarize(verdicts["ours"][:seeds], verdicts["reference"][:seeds], clean)
-             if seeds else None)  # one side only: merge it with the other side's run
+  seeds = {side: len(v) for side, v in verdicts.items()}
+  summary = (summarize(verdicts["ours"], verdicts["reference"], clean)
+             if min(seeds.values()) else None)  # one side only: merge with the other's run
   setting = (f"{FLAGS.checkpoint}, eps {FLAGS.eps:g}/255, {FLAGS.images} test images, "
-             f"{seeds} seeds per side, APGD/FAB {FLAGS.apgd_steps} iterations, Square "
+             f"{seeds['ours']} seeds ours, {seeds['reference']} reference, APGD/FAB {FLAGS.apgd_steps} iterations, Square "
              f"{FLAGS.square_queries} queries, reference budgets: {FLAGS.reference}")
   result = {"setting": setting, "checkpoint": FLAGS.checkpoint, "eps": FLAGS.eps,
             "images": FLAGS.images, "seeds": seeds, "reference": FLAGS.reference,
             "apgd_steps": FLAGS.apgd_steps, "square_queries": FLAGS.square_queries,
             "max_logit_gap": logit_gap, "seconds": seconds, "torch_threads": FLAGS.torch_threads,
             "cpu_count": os.cpu_count(), "summary": summary, "labels": y.tolist(),
-            "verdicts": verdicts, "markdown": markdown(summary, setting) if seeds else ""}
+            "verdicts": verdicts, "markdown": markdown(summary, setting) if summary else ""}
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
       json.dump(result, f, indent=1)
