@@ -4,6 +4,8 @@ Small models, 8 images and few steps or queries; the same model functions and sh
 reused so that compilations are shared. The parity test against torchattacks (marked slow)
 runs the full standard AutoAttack on both sides.
 """
+import fractions
+import math
 import os
 import pickle
 
@@ -67,12 +69,33 @@ def _assert_in_ball(x_adv, x, eps):
 # ---------------------------------------------------------------- APGD
 
 
-def test_checkpoints_match_the_hand_computed_schedule():
-  # p_j: 0, .22, .41 (+.19), .57 (+.16), .70 (+.13), .80 (+.10), .87 (+.07), .93 (+.06),
-  # .99 (+.06); 1.05 > 1 stops. w_j = ceil(p_j * steps).
-  assert checkpoints(100) == (0, 22, 41, 57, 70, 80, 87, 93, 99)
-  # 10 steps: ceil of 2.2, 4.1, 5.7, 7.0, 8.0, 8.7, 9.3, 9.9 (the repeated 10 counts once).
-  assert checkpoints(10) == (0, 3, 5, 6, 7, 8, 9, 10)
+def _reference_checkpoints(torch, apgd_class, steps):
+  """The iterations after which torchattacks' APGD checks its step size, read off its own run."""
+  torch.manual_seed(0)
+  net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+  attack = apgd_class(net, eps=0.1, steps=steps)
+  seen, check = [], attack.check_oscillation
+  attack.check_oscillation = lambda x, j, *rest, **kw: seen.append(j + 1) or check(x, j, *rest,
+                                                                                 **kw)
+  attack.attack_single_run(torch.rand(2, 3, 2, 2), torch.tensor([0, 1]))
+  return tuple([0] + seen)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 10, 20, 33, 50, 100, 150, 250])  # 1000: below
+def test_checkpoints_are_the_reference_codes_at_every_budget(steps):
+  torch = pytest.importorskip("torch")
+  from torchattacks.attacks.apgd import APGD  # pylint: disable=g-import-not-at-top
+  assert checkpoints(steps) == _reference_checkpoints(torch, APGD, steps)
+
+
+@pytest.mark.parametrize("steps", [100, 200, 1000])
+def test_checkpoints_follow_the_papers_formula_at_multiples_of_100(steps):
+  # Croce & Hein (2020): p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06),
+  # w_j = ceil(p_j * steps) while p_j <= 1, in exact rational arithmetic.
+  p = [fractions.Fraction(0), fractions.Fraction(22, 100)]
+  while p[-1] <= 1:
+    p.append(p[-1] + max(p[-1] - p[-2] - fractions.Fraction(3, 100), fractions.Fraction(6, 100)))
+  assert checkpoints(steps) == tuple(math.ceil(q * steps) for q in p[:-1])
 
 
 def test_step_size_halves_at_every_checkpoint_when_the_loss_is_flat():
@@ -83,7 +106,45 @@ def test_step_size_halves_at_every_checkpoint_when_the_loss_is_flat():
   # Iteration i runs with 2 eps halved once per checkpoint w_j <= i (w_j: after w_j steps).
   expected = 2 * EPS * 0.5 ** np.array([np.sum(marks <= i) for i in range(10)])
   chex.assert_trees_all_close(out["step_sizes"], np.repeat(expected[:, None], N, 1), rtol=1e-6)
-  chex.assert_trees_all_close(expected[-1], 2 * EPS / 2**6)  # halved after 3, 5, ..., 9
+  chex.assert_trees_all_close(expected[-1], 2 * EPS / 2**8)  # halved after 2, 3, ..., 9
+
+
+def _torch_mlp(torch):
+  """mlp in PyTorch (NCHW input, flattened in NHWC order), the same weights."""
+  hidden, out = (torch.tensor(np.asarray(w)) for w in (W_HIDDEN, W_OUT))
+  return lambda z: torch.relu(z.permute(0, 2, 3, 1).reshape(z.shape[0], -1) @ hidden) @ out * 4
+
+
+# Budgets whose schedules differ from the paper's formula. (At some others, a float32 tie
+# between two losses late in the run, when steps are ~1e-4, picks a different best point.)
+@pytest.mark.parametrize("loss, steps", [("ce", 10), ("ce", 30), ("targeted_dlr", 20)])
+def test_apgd_run_follows_the_reference_trajectory(monkeypatch, loss, steps):
+  # The same start point on both sides: torchattacks starts at x + eps * t / max|t| with
+  # t = 2 * torch.rand - 1, so a t with max|t| = 1 fixes it. Then every step size, halving
+  # and restart from the best point must match: the best points and losses agree.
+  torch = pytest.importorskip("torch")
+  from torchattacks.attacks.apgd import APGD  # pylint: disable=g-import-not-at-top
+  from torchattacks.attacks.apgdt import APGDT  # pylint: disable=g-import-not-at-top
+  t = np.array(jax.random.uniform(jax.random.key(11), X.shape, minval=-1.0, maxval=1.0))
+  t[:, 0, 0, 0] = 1.0
+  to_nchw = lambda a: torch.tensor(np.transpose(np.asarray(a), (0, 3, 1, 2)))
+  x_start = jnp.clip(X + EPS * t, 0.0, 1.0)
+  y = jnp.argmax(mlp(X), -1)
+  rank = 3
+  if loss == "ce":
+    reference, targets = APGD(_torch_mlp(torch), eps=EPS, steps=steps, loss="ce"), y
+  else:
+    reference = APGDT(_torch_mlp(torch), eps=EPS, steps=steps, n_classes=CLASSES)
+    reference.target_class = rank
+    targets = jnp.argsort(mlp(X), -1)[:, -rank]
+  monkeypatch.setattr(torch, "rand", lambda *shape, **kw: (to_nchw(t) + 1) / 2)
+  x_best, acc, loss_best, _ = reference.attack_single_run(to_nchw(X), torch.tensor(np.asarray(y, np.int64)))
+  ours = apgd_run(mlp, X, y, targets, engine.example_keys(KEY, N), x_start, EPS, steps=steps,
+                  loss=loss, beta=2.0)
+  chex.assert_trees_all_close(ours["loss_best"], loss_best.numpy(), rtol=1e-4, atol=1e-5)
+  chex.assert_trees_all_close(ours["x_best"], np.transpose(x_best.numpy(), (0, 2, 3, 1)),
+                              atol=1e-5)
+  np.testing.assert_array_equal(ours["fooled"], ~acc.numpy())
 
 
 def test_should_halve_follows_both_conditions():
@@ -288,44 +349,48 @@ def _parity_data():
   return np.clip(prototypes[labels] + noise, 0, 1), labels, "synthetic"
 
 
-@pytest.mark.slow
-def test_standard_autoattack_matches_torchattacks():
+@pytest.fixture
+def reference_setup():
+  """(torch, torchattacks, images, labels, source), torch on one thread for the test."""
   torch = pytest.importorskip("torch")
   torchattacks = pytest.importorskip("torchattacks")
-  images, labels, source = _parity_data()
   threads = torch.get_num_threads()
   torch.set_num_threads(1)  # the reference's many small ops run faster without contention
-  try:
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 64), torch.nn.ReLU(),
-                              torch.nn.Linear(64, 10))
-    optimizer = torch.optim.Adam(net.parameters(), 3e-3)
-    x_train, y_train = torch.tensor(images[:5000]), torch.tensor(labels[:5000])
-    for _ in range(30):
-      for batch in torch.randperm(5000).split(256):
-        loss = torch.nn.functional.cross_entropy(net(x_train[batch]), y_train[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    net.eval()
-    with torch.no_grad():
-      correct = (net(torch.tensor(images)).argmax(1).numpy() == labels)
-    chosen = np.flatnonzero(correct)[:600]
-    x, y = images[chosen], labels[chosen]
-    eps = (3 if source == "cifar" else 12) / 255
+  yield (torch, torchattacks, *_parity_data())
+  torch.set_num_threads(threads)
 
-    reference = torchattacks.AutoAttack(net, norm="Linf", eps=eps, version="standard",
-                                        n_classes=10, seed=0)
-    for attack in reference._autoattack.attacks:  # the official settings (fra31/auto-attack)
-      if hasattr(attack, "steps"):
-        attack.steps = 100
-      if hasattr(attack, "rescale_schedule"):
-        attack.rescale_schedule = False
-    x_reference = reference(torch.tensor(x), torch.tensor(y))
-    with torch.no_grad():
-      theirs = np.mean(net(x_reference).argmax(1).numpy() == y)
-  finally:
-    torch.set_num_threads(threads)
+
+@pytest.mark.slow
+def test_standard_autoattack_matches_torchattacks(reference_setup):
+  torch, torchattacks, images, labels, source = reference_setup
+  torch.manual_seed(0)
+  net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 64), torch.nn.ReLU(),
+                            torch.nn.Linear(64, 10))
+  optimizer = torch.optim.Adam(net.parameters(), 3e-3)
+  x_train, y_train = torch.tensor(images[:5000]), torch.tensor(labels[:5000])
+  for _ in range(30):
+    for batch in torch.randperm(5000).split(256):
+      loss = torch.nn.functional.cross_entropy(net(x_train[batch]), y_train[batch])
+      optimizer.zero_grad()
+      loss.backward()
+      optimizer.step()
+  net.eval()
+  with torch.no_grad():
+    correct = (net(torch.tensor(images)).argmax(1).numpy() == labels)
+  chosen = np.flatnonzero(correct)[:600]
+  x, y = images[chosen], labels[chosen]
+  eps = (3 if source == "cifar" else 12) / 255
+
+  reference = torchattacks.AutoAttack(net, norm="Linf", eps=eps, version="standard",
+                                      n_classes=10, seed=0)
+  for attack in reference._autoattack.attacks:  # the official settings (fra31/auto-attack)
+    if hasattr(attack, "steps"):
+      attack.steps = 100
+    if hasattr(attack, "rescale_schedule"):
+      attack.rescale_schedule = False
+  x_reference = reference(torch.tensor(x), torch.tensor(y))
+  with torch.no_grad():
+    theirs = np.mean(net(x_reference).argmax(1).numpy() == y)
 
   w1, b1, w2, b2 = [jnp.asarray(p.detach().numpy()) for p in net.parameters()]
   jax_net = lambda z: jax.nn.relu(
@@ -340,3 +405,97 @@ def test_standard_autoattack_matches_torchattacks():
   _assert_in_ball(x_adv, x_nhwc, eps)
   assert 0.3 <= ours <= 0.7
   assert abs(ours - theirs) <= 0.005
+
+
+def _train_torch_cas_net(torch, images, labels, width=64, beta=2.0):
+  """A one-hidden-layer network with a CAS module (the authors' rule), trained briefly.
+
+  ReLU features -> CAS (each feature channel scaled by the CAS head's weight row of the
+  label in training, of the head's own prediction in evaluation) -> linear. The module
+  returns the main logits (what torchattacks attacks); also its weights for JAX.
+  """
+
+  class CasNet(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.hidden = torch.nn.Linear(192, width)
+      self.cas_fc = torch.nn.Linear(width, 10)
+      self.linear = torch.nn.Linear(width, 10)
+
+    def heads(self, x, label=None):
+      h = torch.relu(self.hidden(x.flatten(1)))
+      cas_logits = self.cas_fc(h)
+      mask = self.cas_fc.weight[cas_logits.argmax(1) if label is None else label]
+      return self.linear(h * mask), cas_logits
+
+    def forward(self, x):
+      return self.heads(x)[0]
+
+  torch.manual_seed(0)
+  net = CasNet()
+  optimizer = torch.optim.Adam(net.parameters(), 3e-3)
+  x_train, y_train = torch.tensor(images[:5000]), torch.tensor(labels[:5000])
+  for _ in range(10):
+    for batch in torch.randperm(5000).split(128):
+      logits, cas_logits = net.heads(x_train[batch], y_train[batch])
+      loss = (torch.nn.functional.cross_entropy(logits, y_train[batch])
+              + beta * torch.nn.functional.cross_entropy(cas_logits, y_train[batch]))
+      optimizer.zero_grad()
+      loss.backward()
+      optimizer.step()
+  net.eval()
+  return net, [jnp.asarray(p.detach().numpy()) for p in net.parameters()]
+
+
+def _jax_cas_net(weights):
+  """The same network in JAX on NHWC images: (logits, (cas_logits,))."""
+  hidden_w, hidden_b, cas_w, cas_b, linear_w, linear_b = weights
+
+  def model_fn(x):
+    flat = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)  # torch's (C, H, W) order
+    h = jax.nn.relu(flat @ hidden_w.T + hidden_b)
+    cas_logits = h @ cas_w.T + cas_b
+    h = h * cas_w[jnp.argmax(cas_logits, -1)]
+    return h @ linear_w.T + linear_b, (cas_logits,)
+  return model_fn
+
+
+@pytest.mark.slow
+def test_autoattack_on_a_cas_model_is_at_least_as_strong_as_torchattacks(reference_setup):
+  # A CAS network at a small eps, the same images and small budgets on both sides: over 3
+  # seeds each, our robust accuracy may not exceed the reference's worst seed, and no image
+  # that every reference seed breaks may survive every one of ours.
+  torch, torchattacks, images, labels, source = reference_setup
+  net, weights = _train_torch_cas_net(torch, images, labels)
+  with torch.no_grad():
+    correct = net(torch.tensor(images[5000:])).argmax(1).numpy() == labels[5000:]
+  chosen = 5000 + np.flatnonzero(correct)[:32]
+  x, y = torch.tensor(images[chosen]), torch.tensor(labels[chosen])
+  eps = (4 if source == "cifar" else 24) / 255
+  budget = dict(apgd_steps=10, fab_steps=10, square_queries=100)
+  reference_robust = []
+  for seed in range(3):
+    reference = torchattacks.AutoAttack(net, eps=eps, version="standard", seed=seed)
+    for attack in reference._autoattack.attacks:
+      if hasattr(attack, "steps"):
+        attack.steps = budget["apgd_steps"]
+      if hasattr(attack, "n_queries"):
+        attack.n_queries, attack.rescale_schedule = budget["square_queries"], False
+    with torch.no_grad():
+      reference_robust.append(net(reference(x, y)).argmax(1).numpy() == y.numpy())
+  model_fn = _jax_cas_net(weights)
+  x_nhwc = jnp.asarray(np.transpose(x.numpy(), (0, 2, 3, 1)))
+  chex.assert_trees_all_close(model_fn(x_nhwc)[0], net(x).detach().numpy(), atol=1e-4)
+  ours_robust = []
+  for seed in range(3):
+    x_adv, robust = autoattack(model_fn, x_nhwc, jnp.asarray(y.numpy()), eps=eps,
+                               key=jax.random.key(seed), return_per_attack=True, **budget)
+    _assert_in_ball(x_adv, x_nhwc, eps)
+    ours_robust.append(robust["square"])
+  ours, theirs = np.array(ours_robust), np.array(reference_robust)
+  print(f"\n{source}, eps {eps * 255:.0f}/255: robust per seed, ours {ours.sum(1)}, "
+        f"torchattacks {theirs.sum(1)} of {len(y)}")
+  assert 0.2 <= theirs.mean() <= 0.8  # the attacks break some images, not all
+  assert ours.sum(1).mean() <= theirs.sum(1).max()
+  assert not np.any(~theirs.any(0) & ours.all(0))

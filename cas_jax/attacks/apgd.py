@@ -36,17 +36,23 @@ _START, _MODEL, _PREDICT, _ROUND = 0, 1, 2, 3
 
 
 def checkpoints(steps: int) -> tuple:
-  """Iterations w_j = ceil(p_j * steps) at which APGD checks its step size (w_0 = 0).
+  """Iterations w_j after which APGD checks its step size (w_0 = 0), as AutoAttack's code does.
 
-  p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), kept in hundredths
-  so that the arithmetic is exact: for 100 steps, (0, 22, 41, 57, 70, 80, 87, 93, 99).
+  The first check comes after max(int(0.22 N), 1) iterations; each later interval is
+  max(int(0.03 N), 1) shorter than the one before, but at least max(int(0.06 N), 1). When
+  N is a multiple of 100 (AutoAttack's 100 iterations) this is the paper's p_0 = 0,
+  p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), w_j = ceil(p_j N):
+  (0, 22, 41, 57, 70, 80, 87, 93, 99) for 100. At other budgets the authors' code (and
+  torchattacks) truncates the three fractions of N instead, and we follow the code: for 10
+  iterations it checks after every iteration from the 2nd on.
   """
-  found, previous, current = [0], 0, 22
-  while current <= 100:
-    w = -(-current * steps // 100)
-    if found[-1] < w <= steps:
-      found.append(w)
-    previous, current = current, current + max(current - previous - 3, 6)
+  # The reference's own float expressions, so that int() truncates exactly as it does.
+  interval, shrink, shortest = (max(int(0.22 * steps), 1), max(int(0.03 * steps), 1),
+                                max(int(0.06 * steps), 1))
+  found = [0]
+  while found[-1] + interval <= steps:
+    found.append(found[-1] + interval)
+    interval = max(interval - shrink, shortest)
   return tuple(found)
 
 
@@ -116,8 +122,11 @@ def apgd_run(model_fn, x: Array, y: Array, targets: Array, keys: Array, x_start:
     return value / eot, grad / eot, jnp.argmax(logits, -1) == y
 
   value, grad, correct = evaluate(x_start, 0)
+  # The reference code compares the first iterate's loss with 0, not with the start's: its
+  # loss history is read one row back, at index -1, which wraps to a row not yet written.
+  first_comparison = jnp.zeros_like(value) if steps > 1 else jnp.full_like(value, jnp.inf)
   state = dict(x_adv=x_start, x_prev=x_start, grad=grad, step=jnp.full((n,), 2.0 * eps),
-               x_best=x_start, grad_best=grad, loss_best=value, loss_prev=value,
+               x_best=x_start, grad_best=grad, loss_best=value, loss_prev=first_comparison,
                x_fooled=x_start, fooled=~correct, increases=jnp.zeros(n, jnp.int32),
                loss_best_at_check=value, reduced_at_check=jnp.ones(n, bool),
                step_sizes=jnp.zeros((steps, n)))

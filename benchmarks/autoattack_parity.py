@@ -1,0 +1,284 @@
+"""Ours vs torchattacks' AutoAttack (standard), image by image and stage by stage, over seeds.
+
+  python benchmarks/autoattack_parity.py --config=configs/cifar_subset.py \
+    --config.loss.objective=natural --config.data.cifar_dir=../shared/data/cifar-10-batches-py \
+    --checkpoint=runs/natural_cas16 --images=128 --eps=1 --seeds=5 \
+    --out=benchmarks/results/autoattack_parity_natural_cas16_eps1.json
+
+The model is a workdir (its latest checkpoint) or an authors'-layout .pth (ResNet-18 with CAS
+in layer4). Its weights are exported to the PyTorch network of the authors' layout (the
+one tests/test_interop.py checks against models.resnet) and the two forward passes are
+compared before anything runs. Both AutoAttacks then attack the first --images test images
+with --seeds seeds each (ours: jax.random.key(seed); theirs: seed=seed, which torchattacks
+gives every stage), at the official budgets by default (100 APGD/FAB iterations, 9 targets,
+5000 Square queries without rescaling its schedule; `--reference=shipped` keeps
+torchattacks' own defaults: 10 iterations and a rescaled Square schedule). The reference's
+stages run one after the other on the images still robust, as its MultiAttack does, so
+each broken image is credited to the stage that broke it on both sides.
+
+Prints a markdown report and writes every per-image verdict as JSON (--out).
+"""
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cas_jax import attacks  # pylint: disable=g-import-not-at-top
+from cas_jax import evaluate  # pylint: disable=g-import-not-at-top
+from cas_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+from cas_jax import interop  # pylint: disable=g-import-not-at-top
+from cas_jax import train  # pylint: disable=g-import-not-at-top
+from tests.test_interop import TorchResNet18  # pylint: disable=g-import-not-at-top
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "A config file from configs/ (model, data).")
+flags.DEFINE_string("checkpoint", None, "A workdir (its latest checkpoint) or a .pth file.")
+flags.DEFINE_integer("images", 128, "The first N test images.")
+flags.DEFINE_float("eps", 8.0, "Radius in 1/255 units.")
+flags.DEFINE_integer("seeds", 5, "Seeds per side (0..seeds-1).")
+flags.DEFINE_list("sides", ["ours", "reference"], "Which AutoAttacks to run.")
+flags.DEFINE_integer("first_seed", 0, "Seeds first_seed..seeds-1 (split one run over processes).")
+flags.DEFINE_list("merge", [], "JSON files of this script to combine into --out (runs nothing).")
+flags.DEFINE_enum("reference", "official", ["official", "shipped"],
+                  "torchattacks at AutoAttack's official budgets, or at its own defaults.")
+flags.DEFINE_integer("apgd_steps", 100, "APGD/FAB iterations on both sides (official budget).")
+flags.DEFINE_integer("square_queries", 5000, "Square queries on both sides (official budget).")
+flags.DEFINE_integer("torch_threads", 1, "torch.set_num_threads.")
+flags.DEFINE_string("out", "", "Write the per-image verdicts and the summary as JSON here.")
+
+STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
+
+
+class MainLogits(torch.nn.Module):
+  """The authors' CAS network seen by torchattacks: main-head logits only."""
+
+  def __init__(self, net):
+    super().__init__()
+    self.net = net
+
+  def forward(self, x):
+    return self.net(x)[0]
+
+
+def to_torch_state_dict(name: str, variables) -> dict:
+  """The authors'-layout state_dict of Flax variables (the inverse of interop's import)."""
+  flat = jax.tree_util.tree_flatten_with_path(variables)[0]
+  paths = [tuple(k.key for k in keys) for keys, _ in flat]
+  # pylint: disable=protected-access
+  module_fn = interop._torch_module_fn(name, [p[1:-1] for p in paths])
+  state = {}
+  for path, (_, leaf) in zip(paths, flat):
+    array = np.asarray(leaf, np.float32)
+    if array.ndim == 4:
+      array = array.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+    elif array.ndim == 2:
+      array = array.T
+    state[f"{module_fn(path[1:-1])}.{interop._TORCH_LEAF_NAMES[(path[0], path[-1])]}"] = (
+        torch.tensor(np.ascontiguousarray(array)))
+  return state
+
+
+def load_models(config, image_shape):
+  """(our model_fn, the torch network returning main logits) with the same weights."""
+  if config.model.name != "resnet18" or str(config.model.cas_stages) != "default":
+    raise ValueError("the torch reference network is the authors' ResNet-18 with CAS in layer4: "
+                     "use model.name=resnet18 and model.cas_stages=default")
+  model = train.create_model(config, 10)
+  net = TorchResNet18(config.model.width or 64)
+  if os.path.isfile(FLAGS.checkpoint):
+    state = torch.load(FLAGS.checkpoint, map_location="cpu", weights_only=True)
+    variables = interop.from_torch_state_dict("resnet18", state,
+                                              **train.model_options(config.model))
+  else:
+    # pylint: disable-next=protected-access
+    variables = next(iter(evaluate._restore_variables(config, FLAGS.checkpoint, model,
+                                                      image_shape).values()))
+    state = to_torch_state_dict("resnet18", variables)
+  missing, unexpected = net.load_state_dict(state, strict=False)
+  if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):
+    raise ValueError(f"state_dict mismatch: missing {missing}, unexpected {unexpected}")
+  return evaluate.bind_model(model, variables), MainLogits(net).eval()
+
+
+def first_breaking_stage(flags_by_stage: dict) -> list:
+  """Per image: the stage after which it is no longer robust, 'clean' if misclassified, or None."""
+  verdict, robust = [], flags_by_stage["clean"]
+  for i in range(len(robust)):
+    if not robust[i]:
+      verdict.append("clean")
+      continue
+    verdict.append(next((s for s in STAGES if not flags_by_stage[s][i]), None))
+  return verdict
+
+
+def run_ours(model_fn, x, y, eps, seed):
+  """Our AutoAttack's per-image verdicts (first_breaking_stage) for one seed."""
+  _, robust = attacks.autoattack(
+      model_fn, jnp.asarray(x), jnp.asarray(y), eps=eps, key=jax.random.key(seed), version="standard",
+      return_per_attack=True, apgd_steps=FLAGS.apgd_steps, fab_steps=FLAGS.apgd_steps,
+      square_queries=FLAGS.square_queries)
+  return first_breaking_stage({k: np.asarray(v) for k, v in robust.items()})
+
+
+def run_reference(net, x, y, eps, seed):
+  """torchattacks' AutoAttack stages in MultiAttack's order, each on the images still robust."""
+  import torchattacks  # pylint: disable=g-import-not-at-top
+  auto = torchattacks.AutoAttack(net, norm="Linf", eps=eps, version="standard", n_classes=10,
+                                 seed=seed)
+  stages = auto._autoattack.attacks  # pylint: disable=protected-access
+  if FLAGS.reference == "official":
+    for stage in stages:
+      if hasattr(stage, "steps"):
+        stage.steps = FLAGS.apgd_steps
+      if hasattr(stage, "n_queries"):
+        stage.n_queries = FLAGS.square_queries
+        stage.rescale_schedule = False
+  images, labels = torch.tensor(x), torch.tensor(y, dtype=torch.long)
+  with torch.no_grad():
+    robust = (net(images).argmax(1) == labels).numpy()
+  flags_by_stage = {"clean": robust.copy()}
+  for name, stage in zip(STAGES, stages):
+    idx = np.flatnonzero(robust)
+    if idx.size:
+      adv = stage(images[idx], labels[idx])
+      if float((adv.detach() - images[idx]).abs().max()) > eps + 1e-6:
+        raise RuntimeError(f"reference {name} left the eps-ball")
+      with torch.no_grad():
+        robust[idx] = (net(adv).argmax(1) == labels[idx]).numpy()
+    flags_by_stage[name] = robust.copy()
+  return first_breaking_stage(flags_by_stage)
+
+
+def summarize(ours: list, theirs: list, clean: np.ndarray) -> dict:
+  """Robust accuracy per seed and stage, and the per-image agreement (any / every seed)."""
+  ours, theirs = np.array(ours, object), np.array(theirs, object)  # (seeds, images)
+  broken_ours, broken_theirs = ours != None, theirs != None  # noqa: E711 (elementwise)
+  broken_ours &= clean
+  broken_theirs &= clean
+  side = lambda v: {"robust_acc_per_seed": [float(np.mean(clean & ~b)) for b in v]}
+  summary = {"clean_acc": float(np.mean(clean)), "ours": side(broken_ours),
+             "reference": side(broken_theirs)}
+  for name, verdicts in (("ours", ours), ("reference", theirs)):
+    summary[name]["broken_per_stage_per_seed"] = {
+        s: [int(np.sum(row == s)) for row in verdicts] for s in STAGES}
+  for rule, reduce in (("any_seed", np.any), ("every_seed", np.all)):
+    a, b = reduce(broken_ours, 0), reduce(broken_theirs, 0)
+    summary[rule] = {"both": int(np.sum(a & b)), "ours_only": int(np.sum(a & ~b)),
+                     "reference_only": int(np.sum(~a & b)),
+                     "ours_only_images": np.flatnonzero(a & ~b).tolist(),
+                     "reference_only_images": np.flatnonzero(~a & b).tolist()}
+  # Images the reference broke with some seed and ours with none: which stages broke them.
+  never_ours = np.flatnonzero(~np.any(broken_ours, 0) & np.any(broken_theirs, 0))
+  summary["reference_only_stages"] = {int(i): sorted({str(v) for v in theirs[:, i] if v})
+                                      for i in never_ours}
+  return summary
+
+
+def markdown(summary: dict, setting: str) -> str:
+  """The summary as markdown tables."""
+  acc = lambda v: f"{100 * np.mean(v):.1f} ({100 * np.min(v):.1f}-{100 * np.max(v):.1f})"
+  lines = [f"### {setting}", "",
+           "| side | robust acc. %, mean (min-max over seeds) | "
+           + " | ".join(f"{s} (mean per seed)" for s in STAGES) + " |",
+           "|---|---|" + "---|" * len(STAGES)]
+  for name in ("ours", "reference"):
+    side = summary[name]
+    per_stage = " | ".join(f"{np.mean(side['broken_per_stage_per_seed'][s]):.1f}" for s in STAGES)
+    lines.append(f"| {name} | {acc(side['robust_acc_per_seed'])} | {per_stage} |")
+  lines += ["", "| images broken | by both | ours only | reference only |", "|---|---|---|---|"]
+  for rule in ("any_seed", "every_seed"):
+    r = summary[rule]
+    lines.append(f"| by {rule.replace('_', ' ')} | {r['both']} | {r['ours_only']} | "
+                 f"{r['reference_only']} |")
+  if summary["reference_only_stages"]:
+    lines.append("\nBroken by the reference and never by ours (image: reference stages): "
+                 + ", ".join(f"{i}: {'/'.join(s)}" for i, s in
+                             summary["reference_only_stages"].items()))
+  return "\n".join(lines)
+
+
+def merge(paths):
+  """Combine the verdicts of runs of one setting split over processes; write and print them."""
+  runs = []
+  for path in paths:
+    with open(path) as f:
+      runs.append(json.load(f))
+  verdicts = {side: [v for r in runs for v in r["verdicts"][side]] for side in ("ours", "reference")}
+  seconds = {side: [t for r in runs for t in r["seconds"][side]] for side in ("ours", "reference")}
+  first = runs[0]
+  for name in ("eps", "images", "reference", "apgd_steps", "square_queries", "checkpoint"):
+    setattr(FLAGS, name, first[name])
+  clean = np.array([v != "clean" for v in (verdicts["ours"] or verdicts["reference"])[0]])
+  print(write_result(verdicts, seconds, clean, np.array(first["labels"]),
+                     max(r["max_logit_gap"] for r in runs))["markdown"])
+
+
+def main(_):
+  """Load, check the two forward passes agree, run both AutoAttacks over seeds, report."""
+  if FLAGS.merge:
+    return merge(FLAGS.merge)
+  if not FLAGS.config or not FLAGS.checkpoint:
+    raise app.UsageError("--config and --checkpoint are required (or --merge=a.json,b.json)")
+  torch.set_num_threads(FLAGS.torch_threads)
+  config = FLAGS.config
+  _, (test_images, test_labels) = input_pipeline.load_cifar_dir(config.data.cifar_dir)
+  x = test_images[:FLAGS.images].astype(np.float32) / 255
+  y = test_labels[:FLAGS.images].astype(np.int32)
+  model_fn, net = load_models(config, x.shape[1:])
+  x_nchw = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+  ours_logits = np.asarray(model_fn(x)[0])
+  with torch.no_grad():
+    torch_logits = net(torch.tensor(x_nchw)).numpy()
+  logit_gap = float(np.max(np.abs(ours_logits - torch_logits)))
+  if logit_gap > 1e-3 or np.any(ours_logits.argmax(1) != torch_logits.argmax(1)):
+    raise RuntimeError(f"the exported torch network disagrees with ours (max logit gap "
+                       f"{logit_gap:.2e}): the comparison would be meaningless")
+  clean = ours_logits.argmax(1) == y
+  eps = FLAGS.eps / 255
+  verdicts, seconds = {"ours": [], "reference": []}, {"ours": [], "reference": []}
+  for seed in range(FLAGS.first_seed, FLAGS.seeds):
+    for name, run in (("ours", lambda: run_ours(model_fn, x, y, eps, seed)),
+                      ("reference", lambda: run_reference(net, x_nchw, y, eps, seed))):
+      if name not in FLAGS.sides:
+        continue
+      start = time.perf_counter()
+      verdicts[name].append(run())
+      seconds[name].append(time.perf_counter() - start)
+      robust = np.mean([v is None for v in verdicts[name][-1]])
+      print(f"seed {seed} {name}: robust {100 * robust:.1f}% in {seconds[name][-1]:.0f} s",
+            flush=True)
+    write_result(verdicts, seconds, clean, y, logit_gap)  # after every seed: partial results
+  print(write_result(verdicts, seconds, clean, y, logit_gap)["markdown"])
+
+
+def write_result(verdicts, seconds, clean, y, logit_gap) -> dict:
+  """The summary and every verdict so far, written to --out as JSON; returns them."""
+  seeds = {side: len(v) for side, v in verdicts.items()}
+  summary = (summarize(verdicts["ours"], verdicts["reference"], clean)
+             if min(seeds.values()) else None)  # one side only: merge with the other's run
+  setting = (f"{FLAGS.checkpoint}, eps {FLAGS.eps:g}/255, {FLAGS.images} test images, "
+             f"{seeds['ours']} seeds ours, {seeds['reference']} reference, APGD/FAB {FLAGS.apgd_steps} iterations, Square "
+             f"{FLAGS.square_queries} queries, reference budgets: {FLAGS.reference}")
+  result = {"setting": setting, "checkpoint": FLAGS.checkpoint, "eps": FLAGS.eps,
+            "images": FLAGS.images, "seeds": seeds, "reference": FLAGS.reference,
+            "apgd_steps": FLAGS.apgd_steps, "square_queries": FLAGS.square_queries,
+            "max_logit_gap": logit_gap, "seconds": seconds, "torch_threads": FLAGS.torch_threads,
+            "cpu_count": os.cpu_count(), "summary": summary, "labels": y.tolist(),
+            "verdicts": verdicts, "markdown": markdown(summary, setting) if summary else ""}
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      json.dump(result, f, indent=1)
+  return result
+
+
+if __name__ == "__main__":
+  app.run(main)
