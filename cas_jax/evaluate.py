@@ -178,6 +178,16 @@ def _gather_rows(local: np.ndarray, n: int) -> np.ndarray:
   return gathered.reshape((-1,) + local.shape[1:])[:n]
 
 
+def _process_local(leaf):
+  """`leaf` on this process's devices only: a global array (e.g. weights restored replicated over
+  every process's devices) would otherwise need cross-host transfers, which CPU backends lack."""
+  if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
+    return leaf
+  if leaf.sharding.is_fully_replicated:
+    return leaf.addressable_data(0)  # this process's own copy
+  return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+
+
 def _padded_batches(x, y, indices, batch_size):
   """(count, x, y, index) per batch; the last one padded to batch_size with copies of row 0."""
   for start in range(0, len(y), batch_size):
@@ -220,6 +230,7 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
   # Each process attacks its own rows on its own devices; the verdicts are gathered at the end.
   num_images, rows = y.size, _process_rows(y.size)
   x, y, local_indices = x[rows], y[rows], indices[rows]
+  model_fns = jax.tree_util.tree_map(_process_local, model_fns)
   devices = jax.local_device_count()
   batch_size = -(-min(batch_size, y.size) // devices) * devices
   mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",)) if devices > 1 else None

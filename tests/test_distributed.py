@@ -56,14 +56,21 @@ def _main(workdir, overrides, *flags, devices, processes=1):
   if processes > 1:
     command += ["--distributed", f"--coordinator_address=127.0.0.1:{_free_port()}",
                 f"--num_processes={processes}"]
-  runs = [subprocess.Popen(command + ([f"--process_id={i}"] if processes > 1 else []),
-                           env=fake_devices.environment(devices), cwd=fake_devices.ROOT,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  # Output to files, not pipes: a process blocked on a full pipe that is not being read yet
+  # would stall the other one in a collective until gloo's timeout.
+  logs = [(workdir.parent / f"{workdir.name}.{i}.out", workdir.parent / f"{workdir.name}.{i}.err")
           for i in range(processes)]
-  outputs = [run.communicate(timeout=900) for run in runs]
-  for run, (_, err) in zip(runs, outputs):
-    assert run.returncode == 0, err[-3000:]
-  return [out for out, _ in outputs]
+  runs = []
+  for i, (out, err) in enumerate(logs):
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+      runs.append(subprocess.Popen(command + ([f"--process_id={i}"] if processes > 1 else []),
+                                   env=fake_devices.environment(devices), cwd=fake_devices.ROOT,
+                                   stdout=stdout, stderr=stderr, text=True))
+  for run in runs:
+    run.wait(timeout=900)
+  for run, (_, err) in zip(runs, logs):
+    assert run.returncode == 0, err.read_text()[-3000:]
+  return [out.read_text() for out, _ in logs]
 
 
 def _restored(workdir):
