@@ -33,10 +33,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cas_jax import attacks  # pylint: disable=g-import-not-at-top
+from cas_jax import checkpointing  # pylint: disable=g-import-not-at-top
 from cas_jax import evaluate  # pylint: disable=g-import-not-at-top
 from cas_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 from cas_jax import interop  # pylint: disable=g-import-not-at-top
-from cas_jax import train  # pylint: disable=g-import-not-at-top
+from cas_jax import models  # pylint: disable=g-import-not-at-top
 from tests.test_interop import TorchResNet18  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
@@ -92,16 +93,15 @@ def load_models(config, image_shape):
   if config.model.name != "resnet18" or str(config.model.cas_stages) != "default":
     raise ValueError("the torch reference network is the authors' ResNet-18 with CAS in layer4: "
                      "use model.name=resnet18 and model.cas_stages=default")
-  model = train.create_model(config, 10)
+  model = models.from_config(config, 10)
   net = TorchResNet18(config.model.width or 64)
   if os.path.isfile(FLAGS.checkpoint):
     state = torch.load(FLAGS.checkpoint, map_location="cpu", weights_only=True)
     variables = interop.from_torch_state_dict("resnet18", state,
-                                              **train.model_options(config.model))
+                                              **models.options_from_config(config.model))
   else:
-    # pylint: disable-next=protected-access
-    variables = next(iter(evaluate._restore_variables(config, FLAGS.checkpoint, model,
-                                                      image_shape).values()))
+    _, variables = checkpointing.restore_variables(
+        FLAGS.checkpoint, models.variable_shapes(model, image_shape))
     state = to_torch_state_dict("resnet18", variables)
   missing, unexpected = net.load_state_dict(state, strict=False)
   if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):
