@@ -225,8 +225,9 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
                      "config.eval.transfer_checkpoint)")
   model_fns = tuple(engine.as_partial(f) for f in (apply_fn, source_fn, random_apply_fn))
   draws = budget.eot_draws if random_apply_fn is not None else 0
-  if random_apply_fn is None:  # eot / avg-pgd / aa-rand on a deterministic model: no noise
+  if random_apply_fn is None:  # eot / avg-pgd / aa-rand on a deterministic model: no noise,
     model_fns = model_fns[:2] + (Partial(_ignoring_keys, model_fns[0]),)
+    budget = dataclasses.replace(budget, eot_draws=1)  # so one draw is as good as many
   # Each process attacks its own rows on its own devices; the verdicts are gathered at the end.
   num_images, rows = y.size, _process_rows(y.size)
   x, y, local_indices = x[rows], y[rows], indices[rows]

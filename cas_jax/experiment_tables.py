@@ -82,7 +82,7 @@ def markdown(result: dict) -> str:
   lines.append("")
   comparisons = twin_comparisons(rows)
   if comparisons:
-    lines += ["## Each row against its twin (CAS against no CAS; bfloat16 against float32)", ""] + [f"- {c}" for c in comparisons] + [""]
+    lines += ["## Each row against its twin (CAS or a baseline against plain training; bfloat16 against float32)", ""] + [f"- {c}" for c in comparisons] + [""]
   with_paper = [r for r in rows if r["paper"]]
   if with_paper:
     names = list(with_paper[0]["paper"])

@@ -57,7 +57,8 @@ class Setting:
   objective: Optional[str] = None  # take OBJECTIVE_FIELDS from default.setting(objective, ...)
   cas: Optional[bool] = None  # model.cas_stages "default" (True) or "none" (False)
   overrides: Tuple[Tuple[str, Any], ...] = ()  # (dotted config path, value), applied last
-  twin: str = ""  # the setting without CAS this one is compared with
+  twin: str = ""  # the setting this one is compared with (a CAS row's: the row without CAS)
+  extra_attacks: str = ""  # appended to the experiment's attack list (e.g. EOT for SAP)
   paper: Tuple[Tuple[str, float], ...] = ()  # the paper's figures (last checkpoint, %)
 
 
@@ -68,6 +69,7 @@ class Experiment:
   settings: Tuple[Setting, ...]
   model: Optional[str] = None  # take MODEL_FIELDS from default.setting(..., model)
   plot_beta: bool = False  # draw accuracy against the CAS loss weight beta (fig8)
+  attacks: str = EVAL_DEFAULTS["eval.attacks"]  # every setting's attack list, unless overridden
 
 
 def _paper(natural, fgsm, pgd20, cw):
@@ -92,7 +94,23 @@ def _beta(beta: float) -> Setting:
                  overrides=(("loss.beta", float(beta)),))
 
 
+def _baseline(name: str, label: str, extra_attacks: str = "") -> Setting:
+  """A Table 1 row: PGD-AT with the baseline `name` instead of CAS, compared with plain AT."""
+  return Setting(name, label, "at", cas=False, twin="at", extra_attacks=extra_attacks,
+                 overrides=(("baseline", name),))
+
+
 EXPERIMENTS = {
+    # Paper Table 1: CAS beside the activation-side defenses kWTA, SAP and PCL, all with PGD-AT.
+    # Avg-PGD-100 is a Table 1 column; SAP, randomized, is also attacked with EOT and AutoAttack's
+    # rand version (gradients averaged over draws) and judged over fresh draws.
+    "table1": Experiment("CAS beside kWTA, SAP and PCL (paper Table 1, ResNet-18)", (
+        Setting("at", "AT", "at", cas=False),
+        _baseline("kwta", "AT+kWTA"),
+        _baseline("sap", "AT+SAP", extra_attacks="eot20,aa-rand"),
+        _baseline("pcl", "AT+PCL"),
+        Setting("at_cas", "AT+CAS", "at", cas=True, twin="at"),
+    ), attacks="default,fgsm,avg-pgd100"),
     # The issue's "table3" is the paper's Table 5 (white-box robustness, ResNet-18, CIFAR-10);
     # the paper's ResNet-18 figures did not survive in its text, so none are shown.
     "table3": Experiment("AT, TRADES and MART with and without CAS (paper Table 5, ResNet-18)",
@@ -180,8 +198,10 @@ def setting_config(name: str, setting: Setting, base: ml_collections.ConfigDict,
     raise ValueError(f"--config.{clash[0]} is what {name} sets per setting ({setting.name}); "
                      "drop it (choose rows with --settings=...)")
   config = base.copy_and_resolve_references()
-  changes = {**EVAL_DEFAULTS, **fields}
+  changes = {**EVAL_DEFAULTS, "eval.attacks": EXPERIMENTS[name].attacks, **fields}
   config.update_from_flattened_dict({p: v for p, v in changes.items() if p not in command_line})
+  if setting.extra_attacks:
+    config.eval.attacks = f"{config.eval.attacks},{setting.extra_attacks}"
   train.validate_config(config)
   return config
 
