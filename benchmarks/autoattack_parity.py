@@ -33,11 +33,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cas_jax import attacks  # pylint: disable=g-import-not-at-top
-from cas_jax import checkpointing  # pylint: disable=g-import-not-at-top
 from cas_jax import evaluate  # pylint: disable=g-import-not-at-top
 from cas_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 from cas_jax import interop  # pylint: disable=g-import-not-at-top
-from cas_jax import models  # pylint: disable=g-import-not-at-top
+from cas_jax import loading  # pylint: disable=g-import-not-at-top
 from tests.test_interop import TorchResNet18  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
@@ -93,16 +92,10 @@ def load_models(config, image_shape):
   if config.model.name != "resnet18" or str(config.model.cas_stages) != "default":
     raise ValueError("the torch reference network is the authors' ResNet-18 with CAS in layer4: "
                      "use model.name=resnet18 and model.cas_stages=default")
-  model = models.from_config(config, 10)
+  loaded = loading.load(config, FLAGS.checkpoint, 10, image_shape)  # a workdir or a .pth
+  model, variables = loaded.model, loaded.variables
   net = TorchResNet18(config.model.width or 64)
-  if os.path.isfile(FLAGS.checkpoint):
-    state = torch.load(FLAGS.checkpoint, map_location="cpu", weights_only=True)
-    variables = interop.from_torch_state_dict("resnet18", state,
-                                              **models.options_from_config(config.model))
-  else:
-    _, variables = checkpointing.restore_variables(
-        FLAGS.checkpoint, models.variable_shapes(model, image_shape))
-    state = to_torch_state_dict("resnet18", variables)
+  state = to_torch_state_dict("resnet18", variables)
   missing, unexpected = net.load_state_dict(state, strict=False)
   if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):
     raise ValueError(f"state_dict mismatch: missing {missing}, unexpected {unexpected}")

@@ -24,10 +24,9 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # pylint: disable=g-import-not-at-top
-from cas_jax import checkpointing  # pylint: disable=g-import-not-at-top
 from cas_jax import evaluate  # pylint: disable=g-import-not-at-top
 from cas_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-from cas_jax import interop  # pylint: disable=g-import-not-at-top
+from cas_jax import loading  # pylint: disable=g-import-not-at-top
 from cas_jax import models  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
@@ -41,16 +40,6 @@ flags.DEFINE_string("out", "", "Write the results as JSON here.")
 flags.mark_flags_as_required(["config"])
 
 
-def _variables(config, model, image_shape, num_classes):
-  if not FLAGS.checkpoint:
-    return None
-  if os.path.isfile(FLAGS.checkpoint):
-    return interop.load_torch_checkpoint(config.model.name, FLAGS.checkpoint, num_classes,
-                                         **models.options_from_config(config.model))
-  template = models.variable_shapes(model, image_shape)
-  return checkpointing.restore_variables(FLAGS.checkpoint, template)[1]
-
-
 def main(_):
   """Time each attack of --attacks on --images images, after one compiling run."""
   config = FLAGS.config
@@ -61,8 +50,9 @@ def main(_):
     labels, num_classes = dataset.test_labels[:FLAGS.images], dataset.num_classes
   else:
     x = np.random.default_rng(0).random((FLAGS.images, size, size, 3), dtype=np.float32)
-  model = models.from_config(config, num_classes)
-  variables = _variables(config, model, x.shape[1:], num_classes)
+  model, variables = models.from_config(config, num_classes), None
+  if FLAGS.checkpoint:  # a workdir's latest checkpoint or a .pth
+    variables = loading.load(config, FLAGS.checkpoint, num_classes, x.shape[1:]).variables
   if variables is None:
     variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, *x.shape[1:])), train=False))(
         jax.random.key(0, impl="rbg"))

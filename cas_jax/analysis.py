@@ -24,10 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cas_jax import checkpointing
 from cas_jax import input_pipeline
-from cas_jax import interop
-from cas_jax import models
+from cas_jax import loading
 from cas_jax.attacks import engine
 from cas_jax.attacks.white_box import pgd
 
@@ -123,21 +121,11 @@ def _load(config, source: str, cas_stages: str, num_classes: int, image_shape) -
   config = config.copy_and_resolve_references()
   if cas_stages:
     config.model.cas_stages = cas_stages
-  model = models.from_config(config, num_classes)
-  label = os.path.basename(os.path.normpath(source))
-  if os.path.isfile(source):
-    variables = interop.load_torch_checkpoint(config.model.name, source, num_classes,
-                                              **models.options_from_config(config.model))
-    where = f"PyTorch checkpoint {source}"
-    label = os.path.splitext(label)[0]
-  else:
-    step, variables = checkpointing.restore_variables(
-        source, models.variable_shapes(model, image_shape), "last")
-    where = f"workdir {source}, last checkpoint (step {step})"
-  stages = config.model.cas_stages
-  return {"label": label, "model": model, "variables": variables,
+  loaded = loading.load(config, source, num_classes, image_shape)
+  label = loaded.label if loaded.step is None else os.path.basename(os.path.normpath(source))
+  return {"label": label, "model": loaded.model, "variables": loaded.variables,
           "where": f"{config.model.name} (width {config.model.width or 'full'}, CAS stages "
-                   f"{stages}), {where}"}
+                   f"{config.model.cas_stages}), {loaded.where}"}
 
 
 def analyze_model(model, variables, x, y, config, key) -> Dict[str, Any]:

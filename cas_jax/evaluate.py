@@ -35,10 +35,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cas_jax import checkpointing
 from cas_jax import input_pipeline
-from cas_jax import interop
-from cas_jax import models
+from cas_jax import loading
 from cas_jax.models import baselines
 from cas_jax import report as report_lib
 from cas_jax.attack_registry import AttackBudget, AttackSpec, attack_names, parse_attacks
@@ -50,7 +48,6 @@ from cas_jax.attacks.white_box import cw_inf, fgsm, margin_decomposition, pgd
 
 Array = jax.Array
 Partial = jax.tree_util.Partial
-CHECKPOINT_CHOICES = ("last", "best")
 
 
 # ----------------------------------------------------------------------------- compiled attacks
@@ -353,65 +350,6 @@ def budget_from_config(evaluation) -> AttackBudget:
                          for name, default in vars(defaults).items()})
 
 
-def _no_checkpoint(workdir: str) -> FileNotFoundError:
-  return FileNotFoundError(
-      f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: train first with the same "
-      f"command without --mode=eval (python main.py --config=... --workdir={workdir}), or "
-      "evaluate a PyTorch file with --config.eval.torch_checkpoint=/path/to/model.pth")
-
-
-def _restore_variables(workdir, model, image_shape, which=("last",)):
-  """{(label, step): variables} of the workdir checkpoints named in `which`."""
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    raise _no_checkpoint(workdir)
-  template = models.variable_shapes(model, image_shape)
-  found = {}
-  for label in which:
-    try:
-      step, variables = checkpointing.restore_variables(workdir, template, label)
-    except FileNotFoundError:
-      if label == "last":
-        raise _no_checkpoint(workdir) from None
-      logging.warning("No best checkpoint in %s (no evaluation metrics saved); skipping it.",
-                      workdir)
-      continue
-    found[(label, step)] = variables
-  if not found:
-    raise FileNotFoundError(f"no best checkpoint in {workdir}: none was saved with evaluation "
-                            "metrics; use --config.eval.checkpoints=last")
-  return found
-
-
-def _load_targets(config, workdir, model, num_classes, image_shape):
-  """{(label, step or None): variables}: the torch file, or the workdir's checkpoints."""
-  path = config.eval.get("torch_checkpoint", "")
-  if path:
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"config.eval.torch_checkpoint={path!r} is not a file")
-    variables = interop.load_torch_checkpoint(config.model.name, path, num_classes,
-                                              **models.options_from_config(config.model))
-    return {(os.path.splitext(os.path.basename(path))[0], None): variables}
-  which = [w.strip() for w in str(config.eval.get("checkpoints", "last")).split(",") if w.strip()]
-  if not which or set(which) - set(CHECKPOINT_CHOICES):
-    raise ValueError(f"config.eval.checkpoints={config.eval.checkpoints!r}; use a comma-separated "
-                     f"subset of {', '.join(CHECKPOINT_CHOICES)}, e.g. 'last,best'")
-  return _restore_variables(workdir, model, image_shape, which)
-
-
-def _load_source(config, num_classes, image_shape):
-  """The transfer attacks' source model: a .pth (config.eval.transfer_model) or a workdir."""
-  path = config.eval.get("transfer_checkpoint", "")
-  if not path:
-    return None
-  if os.path.isfile(path):
-    name = config.eval.get("transfer_model", "") or config.model.name
-    variables = interop.load_torch_checkpoint(name, path, num_classes)
-    return bind_model(models.create(name, num_classes=num_classes), variables)
-  model = models.from_config(config, num_classes)
-  variables = next(iter(_restore_variables(path, model, image_shape).values()))
-  return bind_model(model, variables)
-
-
 def evaluate_workdir(config, workdir: str) -> Dict[str, report_lib.Report]:
   """Evaluate config.eval.checkpoints of workdir (or config.eval.torch_checkpoint); write reports.
 
@@ -425,13 +363,15 @@ def evaluate_workdir(config, workdir: str) -> Dict[str, report_lib.Report]:
   x = dataset.test_images[:count].astype(np.float32) / np.float32(255)
   y = dataset.test_labels[:count]
   image_shape = dataset.test_images.shape[1:]
-  model = models.from_config(config, dataset.num_classes)
-  targets = _load_targets(config, workdir, model, dataset.num_classes, image_shape)
+  targets = loading.load_evaluation_targets(config, workdir, dataset.num_classes, image_shape)
+  model = targets[0].model
   # A randomized defense (SAP): the attacks without EOT ascend its expectation.
   randomized = baselines.is_randomized(model)
   expectation = baselines.expectation_model(model)
   needs_source = any(n.startswith("transfer") for n in attack_names(evaluation.attacks))
-  source_fn = _load_source(config, dataset.num_classes, image_shape) if needs_source else None
+  source = (loading.load_transfer_source(config, dataset.num_classes, image_shape)
+            if needs_source else None)
+  source_fn = bind_model(source.model, source.variables) if source else None
   key = jax.random.fold_in(jax.random.key(config.seed), 1)
   out_dir = os.path.join(workdir, "eval")
   writes = jax.process_index() == 0  # every process evaluates; the first one writes
@@ -439,7 +379,8 @@ def evaluate_workdir(config, workdir: str) -> Dict[str, report_lib.Report]:
     os.makedirs(out_dir, exist_ok=True)
   reports: Dict[str, report_lib.Report] = {}
   by_step: Dict[int, report_lib.Report] = {}
-  for (label, step), variables in targets.items():
+  for target in targets:
+    label, step, variables = target.label, target.step, target.variables
     where = f"{label} checkpoint (step {step})" if step is not None else label
     title = (f"{config.model.name}, {where}: {count} test images, "
              f"eps {report_lib.format_eps(evaluation.eps)}")

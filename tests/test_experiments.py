@@ -36,7 +36,8 @@ def test_every_setting_builds_a_valid_config(name):
       assert (config.model.cas_stages != "none") == setting.cas
     if setting.twin and setting.cas:  # a CAS row is compared with a row without CAS
       assert configs[setting.twin].model.cas_stages == "none" != config.model.cas_stages
-    assert config.eval.attacks == "default,fgsm" and config.eval.checkpoints == "last"
+    attacks = ",".join(filter(None, (experiments.EXPERIMENTS[name].attacks, setting.extra_attacks)))
+    assert config.eval.attacks == attacks and config.eval.checkpoints == "last"
     assert config.data.source == "synthetic"  # the base's fields the setting does not set
   assert len({json.dumps(c.to_dict(), sort_keys=True) for c in configs.values()}) == len(configs)
 
@@ -63,6 +64,25 @@ def test_settings_follow_the_paper():
   wrn = experiments.setting_config("wrn34_10", experiments.EXPERIMENTS["wrn34_10"].settings[1],
                                    base)
   assert (wrn.model.name, wrn.optim.weight_decay) == ("wrn34_10", 5e-4)
+
+
+def test_table1_rows_differ_from_plain_at_only_in_their_defense():
+  base = smoke_base()
+  settings = experiments.select_settings("table1")
+  configs = {s.name: experiments.setting_config("table1", s, base).to_dict() for s in settings}
+  assert list(configs) == ["at", "kwta", "sap", "pcl", "at_cas"]
+  plain = configs["at"]
+  assert plain["loss"]["objective"] == "at" and plain["baseline"] == "none"
+  for name in ("kwta", "sap", "pcl"):
+    eval_attacks = configs[name]["eval"]["attacks"]
+    assert configs[name]["baseline"] == name
+    assert {**configs[name], "baseline": "none",
+            "eval": {**configs[name]["eval"], "attacks": plain["eval"]["attacks"]}} == plain
+    # Only the randomized defense needs gradients averaged over draws (paper Table 1).
+    assert ("eot20" in eval_attacks and "aa-rand" in eval_attacks) == (name == "sap")
+    assert "avg-pgd100" in eval_attacks
+  assert configs["at_cas"]["model"]["cas_stages"] == "default" != plain["model"]["cas_stages"]
+  assert {s.twin for s in settings if s.name != "at"} == {"at"}
 
 
 def test_command_line_overrides_win_or_are_refused():
