@@ -17,6 +17,7 @@ from flax import linen as nn
 
 from cas_jax.models import baselines
 from cas_jax.models import cas as cas_lib
+from cas_jax.models import conv
 
 Array = jax.Array
 STAGES = (1, 2, 3, 4)
@@ -38,7 +39,8 @@ def check_cas_stages(cas_stages, model_name: str = "resnet") -> Tuple[int, ...]:
 def _conv3x3(features: int, strides: int, dtype, name: str) -> nn.Conv:
   # Explicit (1, 1) padding: flax "SAME" pads (0, 1) at stride 2, torch's padding=1 pads (1, 1).
   return nn.Conv(features, (3, 3), (strides, strides), padding=((1, 1), (1, 1)), use_bias=False,
-                 kernel_init=cas_lib.torch_kernel_init, dtype=dtype, name=name)
+                 kernel_init=cas_lib.torch_kernel_init, dtype=dtype, name=name,
+                 conv_general_dilated=conv.conv_general_dilated)
 
 
 class BasicBlock(nn.Module):
@@ -62,6 +64,7 @@ class BasicBlock(nn.Module):
     if self.strides != 1 or x.shape[-1] != self.features:
       shortcut = nn.Conv(self.features, (1, 1), (self.strides, self.strides), use_bias=False,
                          kernel_init=cas_lib.torch_kernel_init, dtype=self.dtype,
+                         conv_general_dilated=conv.conv_general_dilated,
                          name="shortcut_conv")(x)
       shortcut = norm(name="shortcut_bn")(shortcut)
     y = self.activation()(y + shortcut)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from cas_jax.models import cas as cas_lib
+from cas_jax.models import conv
 
 Array = jax.Array
 GROUP_SIZES = (2, 2, 3, 3, 3)
@@ -52,7 +53,8 @@ class ConvLayer(nn.Module):
                bn_train: bool) -> Tuple[Array, Tuple[Array, ...]]:
     y = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
                 kernel_init=cas_lib.torch_kernel_init,
-                bias_init=cas_lib.torch_bias_init(9 * x.shape[-1]), name="conv")(x)
+                bias_init=cas_lib.torch_bias_init(9 * x.shape[-1]),
+                conv_general_dilated=conv.conv_general_dilated, name="conv")(x)
     y = nn.relu(cas_lib.BatchNorm(not bn_train, dtype=self.dtype, name="bn")(y))
     if not self.with_cas:
       return y, ()

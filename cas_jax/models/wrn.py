@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from cas_jax.models import cas as cas_lib
+from cas_jax.models import conv
 
 Array = jax.Array
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -48,7 +49,8 @@ def check_depth_and_width(depth, widen_factor) -> None:
 def _conv(features: int, size: int, strides: int, dtype, name: str) -> nn.Conv:
   padding = ((1, 1), (1, 1)) if size == 3 else "VALID"  # torch padding=1 / 0, also at stride 2
   return nn.Conv(features, (size, size), (strides, strides), padding=padding, use_bias=False,
-                 kernel_init=_conv_init, dtype=dtype, name=name)
+                 kernel_init=_conv_init, dtype=dtype, name=name,
+                 conv_general_dilated=conv.conv_general_dilated)
 
 
 def _cas(num_classes: int, suppress: bool, dtype, name: str) -> cas_lib.CAS:
