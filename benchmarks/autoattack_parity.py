@@ -5,10 +5,11 @@
     --checkpoint=runs/natural_cas16 --images=128 --eps=1 --seeds=5 \
     --out=benchmarks/results/autoattack_parity_natural_cas16_eps1.json
 
-The model is a workdir (its latest checkpoint) or an authors'-layout .pth (ResNet-18 with CAS
-in layer4). Its weights are exported to the PyTorch network of the authors' layout (the
-one tests/test_interop.py checks against models.resnet) and the two forward passes are
-compared before anything runs. Both AutoAttacks then attack the first --images test images
+The model is a workdir (its latest checkpoint) or an authors'-layout .pth: ResNet-18, WRN-34-10
+(or any `wrn` depth/widen_factor) or VGG16, with the authors' CAS placement. Its weights are
+exported (interop.to_torch_state_dict) to the PyTorch network of the authors' layout (the ones
+tests/test_interop.py checks against models) and the two forward passes are compared before
+anything runs. torchattacks runs on the GPU when torch sees one (--torch_device). Both AutoAttacks then attack the first --images test images
 with --seeds seeds each (ours: jax.random.key(seed); theirs: seed=seed, which torchattacks
 gives every stage), at the official budgets by default (100 APGD/FAB iterations, 9 targets,
 5000 Square queries without rescaling its schedule; `--reference=shipped` keeps
@@ -37,7 +38,8 @@ from cas_jax import evaluate  # pylint: disable=g-import-not-at-top
 from cas_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 from cas_jax import interop  # pylint: disable=g-import-not-at-top
 from cas_jax import loading  # pylint: disable=g-import-not-at-top
-from tests.test_interop import TorchResNet18  # pylint: disable=g-import-not-at-top
+from cas_jax import models  # pylint: disable=g-import-not-at-top
+from tests.test_interop import build_torch_network  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A config file from configs/ (model, data).")
@@ -53,9 +55,12 @@ flags.DEFINE_enum("reference", "official", ["official", "shipped"],
 flags.DEFINE_integer("apgd_steps", 100, "APGD/FAB iterations on both sides (official budget).")
 flags.DEFINE_integer("square_queries", 5000, "Square queries on both sides (official budget).")
 flags.DEFINE_integer("torch_threads", 1, "torch.set_num_threads.")
+flags.DEFINE_string("torch_device", "auto", "Where torchattacks runs: cpu, cuda or auto (cuda if "
+                    "torch sees a GPU).")
 flags.DEFINE_string("out", "", "Write the per-image verdicts and the summary as JSON here.")
 
 STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
+ENVIRONMENT = {}  # versions and devices of this run (or of the merged runs)
 
 
 class MainLogits(torch.nn.Module):
@@ -69,37 +74,21 @@ class MainLogits(torch.nn.Module):
     return self.net(x)[0]
 
 
-def to_torch_state_dict(name: str, variables) -> dict:
-  """The authors'-layout state_dict of Flax variables (the inverse of interop's import)."""
-  flat = jax.tree_util.tree_flatten_with_path(variables)[0]
-  paths = [tuple(k.key for k in keys) for keys, _ in flat]
-  # pylint: disable=protected-access
-  module_fn = interop._torch_module_fn(name, [p[1:-1] for p in paths])
-  state = {}
-  for path, (_, leaf) in zip(paths, flat):
-    array = np.asarray(leaf, np.float32)
-    if array.ndim == 4:
-      array = array.transpose(3, 2, 0, 1)  # HWIO -> OIHW
-    elif array.ndim == 2:
-      array = array.T
-    state[f"{module_fn(path[1:-1])}.{interop._TORCH_LEAF_NAMES[(path[0], path[-1])]}"] = (
-        torch.tensor(np.ascontiguousarray(array)))
-  return state
-
-
-def load_models(config, image_shape):
-  """(our model_fn, the torch network returning main logits) with the same weights."""
-  if config.model.name != "resnet18" or str(config.model.cas_stages) != "default":
-    raise ValueError("the torch reference network is the authors' ResNet-18 with CAS in layer4: "
-                     "use model.name=resnet18 and model.cas_stages=default")
+def load_models(config, image_shape, device):
+  """(our model_fn, the torch network on `device` returning main logits) with the same weights."""
+  if str(config.model.cas_stages) != "default" or config.get("baseline", "none") != "none":
+    raise ValueError("the torch reference networks have the authors' CAS placement and no "
+                     "baseline: use model.cas_stages=default and baseline=none")
   loaded = loading.load(config, FLAGS.checkpoint, 10, image_shape)  # a workdir or a .pth
   model, variables = loaded.model, loaded.variables
-  net = TorchResNet18(config.model.width or 64)
-  state = to_torch_state_dict("resnet18", variables)
+  net = build_torch_network(config.model.name, models.options_from_config(config.model))
+  state = {k: torch.from_numpy(v) for k, v in
+           interop.to_torch_state_dict(config.model.name, variables).items()}
   missing, unexpected = net.load_state_dict(state, strict=False)
-  if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):
+  if unexpected or any(not k.endswith("num_batches_tracked") and not k.startswith("sub_block1.")
+                       for k in missing):
     raise ValueError(f"state_dict mismatch: missing {missing}, unexpected {unexpected}")
-  return evaluate.bind_model(model, variables), MainLogits(net).eval()
+  return evaluate.bind_model(model, variables), MainLogits(net).eval().to(device)
 
 
 def first_breaking_stage(flags_by_stage: dict) -> list:
@@ -122,7 +111,7 @@ def run_ours(model_fn, x, y, eps, seed):
   return first_breaking_stage({k: np.asarray(v) for k, v in robust.items()})
 
 
-def run_reference(net, x, y, eps, seed):
+def run_reference(net, x, y, eps, seed, device):
   """torchattacks' AutoAttack stages in MultiAttack's order, each on the images still robust."""
   import torchattacks  # pylint: disable=g-import-not-at-top
   auto = torchattacks.AutoAttack(net, norm="Linf", eps=eps, version="standard", n_classes=10,
@@ -135,9 +124,10 @@ def run_reference(net, x, y, eps, seed):
       if hasattr(stage, "n_queries"):
         stage.n_queries = FLAGS.square_queries
         stage.rescale_schedule = False
-  images, labels = torch.tensor(x), torch.tensor(y, dtype=torch.long)
+  images = torch.tensor(x, device=device)
+  labels = torch.tensor(y, dtype=torch.long, device=device)
   with torch.no_grad():
-    robust = (net(images).argmax(1) == labels).numpy()
+    robust = (net(images).argmax(1) == labels).cpu().numpy()
   flags_by_stage = {"clean": robust.copy()}
   for name, stage in zip(STAGES, stages):
     idx = np.flatnonzero(robust)
@@ -146,7 +136,7 @@ def run_reference(net, x, y, eps, seed):
       if float((adv.detach() - images[idx]).abs().max()) > eps + 1e-6:
         raise RuntimeError(f"reference {name} left the eps-ball")
       with torch.no_grad():
-        robust[idx] = (net(adv).argmax(1) == labels[idx]).numpy()
+        robust[idx] = (net(adv).argmax(1) == labels[idx]).cpu().numpy()
     flags_by_stage[name] = robust.copy()
   return first_breaking_stage(flags_by_stage)
 
@@ -176,8 +166,29 @@ def summarize(ours: list, theirs: list, clean: np.ndarray) -> dict:
   return summary
 
 
-def markdown(summary: dict, setting: str) -> str:
-  """The summary as markdown tables."""
+def speed(seconds: dict, images: int) -> dict:
+  """Per side: the first seed's seconds (ours: with compilation), the later seeds' mean, images/s
+  of the later seeds (of the first when it ran alone)."""
+  result = {}
+  for side, times in seconds.items():
+    if times:
+      later = float(np.mean(times[1:])) if len(times) > 1 else None
+      result[side] = {"first_seed_s": times[0], "later_seeds_mean_s": later,
+                      "images_per_s": images / (later or times[0])}
+  return result
+
+
+def environment(device: str) -> dict:
+  """Versions and devices behind the numbers."""
+  import torchattacks  # pylint: disable=g-import-not-at-top
+  return {"jax": jax.__version__, "jax_device": jax.devices()[0].device_kind,
+          "torch": torch.__version__, "torchattacks": torchattacks.__version__,
+          "torch_device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+          "torch_threads": FLAGS.torch_threads, "cpu_count": os.cpu_count()}
+
+
+def markdown(summary: dict, setting: str, timing: dict, env: dict) -> str:
+  """The summary, the speed and the environment as markdown."""
   acc = lambda v: f"{100 * np.mean(v):.1f} ({100 * np.min(v):.1f}-{100 * np.max(v):.1f})"
   lines = [f"### {setting}", "",
            "| side | robust acc. %, mean (min-max over seeds) | "
@@ -196,6 +207,12 @@ def markdown(summary: dict, setting: str) -> str:
     lines.append("\nBroken by the reference and never by ours (image: reference stages): "
                  + ", ".join(f"{i}: {'/'.join(s)}" for i, s in
                              summary["reference_only_stages"].items()))
+  lines += ["", "| side | first seed (s) | later seeds, mean (s) | images/s |", "|---|---|---|---|"]
+  for name, t in timing.items():
+    later = "-" if t["later_seeds_mean_s"] is None else f"{t['later_seeds_mean_s']:.1f}"
+    lines.append(f"| {name} | {t['first_seed_s']:.1f} | {later} | {t['images_per_s']:.2f} |")
+  lines.append("\nOurs' first seed includes compilation. "
+               + ", ".join(f"{k} {v}" for k, v in env.items()))
   return "\n".join(lines)
 
 
@@ -208,6 +225,7 @@ def merge(paths):
   verdicts = {side: [v for r in runs for v in r["verdicts"][side]] for side in ("ours", "reference")}
   seconds = {side: [t for r in runs for t in r["seconds"][side]] for side in ("ours", "reference")}
   first = runs[0]
+  ENVIRONMENT.update(first.get("environment", {}))
   for name in ("eps", "images", "reference", "apgd_steps", "square_queries", "checkpoint"):
     setattr(FLAGS, name, first[name])
   clean = np.array([v != "clean" for v in (verdicts["ours"] or verdicts["reference"])[0]])
@@ -226,11 +244,15 @@ def main(_):
   _, (test_images, test_labels) = input_pipeline.load_cifar_dir(config.data.cifar_dir)
   x = test_images[:FLAGS.images].astype(np.float32) / 255
   y = test_labels[:FLAGS.images].astype(np.int32)
-  model_fn, net = load_models(config, x.shape[1:])
+  device = FLAGS.torch_device
+  if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+  model_fn, net = load_models(config, x.shape[1:], device)
+  ENVIRONMENT.update(environment(device))
   x_nchw = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
   ours_logits = np.asarray(model_fn(x)[0])
   with torch.no_grad():
-    torch_logits = net(torch.tensor(x_nchw)).numpy()
+    torch_logits = net(torch.tensor(x_nchw, device=device)).cpu().numpy()
   logit_gap = float(np.max(np.abs(ours_logits - torch_logits)))
   if logit_gap > 1e-3 or np.any(ours_logits.argmax(1) != torch_logits.argmax(1)):
     raise RuntimeError(f"the exported torch network disagrees with ours (max logit gap "
@@ -240,7 +262,7 @@ def main(_):
   verdicts, seconds = {"ours": [], "reference": []}, {"ours": [], "reference": []}
   for seed in range(FLAGS.first_seed, FLAGS.seeds):
     for name, run in (("ours", lambda: run_ours(model_fn, x, y, eps, seed)),
-                      ("reference", lambda: run_reference(net, x_nchw, y, eps, seed))):
+                      ("reference", lambda: run_reference(net, x_nchw, y, eps, seed, device))):
       if name not in FLAGS.sides:
         continue
       start = time.perf_counter()
@@ -256,6 +278,7 @@ def main(_):
 def write_result(verdicts, seconds, clean, y, logit_gap) -> dict:
   """The summary and every verdict so far, written to --out as JSON; returns them."""
   seeds = {side: len(v) for side, v in verdicts.items()}
+  timing = speed(seconds, FLAGS.images)
   summary = (summarize(verdicts["ours"], verdicts["reference"], clean)
              if min(seeds.values()) else None)  # one side only: merge with the other's run
   setting = (f"{FLAGS.checkpoint}, eps {FLAGS.eps:g}/255, {FLAGS.images} test images, "
@@ -264,9 +287,10 @@ def write_result(verdicts, seconds, clean, y, logit_gap) -> dict:
   result = {"setting": setting, "checkpoint": FLAGS.checkpoint, "eps": FLAGS.eps,
             "images": FLAGS.images, "seeds": seeds, "reference": FLAGS.reference,
             "apgd_steps": FLAGS.apgd_steps, "square_queries": FLAGS.square_queries,
-            "max_logit_gap": logit_gap, "seconds": seconds, "torch_threads": FLAGS.torch_threads,
-            "cpu_count": os.cpu_count(), "summary": summary, "labels": y.tolist(),
-            "verdicts": verdicts, "markdown": markdown(summary, setting) if summary else ""}
+            "max_logit_gap": logit_gap, "seconds": seconds, "speed": timing,
+            "environment": ENVIRONMENT, "summary": summary, "labels": y.tolist(),
+            "verdicts": verdicts,
+            "markdown": markdown(summary, setting, timing, ENVIRONMENT) if summary else ""}
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
       json.dump(result, f, indent=1)

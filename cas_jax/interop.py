@@ -8,6 +8,9 @@
     # Or from a state_dict already in memory (name -> array or torch tensor):
     variables = interop.from_torch_state_dict("wrn34_10", state_dict)
 
+    # And back, for a PyTorch network of the authors' layout (numpy arrays; torch.tensor them):
+    state_dict = interop.to_torch_state_dict("wrn34_10", variables)
+
 The key layout is that of the authors' released models (github.com/bymavis/CAS_ICLR2021):
 ResNet-18 with CAS blocks in `layer4` (`layer4.0.fc.weight`, `layer2.0.shortcut.0.weight`,
 `linear.weight`, ...), their WideResNet (`block3.layer.4.fc.weight`, `convShortcut`, `extra_fc`;
@@ -93,6 +96,14 @@ def _to_flax_layout(array: np.ndarray) -> np.ndarray:
   return array
 
 
+def _from_flax_layout(array: np.ndarray) -> np.ndarray:
+  if array.ndim == 4:  # HWIO -> OIHW
+    return np.transpose(array, (3, 2, 0, 1))
+  if array.ndim == 2:
+    return array.T
+  return array
+
+
 def _as_numpy(value: Any) -> np.ndarray:
   if hasattr(value, "detach"):  # a torch tensor, without importing torch
     value = value.detach().cpu().numpy()
@@ -158,6 +169,17 @@ def from_torch_state_dict(name: str, state_dict: Mapping[str, Any], num_classes:
         "depth, widen_factor, cas_stages) the checkpoint was trained with.")
   treedef = jax.tree_util.tree_structure(abstract)
   return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(a) for a in leaves])
+
+
+def to_torch_state_dict(name: str, variables: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+  """The authors'-layout state_dict (numpy float32) of models.create(name) Flax variables."""
+  flat = jax.tree_util.tree_flatten_with_path(
+      {k: variables[k] for k in ("params", "batch_stats") if k in variables})[0]
+  paths = [tuple(k.key for k in keys) for keys, _ in flat]
+  torch_module = _torch_module_fn(name, [p[1:-1] for p in paths])
+  return {f"{torch_module(path[1:-1])}.{_TORCH_LEAF_NAMES[(path[0], path[-1])]}":
+          np.array(_from_flax_layout(np.asarray(leaf, np.float32)), order="C")  # a writable copy
+          for path, (_, leaf) in zip(paths, flat)}
 
 
 def load_torch_checkpoint(name: str, path: str, num_classes: int = 10,

@@ -203,11 +203,18 @@ class TorchVGG16(tnn.Module):
 
 # ------------------------------------------------------------------------- tests
 
-SMALL = {
-    "resnet18": (lambda: TorchResNet18(width=8), dict(width=8)),
-    "wrn": (lambda: TorchWideResNet(depth=16, widen_factor=2), dict(depth=16, widen_factor=2)),
-    "vgg16": (lambda: TorchVGG16(width=4), dict(width=4)),
-}
+SMALL = {"resnet18": dict(width=8), "wrn": dict(depth=16, widen_factor=2), "vgg16": dict(width=4)}
+
+
+def build_torch_network(name: str, options: dict) -> tnn.Module:
+  """The authors'-layout torch network for models.create(name, **options), default CAS placement."""
+  if name == "resnet18":
+    return TorchResNet18(width=options.get("width") or 64)
+  if name in ("wrn34_10", "wrn"):
+    return TorchWideResNet(options.get("depth", 34), options.get("widen_factor", 10))
+  if name == "vgg16":
+    return TorchVGG16(width=options.get("width") or 64)
+  raise ValueError(f"no torch reference network for {name!r}: use resnet18, wrn34_10, wrn or vgg16")
 
 
 def _randomised(net):
@@ -232,8 +239,8 @@ def _state_dict(net):
 @pytest.fixture(scope="module", params=sorted(SMALL))
 def case(request):
   torch.manual_seed(0)
-  build, options = SMALL[request.param]
-  net = _randomised(build())
+  options = SMALL[request.param]
+  net = _randomised(build_torch_network(request.param, options))
   images = np.random.default_rng(0).uniform(size=(4, 32, 32, 3)).astype(np.float32)
   return request.param, net, options, images
 
@@ -270,6 +277,24 @@ def test_training_outputs_and_running_stats_match_torch(case):
                               atol=1e-4, rtol=1e-4)
   updated = interop.from_torch_state_dict(name, _state_dict(net), **options)  # torch's new stats
   chex.assert_trees_all_close(updates["batch_stats"], updated["batch_stats"], atol=1e-5)
+
+
+def test_export_is_the_inverse_of_import_and_torch_loads_it_strictly(case):
+  name, net, options, images = case
+  state_dict = _state_dict(net)
+  exported = interop.to_torch_state_dict(name, interop.from_torch_state_dict(name, state_dict,
+                                                                             **options))
+  kept = {k: v for k, v in state_dict.items()
+          if not k.endswith("num_batches_tracked") and not k.startswith("sub_block1.")}
+  assert sorted(exported) == sorted(kept)
+  chex.assert_trees_all_equal(exported, kept)
+  fresh = build_torch_network(name, options)  # other random weights, then ours exported
+  missing, unexpected = fresh.load_state_dict(
+      {k: torch.from_numpy(v) for k, v in exported.items()}, strict=False)
+  assert not unexpected
+  assert all(k.endswith("num_batches_tracked") or k.startswith("sub_block1.") for k in missing)
+  chex.assert_trees_all_close(_torch_outputs(fresh, images), _torch_outputs(net, images),
+                              atol=1e-6)
 
 
 def test_default_full_width_resnet18_layout_imports():

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Our AutoAttack against torchattacks' on full-width ResNet-18-CAS and WRN-34-10-CAS, on a GPU:
+# each network is trained AT+CAS for a few epochs on the real subset, then both AutoAttacks
+# (official budgets) attack the same weights and test images; verdicts, agreement and images/s
+# land in OUT_DIR/autoattack_parity_<model>.{json,md}.
+#
+#   bash benchmarks/gpu_autoattack_parity.sh CIFAR_DIR OUT_DIR
+#
+# Environment: MODELS ("resnet18 wrn34_10"), EPOCHS (2), R18_IMAGES (256), WRN_IMAGES (128),
+# CONFIG_FLAGS (extra --config.* for training and attacks), PARITY_FLAGS (extra flags of
+# autoattack_parity.py), WORK (/tmp/parity_work). Ours runs 2 seeds (the first one compiles),
+# torchattacks 1; the merged report gives each side's images/s. Needs torch and torchattacks.
+set -euo pipefail
+cifar=$1
+out=$2
+work=${WORK:-/tmp/parity_work}
+epochs=${EPOCHS:-2}
+mkdir -p "$out" "$work"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # torch shares the GPU with JAX in one process
+for model in ${MODELS:-resnet18 wrn34_10}; do
+  config=configs/cifar10_at_cas.py
+  images=${R18_IMAGES:-256}
+  if [ "$model" = wrn34_10 ]; then
+    config=configs/wrn34_10_at_cas.py
+    images=${WRN_IMAGES:-128}
+  fi
+  # shellcheck disable=SC2086  # CONFIG_FLAGS / PARITY_FLAGS are lists of flags
+  common=(--config="$config" --config.data.source=cifar_dir --config.data.cifar_dir="$cifar"
+          ${CONFIG_FLAGS:-})
+  start=$(date +%s)
+  python main.py "${common[@]}" --workdir="$work/$model" --config.schedule.num_epochs="$epochs" \
+    --config.schedule.milestones="($epochs,)" --config.eval.num_images=256
+  echo "$model: trained in $(( $(date +%s) - start )) s"
+  # shellcheck disable=SC2086
+  parity=(python benchmarks/autoattack_parity.py "${common[@]}" --checkpoint="$work/$model"
+          --images="$images" ${PARITY_FLAGS:-})
+  "${parity[@]}" --sides=ours --seeds=2 --out="$work/${model}_ours.json"
+  "${parity[@]}" --sides=reference --seeds=1 --out="$work/${model}_reference.json"
+  python benchmarks/autoattack_parity.py --merge="$work/${model}_ours.json,$work/${model}_reference.json" \
+    --out="$out/autoattack_parity_$model.json" | tee "$out/autoattack_parity_$model.md"
+done
