@@ -1,0 +1,184 @@
+"""Our standard AutoAttack against torchattacks' (marked slow): the same small networks in
+JAX and in PyTorch, the same images; verdicts equal, ours at least as strong on a CAS model."""
+import os
+import pickle
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cas_jax.attacks.autoattack import autoattack
+from tests.test_autoattack import KEY, _assert_in_ball
+
+
+def _parity_data():
+  """8x8 CIFAR-10 images (4x4 mean-pooled) from CAS_JAX_CIFAR_DIR, else synthetic classes."""
+  folder = os.environ.get("CAS_JAX_CIFAR_DIR", "")
+  names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+  if all(os.path.exists(os.path.join(folder, n)) for n in names):
+    parts = []
+    for name in names:
+      with open(os.path.join(folder, name), "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+      images = batch[b"data"].reshape(-1, 3, 8, 4, 8, 4).astype(np.float32).mean((3, 5)) / 255
+      parts.append((images, np.asarray(batch[b"labels"], np.int64)))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), "cifar"
+  rng = np.random.default_rng(0)
+  prototypes = np.clip(0.5 + 0.1 * rng.normal(size=(10, 3, 8, 8)), 0, 1).astype(np.float32)
+  labels = rng.integers(0, 10, 6000)
+  noise = rng.normal(0, 0.3, (6000, 3, 8, 8)).astype(np.float32)
+  return np.clip(prototypes[labels] + noise, 0, 1), labels, "synthetic"
+
+
+@pytest.fixture
+def reference_setup():
+  """(torch, torchattacks, images, labels, source), torch on one thread for the test."""
+  torch = pytest.importorskip("torch")
+  torchattacks = pytest.importorskip("torchattacks")
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)  # the reference's many small ops run faster without contention
+  yield (torch, torchattacks, *_parity_data())
+  torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_standard_autoattack_matches_torchattacks(reference_setup):
+  torch, torchattacks, images, labels, source = reference_setup
+  torch.manual_seed(0)
+  net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 64), torch.nn.ReLU(),
+                            torch.nn.Linear(64, 10))
+  optimizer = torch.optim.Adam(net.parameters(), 3e-3)
+  x_train, y_train = torch.tensor(images[:5000]), torch.tensor(labels[:5000])
+  for _ in range(30):
+    for batch in torch.randperm(5000).split(256):
+      loss = torch.nn.functional.cross_entropy(net(x_train[batch]), y_train[batch])
+      optimizer.zero_grad()
+      loss.backward()
+      optimizer.step()
+  net.eval()
+  with torch.no_grad():
+    correct = (net(torch.tensor(images)).argmax(1).numpy() == labels)
+  chosen = np.flatnonzero(correct)[:600]
+  x, y = images[chosen], labels[chosen]
+  eps = (3 if source == "cifar" else 12) / 255
+
+  reference = torchattacks.AutoAttack(net, norm="Linf", eps=eps, version="standard",
+                                      n_classes=10, seed=0)
+  for attack in reference._autoattack.attacks:  # the official settings (fra31/auto-attack)
+    if hasattr(attack, "steps"):
+      attack.steps = 100
+    if hasattr(attack, "rescale_schedule"):
+      attack.rescale_schedule = False
+  x_reference = reference(torch.tensor(x), torch.tensor(y))
+  with torch.no_grad():
+    theirs = np.mean(net(x_reference).argmax(1).numpy() == y)
+
+  w1, b1, w2, b2 = [jnp.asarray(p.detach().numpy()) for p in net.parameters()]
+  jax_net = lambda z: jax.nn.relu(
+      jnp.transpose(z, (0, 3, 1, 2)).reshape(z.shape[0], -1) @ w1.T + b1) @ w2.T + b2
+  x_nhwc = jnp.asarray(np.transpose(x, (0, 2, 3, 1)))
+  x_adv, robust = autoattack(jax_net, x_nhwc, jnp.asarray(y), eps=eps, key=KEY,
+                             return_per_attack=True)
+  ours = float(np.mean(robust["square"]))
+  print(f"\n{source}: {len(y)} images, eps {eps * 255:.0f}/255, robust accuracy: "
+        f"ours {ours:.2%} ({', '.join(f'{k} {np.mean(v):.2%}' for k, v in robust.items())}), "
+        f"torchattacks {theirs:.2%}")
+  _assert_in_ball(x_adv, x_nhwc, eps)
+  assert 0.3 <= ours <= 0.7
+  assert abs(ours - theirs) <= 0.005
+
+
+def _train_torch_cas_net(torch, images, labels, width=64, beta=2.0):
+  """A one-hidden-layer network with a CAS module (the authors' rule), trained briefly.
+
+  ReLU features -> CAS (each feature channel scaled by the CAS head's weight row of the
+  label in training, of the head's own prediction in evaluation) -> linear. The module
+  returns the main logits (what torchattacks attacks); also its weights for JAX.
+  """
+
+  class CasNet(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.hidden = torch.nn.Linear(192, width)
+      self.cas_fc = torch.nn.Linear(width, 10)
+      self.linear = torch.nn.Linear(width, 10)
+
+    def heads(self, x, label=None):
+      h = torch.relu(self.hidden(x.flatten(1)))
+      cas_logits = self.cas_fc(h)
+      mask = self.cas_fc.weight[cas_logits.argmax(1) if label is None else label]
+      return self.linear(h * mask), cas_logits
+
+    def forward(self, x):
+      return self.heads(x)[0]
+
+  torch.manual_seed(0)
+  net = CasNet()
+  optimizer = torch.optim.Adam(net.parameters(), 3e-3)
+  x_train, y_train = torch.tensor(images[:5000]), torch.tensor(labels[:5000])
+  for _ in range(10):
+    for batch in torch.randperm(5000).split(128):
+      logits, cas_logits = net.heads(x_train[batch], y_train[batch])
+      loss = (torch.nn.functional.cross_entropy(logits, y_train[batch])
+              + beta * torch.nn.functional.cross_entropy(cas_logits, y_train[batch]))
+      optimizer.zero_grad()
+      loss.backward()
+      optimizer.step()
+  net.eval()
+  return net, [jnp.asarray(p.detach().numpy()) for p in net.parameters()]
+
+
+def _jax_cas_net(weights):
+  """The same network in JAX on NHWC images: (logits, (cas_logits,))."""
+  hidden_w, hidden_b, cas_w, cas_b, linear_w, linear_b = weights
+
+  def model_fn(x):
+    flat = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)  # torch's (C, H, W) order
+    h = jax.nn.relu(flat @ hidden_w.T + hidden_b)
+    cas_logits = h @ cas_w.T + cas_b
+    h = h * cas_w[jnp.argmax(cas_logits, -1)]
+    return h @ linear_w.T + linear_b, (cas_logits,)
+  return model_fn
+
+
+@pytest.mark.slow
+def test_autoattack_on_a_cas_model_is_at_least_as_strong_as_torchattacks(reference_setup):
+  # A CAS network at a small eps, the same images and small budgets on both sides: over 3
+  # seeds each, our robust accuracy may not exceed the reference's worst seed, and no image
+  # that every reference seed breaks may survive every one of ours.
+  torch, torchattacks, images, labels, source = reference_setup
+  net, weights = _train_torch_cas_net(torch, images, labels)
+  with torch.no_grad():
+    correct = net(torch.tensor(images[5000:])).argmax(1).numpy() == labels[5000:]
+  chosen = 5000 + np.flatnonzero(correct)[:32]
+  x, y = torch.tensor(images[chosen]), torch.tensor(labels[chosen])
+  eps = (4 if source == "cifar" else 24) / 255
+  budget = dict(apgd_steps=10, fab_steps=10, square_queries=100)
+  reference_robust = []
+  for seed in range(3):
+    reference = torchattacks.AutoAttack(net, eps=eps, version="standard", seed=seed)
+    for attack in reference._autoattack.attacks:
+      if hasattr(attack, "steps"):
+        attack.steps = budget["apgd_steps"]
+      if hasattr(attack, "n_queries"):
+        attack.n_queries, attack.rescale_schedule = budget["square_queries"], False
+    with torch.no_grad():
+      reference_robust.append(net(reference(x, y)).argmax(1).numpy() == y.numpy())
+  model_fn = _jax_cas_net(weights)
+  x_nhwc = jnp.asarray(np.transpose(x.numpy(), (0, 2, 3, 1)))
+  chex.assert_trees_all_close(model_fn(x_nhwc)[0], net(x).detach().numpy(), atol=1e-4)
+  ours_robust = []
+  for seed in range(3):
+    x_adv, robust = autoattack(model_fn, x_nhwc, jnp.asarray(y.numpy()), eps=eps,
+                               key=jax.random.key(seed), return_per_attack=True, **budget)
+    _assert_in_ball(x_adv, x_nhwc, eps)
+    ours_robust.append(robust["square"])
+  ours, theirs = np.array(ours_robust), np.array(reference_robust)
+  print(f"\n{source}, eps {eps * 255:.0f}/255: robust per seed, ours {ours.sum(1)}, "
+        f"torchattacks {theirs.sum(1)} of {len(y)}")
+  assert 0.2 <= theirs.mean() <= 0.8  # the attacks break some images, not all
+  assert ours.sum(1).mean() <= theirs.sum(1).max()
+  assert not np.any(~theirs.any(0) & ours.all(0))
