@@ -9,9 +9,9 @@ The model is a workdir (its latest checkpoint) or an authors'-layout .pth: ResNe
 (or any `wrn` depth/widen_factor) or VGG16, with the authors' CAS placement. Its weights are
 exported (interop.to_torch_state_dict) to the PyTorch network of the authors' layout (the ones
 tests/test_interop.py checks against models) and the two forward passes are compared before
-anything runs. torchattacks runs on the GPU when torch sees one (--torch_device). Both AutoAttacks then attack the first --images test images
-with --seeds seeds each (ours: jax.random.key(seed); theirs: seed=seed, which torchattacks
-gives every stage), at the official budgets by default (100 APGD/FAB iterations, 9 targets,
+anything runs; torchattacks runs on the GPU when torch sees one (--torch_device). Both
+AutoAttacks then attack the first --images test images with --seeds seeds each (ours:
+jax.random.key(seed); theirs: seed=seed, which torchattacks gives every stage), at the official budgets by default (100 APGD/FAB iterations, 9 targets,
 5000 Square queries without rescaling its schedule; `--reference=shipped` keeps
 torchattacks' own defaults: 10 iterations and a rescaled Square schedule). The reference's
 stages run one after the other on the images still robust, as its MultiAttack does, so
@@ -85,8 +85,7 @@ def load_models(config, image_shape, device):
   state = {k: torch.from_numpy(v) for k, v in
            interop.to_torch_state_dict(config.model.name, variables).items()}
   missing, unexpected = net.load_state_dict(state, strict=False)
-  if unexpected or any(not k.endswith("num_batches_tracked") and not k.startswith("sub_block1.")
-                       for k in missing):
+  if unexpected or not all(interop.is_ignored_key(config.model.name, k) for k in missing):
     raise ValueError(f"state_dict mismatch: missing {missing}, unexpected {unexpected}")
   return evaluate.bind_model(model, variables), MainLogits(net).eval().to(device)
 

@@ -20,7 +20,7 @@ the unused `sub_block1.*` group is ignored) and their VGG16 (`layer5.0.conv/bn/f
 entries are ignored.
 """
 import re
-from typing import Any, Callable, Dict, Iterable, Mapping, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -80,28 +80,22 @@ def _torch_module_fn(name: str, flax_paths: Iterable[Tuple[str, ...]]) -> Callab
   return lambda path: _vgg_module(path, path[0] in with_cas)
 
 
+# Flax -> torch axes: conv kernels HWIO -> OIHW, dense kernels (in, out) -> (out, in).
+_TORCH_AXES = {4: (3, 2, 0, 1), 2: (1, 0)}
+
+
 def _to_torch_layout(shape: Tuple[int, ...]) -> Tuple[int, ...]:
-  if len(shape) == 4:  # HWIO -> OIHW
-    return (shape[3], shape[2], shape[0], shape[1])
-  if len(shape) == 2:  # (in, out) -> (out, in)
-    return (shape[1], shape[0])
-  return tuple(shape)
+  return tuple(shape[i] for i in _TORCH_AXES.get(len(shape), range(len(shape))))
 
 
 def _to_flax_layout(array: np.ndarray) -> np.ndarray:
-  if array.ndim == 4:
-    return np.transpose(array, (2, 3, 1, 0))
-  if array.ndim == 2:
-    return array.T
-  return array
+  axes = _TORCH_AXES.get(array.ndim)
+  return array if axes is None else np.transpose(array, np.argsort(axes))
 
 
 def _from_flax_layout(array: np.ndarray) -> np.ndarray:
-  if array.ndim == 4:  # HWIO -> OIHW
-    return np.transpose(array, (3, 2, 0, 1))
-  if array.ndim == 2:
-    return array.T
-  return array
+  axes = _TORCH_AXES.get(array.ndim)
+  return array if axes is None else np.transpose(array, axes)
 
 
 def _as_numpy(value: Any) -> np.ndarray:
@@ -123,6 +117,21 @@ def _listed(keys) -> str:
   return ", ".join(keys[:_SHOWN]) + more
 
 
+def _torch_keyed_leaves(name: str, tree) -> List[Tuple[str, Any]]:
+  """(authors'-layout key, leaf) for every leaf of a {'params', 'batch_stats'} tree of `name`."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  paths = [tuple(k.key for k in keys) for keys, _ in flat]
+  torch_module = _torch_module_fn(name, [p[1:-1] for p in paths])
+  return [(f"{torch_module(path[1:-1])}.{_TORCH_LEAF_NAMES[(path[0], path[-1])]}", leaf)
+          for path, (_, leaf) in zip(paths, flat)]
+
+
+def is_ignored_key(name: str, key: str) -> bool:
+  """Whether an authors'-layout key of `name` carries nothing our models hold (BN step counts,
+  the WRN's unused sub_block1)."""
+  return key.endswith(_IGNORED_SUFFIXES) or key.startswith(_IGNORED_PREFIXES.get(name, ()))
+
+
 def from_torch_state_dict(name: str, state_dict: Mapping[str, Any], num_classes: int = 10,
                           **options) -> Dict[str, Any]:
   """Flax {'params', 'batch_stats'} for models.create(name, num_classes, **options)."""
@@ -130,14 +139,8 @@ def from_torch_state_dict(name: str, state_dict: Mapping[str, Any], num_classes:
   state_dict = _strip_module_prefix(state_dict)
   abstract = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
-  flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
-  leaf_paths = [tuple(k.key for k in keys) for keys, _ in flat]
-  torch_module = _torch_module_fn(name, [p[1:-1] for p in leaf_paths])
-
   missing, mismatched, used, leaves = [], [], set(), []
-  for path, (_, leaf) in zip(leaf_paths, flat):
-    collection, modules, leaf_name = path[0], path[1:-1], path[-1]
-    key = f"{torch_module(modules)}.{_TORCH_LEAF_NAMES[(collection, leaf_name)]}"
+  for key, leaf in _torch_keyed_leaves(name, abstract):
     expected = _to_torch_layout(leaf.shape)
     if key not in state_dict:
       missing.append(key)
@@ -150,9 +153,7 @@ def from_torch_state_dict(name: str, state_dict: Mapping[str, Any], num_classes:
     leaves.append(_to_flax_layout(array))
   order = {key: index for index, key in enumerate(state_dict)}
   mismatched = [text for _, text in sorted(mismatched, key=lambda item: order[item[0]])]
-  ignored_prefixes = _IGNORED_PREFIXES.get(name, ())
-  unexpected = [k for k in state_dict if k not in used and not k.endswith(_IGNORED_SUFFIXES)
-                and not k.startswith(ignored_prefixes)]
+  unexpected = [k for k in state_dict if k not in used and not is_ignored_key(name, k)]
 
   if missing or unexpected or mismatched:
     problems = []
@@ -173,13 +174,9 @@ def from_torch_state_dict(name: str, state_dict: Mapping[str, Any], num_classes:
 
 def to_torch_state_dict(name: str, variables: Mapping[str, Any]) -> Dict[str, np.ndarray]:
   """The authors'-layout state_dict (numpy float32) of models.create(name) Flax variables."""
-  flat = jax.tree_util.tree_flatten_with_path(
-      {k: variables[k] for k in ("params", "batch_stats") if k in variables})[0]
-  paths = [tuple(k.key for k in keys) for keys, _ in flat]
-  torch_module = _torch_module_fn(name, [p[1:-1] for p in paths])
-  return {f"{torch_module(path[1:-1])}.{_TORCH_LEAF_NAMES[(path[0], path[-1])]}":
-          np.array(_from_flax_layout(np.asarray(leaf, np.float32)), order="C")  # a writable copy
-          for path, (_, leaf) in zip(paths, flat)}
+  tree = {k: variables[k] for k in ("params", "batch_stats") if k in variables}
+  return {key: np.array(_from_flax_layout(np.asarray(leaf, np.float32)), order="C")  # writable
+          for key, leaf in _torch_keyed_leaves(name, tree)}
 
 
 def load_torch_checkpoint(name: str, path: str, num_classes: int = 10,
