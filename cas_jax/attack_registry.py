@@ -75,7 +75,9 @@ class AttackBudget:
   n_attack_population: int = 300
   n_attack_iters: int = 500
   md_restarts: int = 1
-  eot_draws: int = 10  # per EOT step (eot, avg-pgd, aa-rand); also per randomized verdict
+  eot_draws: int = 10  # per step of eot and avg-pgd
+  aa_rand_draws: int = 20  # per step of aa-rand's APGD (AutoAttack's rand version)
+  verdict_draws: int = 10  # fresh draws whose majority judges a randomized model
 
   def __post_init__(self):
     for name, value in vars(self).items():

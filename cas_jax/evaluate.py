@@ -23,8 +23,9 @@ verdict is the majority over budget.eot_draws draws, natural accuracy their mean
 """
 import dataclasses
 import functools
+import hashlib
+import json
 import os
-import time
 import zlib
 from typing import Dict, Optional
 
@@ -35,119 +36,20 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from cas_jax import attack_plan
 from cas_jax import input_pipeline
 from cas_jax import loading
 from cas_jax.models import baselines
 from cas_jax import report as report_lib
-from cas_jax.attack_registry import AttackBudget, AttackSpec, attack_names, parse_attacks
+from cas_jax.attack_registry import AttackBudget, attack_names, parse_attacks
+from cas_jax.attacks.autoattack import target_ranks
+from cas_jax.attacks import cascade
 from cas_jax.attacks import engine
-from cas_jax.attacks.autoattack import autoattack
-from cas_jax.attacks.blackbox import n_attack, transfer
-from cas_jax.attacks.randomized import avg_pgd, eot_pgd
-from cas_jax.attacks.white_box import cw_inf, fgsm, margin_decomposition, pgd
+from cas_jax.attacks.white_box import pgd
 
 Array = jax.Array
 Partial = jax.tree_util.Partial
-
-
-# ----------------------------------------------------------------------------- compiled attacks
-
-
-@jax.jit
-def _correct(model, x: Array, y: Array) -> Array:
-  return jnp.argmax(engine.main_logits(model, x), -1) == y
-
-
 image_keys = jax.jit(engine.index_keys)  # one key per image, from its global index
-_VERDICT_STREAM = 0x7E5  # fold_in tag of the fresh draws that judge a randomized model
-
-
-@functools.partial(jax.jit, static_argnames="draws")
-def _correct_fraction(random_model, x: Array, y: Array, keys: Array, draws: int) -> Array:
-  """Per image, the fraction of `draws` fresh draws of a randomized model that classify it y."""
-  keys = engine.fold_keys(keys, _VERDICT_STREAM)
-  hits = jax.lax.map(lambda d: jnp.argmax(engine.main_logits(
-      lambda z: random_model(z, engine.fold_keys(keys, d)), x), -1) == y, jnp.arange(draws))
-  return jnp.mean(hits, axis=0)
-
-
-def _ignoring_keys(model, x: Array, keys: Array):
-  del keys
-  return model(x)
-
-
-def _judge(model_fns, x_adv: Array, y: Array, keys: Array, draws: int) -> Array:
-  """Still correct: on the model, or, for a randomized one (draws > 0), in most of `draws` draws."""
-  if not draws:
-    return _correct(model_fns[0], x_adv, y)
-  return _correct_fraction(model_fns[2], x_adv, y, keys, draws) > 0.5
-
-
-def _attack_fn(spec: AttackSpec, eps, beta: float, budget: AttackBudget, model, source,
-               random_model):
-  """(x, y, keys) -> x_adv for every attack that compiles as one function."""
-  ce, cw = ("joint_ce", "joint_cw") if spec.joint else ("ce", "cw")
-  steps = spec.steps
-  if spec.method == "fgsm":
-    return lambda x, y, k: fgsm(model, x, y, eps=eps, key=k, loss=ce, beta=beta)
-  if spec.method in ("pgd", "cas-head"):
-    loss = "cas_ce" if spec.method == "cas-head" else ce
-    return lambda x, y, k: pgd(model, x, y, eps=eps, steps=steps, key=k, loss=loss, beta=beta)
-  if spec.method == "cw":
-    return lambda x, y, k: cw_inf(model, x, y, eps=eps, steps=steps, key=k, loss=cw, beta=beta)
-  if spec.method == "md":
-    return lambda x, y, k: margin_decomposition(
-        model, x, y, eps=eps, steps=steps, key=k, restarts=budget.md_restarts,
-        beta=beta if spec.joint else 0.0)
-  if spec.method in ("eot", "avg-pgd"):
-    attack, loss = (eot_pgd, ce) if spec.method == "eot" else (avg_pgd, cw)
-    return lambda x, y, k: attack(random_model, x, y, eps=eps, steps=steps, key=k, loss=loss,
-                                  beta=beta, draws=budget.eot_draws)
-  if spec.method == "n-attack":
-    return lambda x, y, k: n_attack(model, x, y, eps=eps, key=k,
-                                    population=budget.n_attack_population,
-                                    max_iters=budget.n_attack_iters)
-  if spec.method in ("transfer-pgd", "transfer-cw"):
-    return lambda x, y, k: transfer(source, x, y, attack=spec.method[len("transfer-"):],
-                                    eps=eps, steps=steps, key=k)
-  raise ValueError(f"{spec.name} is not a single compiled attack")
-
-
-@functools.partial(jax.jit, static_argnames=("spec", "beta", "budget", "draws"))
-def _compiled_verdicts(model_fns, x: Array, y: Array, index: Array, attack_key: Array, eps, *,
-                       spec: AttackSpec, beta: float, budget: AttackBudget, draws: int) -> Array:
-  keys = image_keys(attack_key, index)
-  x_adv = _attack_fn(spec, eps, beta, budget, *model_fns)(x, y, keys)
-  return _judge(model_fns, x_adv, y, keys, draws)
-
-
-def _attack_verdicts(model_fns, x: Array, y: Array, index: Array, *, attack_key: Array,
-                     spec: AttackSpec, beta: float, budget: AttackBudget, draws: int) -> Array:
-  """Whether each image is still classified correctly after `spec`'s attack."""
-  # Name and eps are not compiled in: pgd20, pgd20@8 and the sweep share one compilation.
-  return _compiled_verdicts(model_fns, x, y, index, attack_key, jnp.float32(spec.eps),
-                            spec=dataclasses.replace(spec, name="", eps=0.0), beta=beta,
-                            budget=budget, draws=draws)
-
-
-def _autoattack_verdicts(model_fns, spec: AttackSpec, beta: float, budget: AttackBudget,
-                         draws: int, x: Array, y: Array, keys: Array) -> np.ndarray:
-  """AutoAttack (or one of its parts) on x: whether each image is still robust after it.
-
-  "aa-rand" attacks the randomized model (model_fns[2]) with AutoAttack's rand version.
-  """
-  randomized = spec.method == "aa-rand"
-  stages = None if spec.method in ("aa", "aa-rand") else (spec.method,)
-  model_fn = model_fns[2] if randomized else model_fns[0]
-  x_adv, robust = autoattack(model_fn, x, y, eps=spec.eps, key=keys, beta=beta,
-                             version="rand" if randomized else "standard",
-                             loss="joint" if spec.joint else "main", attacks=stages,
-                             return_per_attack=True, apgd_steps=budget.apgd_steps,
-                             fab_steps=budget.fab_steps, square_queries=budget.square_queries,
-                             target_classes=budget.target_classes, eot_draws=budget.eot_draws)
-  if draws:
-    return np.asarray(_judge(model_fns, x_adv, y, keys, draws))
-  return list(robust.values())[-1]
 
 
 # ----------------------------------------------------------------------------- the report
@@ -185,26 +87,63 @@ def _process_local(leaf):
   return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
 
 
-def _padded_batches(x, y, indices, batch_size):
-  """(count, x, y, index) per batch; the last one padded to batch_size with copies of row 0."""
-  for start in range(0, len(y), batch_size):
-    take = np.arange(start, min(start + batch_size, len(y)))
-    rows = np.concatenate([take, np.full(batch_size - take.size, take[0])])
-    yield take.size, x[rows], y[rows], indices[rows]
+def _ignoring_keys(model, x: Array, keys: Array):
+  del keys
+  return model(x)
+
+
+def _tree_digest(tree) -> str:
+  """A digest of a pytree's arrays and its structure (the functions it holds, by name)."""
+  digest = hashlib.sha256(repr(jax.tree.structure(tree)).encode())
+  for leaf in jax.tree.leaves(tree):
+    digest.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+  return digest.hexdigest()[:16]
+
+
+def _fingerprint(model_fns, x, y, indices, key, natural, **settings) -> dict:
+  """What a resumed report must share with the run it continues, each part as a digest."""
+  digest = lambda *arrays: hashlib.sha256(b"".join(
+      np.ascontiguousarray(a).tobytes() for a in arrays)).hexdigest()[:16]
+  return {"model": _tree_digest(model_fns) + digest(natural), "images": digest(x, y, indices),
+          "key": digest(np.asarray(jax.random.key_data(key))),
+          **{name: json.dumps(value, sort_keys=True, default=str)
+             for name, value in settings.items()}}
+
+
+def _natural(models, x, y, keys, impl, draws, batch_size):
+  """Per image: correct (the majority of `draws` draws for a randomized model) and the
+  fraction of draws correct; batches sharded over the local devices."""
+  mesh = cascade.local_mesh()
+  sizes = cascade.batch_sizes(min(batch_size, y.size), jax.local_device_count())
+  fraction = np.zeros(y.size, np.float32)
+  for take, rows in cascade.padded_batches(np.arange(y.size), sizes):
+    xb, yb, kb = cascade.to_device(mesh, (x[rows], y[rows], keys[rows]))
+    if draws:
+      kb = jax.random.wrap_key_data(kb, impl=impl)
+      value = attack_plan.correct_fraction(models.random, xb, yb, kb, draws)
+    else:
+      value = attack_plan.correct(models.main, xb, yb)
+    fraction[take] = np.asarray(value)[:take.size]
+  return fraction > 0.5, fraction
 
 
 def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attacks=None,
                       beta: float = 2.0, batch_size: int = 256, indices=None,
                       budget: Optional[AttackBudget] = None, exact_per_attack: bool = False,
-                      source_fn=None, random_apply_fn=None,
+                      exact_autoattack: bool = True, source_fn=None, random_apply_fn=None,
+                      state_dir: Optional[str] = None, progress: bool = False,
                       title: str = "Robustness report") -> report_lib.Report:
   """Verdicts of natural, every attack in `attacks` (default: the default set) and the worst case.
 
   source_fn(x) is the source model of the transfer attacks. random_apply_fn(x, keys) (one key
   per image) is a randomized model (e.g. SAP), which eot / avg-pgd / aa-rand attack; then
   apply_fn is its deterministic version (what the other attacks ascend), every verdict is
-  the majority over budget.eot_draws fresh draws of the randomized model, and natural
+  the majority over budget.verdict_draws fresh draws of the randomized model, and natural
   accuracy is the mean over those draws. Without it, eot / avg-pgd attack apply_fn (no noise).
+  Every attack stage runs on the images still standing, gathered from the whole set into
+  batches of `batch_size` sharded over the local devices (attacks/cascade.py). state_dir:
+  where the report records every finished batch, so that the same call resumes an
+  interrupted report. progress: a tqdm bar per stage (quiet when not a terminal).
   With several processes every one passes the same x and y, attacks its share of the images
   and returns the whole report.
   """
@@ -212,6 +151,8 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
   engine.check_eps(eps)
   if y.size == 0:
     raise ValueError("no images to evaluate: x and y are empty")
+  if int(batch_size) != batch_size or batch_size < 1:
+    raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
   indices = np.arange(y.size) if indices is None else np.asarray(indices, np.int64)
   if indices.shape != y.shape:
     raise ValueError(f"indices {indices.shape} must give one global index per image {y.shape}")
@@ -221,78 +162,74 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
     raise ValueError("transfer attacks need the source model: pass source_fn= (or set "
                      "config.eval.transfer_checkpoint)")
   model_fns = tuple(engine.as_partial(f) for f in (apply_fn, source_fn, random_apply_fn))
-  draws = budget.eot_draws if random_apply_fn is not None else 0
+  draws = budget.verdict_draws if random_apply_fn is not None else 0
   if random_apply_fn is None:  # eot / avg-pgd / aa-rand on a deterministic model: no noise,
     model_fns = model_fns[:2] + (Partial(_ignoring_keys, model_fns[0]),)
-    budget = dataclasses.replace(budget, eot_draws=1)  # so one draw is as good as many
+    budget = dataclasses.replace(budget, eot_draws=1, aa_rand_draws=1)  # one draw is as good
   # Each process attacks its own rows on its own devices; the verdicts are gathered at the end.
   num_images, rows = y.size, _process_rows(y.size)
   x, y, local_indices = x[rows], y[rows], indices[rows]
-  model_fns = jax.tree_util.tree_map(_process_local, model_fns)
-  devices = jax.local_device_count()
-  batch_size = -(-min(batch_size, y.size) // devices) * devices
-  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",)) if devices > 1 else None
+  models = attack_plan.Models(*jax.tree_util.tree_map(_process_local, model_fns))
+  mesh = cascade.local_mesh()
   if mesh is not None:  # the weights on every device the batches are sharded over
-    model_fns = jax.device_put(model_fns, NamedSharding(mesh, P()))
-
-  def to_device(*arrays):
-    if mesh is None:
-      return tuple(jnp.asarray(a) for a in arrays)
-    return tuple(input_pipeline.to_global_array(list(arrays), mesh))
-
-  batches = [(count, *to_device(*arrays))
-             for count, *arrays in _padded_batches(x, y, local_indices, batch_size)]
-  if draws:  # one draw fraction per image, from keys folded with its global index
-    natural_key = jax.random.fold_in(key, zlib.crc32(report_lib.NATURAL.encode()))
-    fraction = np.concatenate([np.asarray(_correct_fraction(
-        model_fns[2], xb, yb, image_keys(natural_key, ib), draws))[:count]
-                               for count, xb, yb, ib in batches])
-    natural = fraction > 0.5
-  else:
-    natural = np.concatenate([np.asarray(_correct(model_fns[0], xb, yb))[:count]
-                              for count, xb, yb, _ in batches])
-  verdicts, ran_on, infos, seconds = {report_lib.NATURAL: natural}, {}, {}, {}
-  for spec in [s for s in specs if not s.expensive] + [s for s in specs if s.expensive]:
-    start = time.perf_counter()
-    info = spec.info(in_worst_case=abs(spec.eps - eps) < 1e-9)
-    info["gradient_draws"] = budget.eot_draws if spec.averages_draws and draws else 0
-    attack_key = jax.random.fold_in(key, zlib.crc32(spec.name.encode()) & 0x7FFFFFFF)
-    active = natural.copy()
-    if spec.expensive and info["in_worst_case"] and not exact_per_attack:
-      for name, other in infos.items():
-        if other["in_worst_case"] and other["family"] != spec.family:
-          active &= verdicts[name]
-    verdict, ran = natural.copy(), np.zeros_like(natural)
-    run = functools.partial(_attack_verdicts, model_fns, attack_key=attack_key, spec=spec,
-                            beta=beta, budget=budget, draws=draws)
-    if spec.family == "autoattack":  # its stages are jitted with the model as a Partial
-      run = functools.partial(_autoattack_verdicts, model_fns, spec, beta, budget, draws)
-    for first, (count, xb, yb, ib) in zip(range(0, y.size, batch_size), batches):
-      rows = slice(first, first + count)
-      if not spec.expensive:
-        verdict[rows] &= np.asarray(run(xb, yb, ib))[:count]
-        ran[rows] = natural[rows]
-        continue
-      if spec.family == "autoattack":
-        ib = image_keys(attack_key, ib)
-      found = engine.run_on_subset(run, np.pad(active[rows], (0, batch_size - count)), xb, yb, ib)
-      if found is not None:
-        idx, still_correct = found
-        verdict[first + idx] = np.asarray(still_correct)
-        ran[first + idx] = True
-    verdicts[spec.name], ran_on[spec.name], infos[spec.name] = verdict, ran, info
-    seconds[spec.name] = time.perf_counter() - start
-    logging.info("%s: %.1f%% still correct (%d attacked, %.1f s)", spec.name,
-                 100 * verdict.mean(), ran.sum(), seconds[spec.name])
+    models = jax.device_put(models, NamedSharding(mesh, P()))
+  keys = np.asarray(jax.random.key_data(image_keys(key, local_indices)))
+  natural_key = jax.random.fold_in(key, zlib.crc32(report_lib.NATURAL.encode()))
+  natural, fraction = _natural(models, x, y, np.asarray(jax.random.key_data(
+      image_keys(natural_key, local_indices))), jax.random.key_impl(key), draws, batch_size)
+  num_classes = jax.eval_shape(lambda z: engine.main_logits(models.main, z), x[:1]).shape[-1]
+  ctx = attack_plan.Context(eps=eps, budget=budget, beta=beta, draws=draws, keys=key,
+                            ranks=target_ranks(budget.target_classes, num_classes))
+  steps, after = attack_plan.plan(specs, models, ctx, exact_per_attack=exact_per_attack,
+                                  exact_autoattack=exact_autoattack)
+  infos = {}
+  for spec in specs:
+    infos[spec.name] = spec.info(in_worst_case=abs(spec.eps - eps) < 1e-9)
+    infos[spec.name]["gradient_draws"] = (
+        (budget.aa_rand_draws if spec.method == "aa-rand" else budget.eot_draws)
+        if spec.averages_draws and draws else 0)
+  state_path = None
+  if state_dir:
+    state_path = os.path.join(state_dir, f"report_state.p{jax.process_index()}.npz")
+  fingerprint = _fingerprint(models, x, y, local_indices, key, natural, eps=eps, beta=beta,
+                             attacks=[s.name for s in specs], budget=vars(budget),
+                             after=after, draws=draws, processes=jax.process_count())
+  result = cascade.run(steps, x, y, keys, eligible={s.name: natural for s in specs},
+                       after=after, batch_size=batch_size, state_path=state_path,
+                       fingerprint=fingerprint, progress=progress)
+  verdicts = {report_lib.NATURAL: natural}
+  ran_on = {}
+  for spec in specs:
+    start = natural.copy()
+    for name in after[spec.name]:
+      start &= ~result.broken[name]
+    verdicts[spec.name] = natural & ~result.broken[spec.name]
+    ran_on[spec.name] = start & ~result.cut[spec.name]
   verdicts = {name: _gather_rows(v, num_images) for name, v in verdicts.items()}
   ran_on = {name: _gather_rows(v, num_images) for name, v in ran_on.items()}
   verdicts[report_lib.WORST_CASE] = report_lib.worst_case(verdicts, infos)
+  costs = report_lib.assemble_costs(_sum_over_processes(result.costs), steps,
+                                    natural_rows=y.size * max(draws, 1) * jax.process_count())
   report = report_lib.Report(eps=eps, indices=indices, verdicts=verdicts, ran_on=ran_on,
-                             attacks=infos, notes=notes, seconds=seconds, title=title,
-                             draws=draws,
-                             natural_mean=float(np.mean(_gather_rows(fraction, num_images))) if draws else None)
+                             attacks=infos, notes=notes, title=title, draws=draws,
+                             seconds={n: c["seconds"] for n, c in costs["attacks"].items()},
+                             costs=costs,
+                             natural_mean=(float(np.mean(_gather_rows(fraction, num_images)))
+                                           if draws else None))
   report.sanity = report_lib.sanity_checks(report)
   return report
+
+
+def _sum_over_processes(costs: Dict[str, Dict[str, float]]) -> Dict[str, Dict[str, float]]:
+  """Every unit's costs summed over the processes (seconds: the slowest process)."""
+  if jax.process_count() == 1:
+    return costs
+  names = sorted(costs)
+  table = np.asarray([[costs[n][f] for f in cascade.COST_FIELDS] for n in names], np.float64)
+  gathered = np.asarray(multihost_utils.process_allgather(table))
+  total = gathered.sum(0)
+  total[:, cascade.COST_FIELDS.index("seconds")] = gathered[..., -1].max(0)
+  return {n: dict(zip(cascade.COST_FIELDS, row.tolist())) for n, row in zip(names, total)}
 
 
 # ----------------------------------------------------------------------------- per-epoch check
@@ -304,8 +241,8 @@ def _natural_and_pgd_counts(apply_fn, batch, key: Array, *, eps: float, steps: i
   x, y, mask = batch["image"], batch["label"], batch["mask"]
   x_adv = pgd(apply_fn, x, y, eps=eps, steps=steps, step_size=step_size, loss=loss, beta=beta,
               key=engine.index_keys(key, batch["index"]))
-  return {"natural": jnp.sum(_correct(apply_fn, x, y) & mask),
-          "pgd": jnp.sum(_correct(apply_fn, x_adv, y) & mask), "count": jnp.sum(mask)}
+  return {"natural": jnp.sum(attack_plan.correct(apply_fn, x, y) & mask),
+          "pgd": jnp.sum(attack_plan.correct(apply_fn, x_adv, y) & mask), "count": jnp.sum(mask)}
 
 
 def natural_and_pgd_accuracy(apply_fn, dataset, config, *, key: Array,

@@ -50,6 +50,9 @@ class Report:
   # natural_mean the natural accuracy averaged over them. 0 / None: a deterministic model.
   draws: int = 0
   natural_mean: Optional[float] = None
+  # {"stages": {unit: {images, fooled, forward_rows, gradient_rows, padding_rows, seconds,
+  #  attacks}}, "attacks": {attack: the sums over its stages}, "total": {...}} (assemble_costs)
+  costs: Dict[str, dict] = dataclasses.field(default_factory=dict)
 
   @property
   def num_images(self) -> int:
@@ -115,7 +118,9 @@ class Report:
     lines += [f"- WARNING: {w}" for w in self.sanity] or ["- No warnings."]
     if self.notes:
       lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
-    if self.seconds:
+    if self.costs:
+      lines += ["", "## Cost", ""] + cost_table(self.costs)
+    elif self.seconds:
       lines += ["", "Time (s, including compilation): " + ", ".join(
           f"{name} {s:.1f}" for name, s in self.seconds.items())]
     return "\n".join(lines) + "\n"
@@ -132,6 +137,7 @@ class Report:
         "ran_on": {name: as_list(v) for name, v in self.ran_on.items()},
         "attacks": self.attacks, "sanity": self.sanity, "notes": self.notes,
         "seconds": self.seconds, "draws": self.draws, "natural_mean": self.natural_mean,
+        "costs": self.costs,
     }
     return json.dumps(data, indent=1)
 
@@ -145,7 +151,45 @@ class Report:
                ran_on={k: as_array(v) for k, v in data["ran_on"].items()},
                attacks=data["attacks"], sanity=data["sanity"], notes=data["notes"],
                seconds=data["seconds"], title=data["title"], draws=data.get("draws", 0),
-               natural_mean=data.get("natural_mean"))
+               natural_mean=data.get("natural_mean"), costs=data.get("costs", {}))
+
+
+def assemble_costs(unit_costs: Dict[str, dict], steps, natural_rows: int) -> Dict[str, dict]:
+  """Per stage (unit) and per attack (the sum over its stages, shared ones in full), and the
+  total (every stage once, natural included): images, fooled, model rows, seconds."""
+  fields = ("images", "fooled", "forward_rows", "gradient_rows", "padding_rows", "seconds")
+  stages, attacks = {}, {}
+  for step in steps:
+    cost = {f: unit_costs.get(step.unit.name, {}).get(f, 0.0) for f in fields}
+    stages[step.unit.name] = {**cost, "attacks": list(step.members)}
+    for member in step.members:
+      total = attacks.setdefault(member, dict.fromkeys(fields, 0.0))
+      for f in fields:
+        total[f] += cost[f]
+  total = {f: sum(c[f] for c in stages.values()) for f in fields}
+  total["forward_rows"] += natural_rows
+  total["natural_rows"] = natural_rows
+  total["rows"] = total["forward_rows"] + total["gradient_rows"]
+  return {"stages": stages, "attacks": attacks, "total": total}
+
+
+def cost_table(costs: Dict[str, dict]) -> List[str]:
+  """Markdown rows: each stage's images attacked, model rows and seconds, then the total."""
+  rows = ["Model rows: one image through one forward pass; gradient rows also took a backward "
+          "pass. Padding rows (copies filling a stage's last batch) are included and counted "
+          "apart.", "",
+          "| stage | attacks | images attacked | fooled | forward rows | gradient rows | "
+          "padding rows | s | images/s |", "|---|---|---|---|---|---|---|---|---|"]
+  for name, c in costs["stages"].items():
+    rate = c["images"] / c["seconds"] if c["seconds"] else 0.0
+    rows.append(f"| {name} | {', '.join(c['attacks'])} | {int(c['images'])} | "
+                f"{int(c['fooled'])} | {int(c['forward_rows'])} | {int(c['gradient_rows'])} | "
+                f"{int(c['padding_rows'])} | {c['seconds']:.1f} | {rate:.1f} |")
+  t = costs["total"]
+  rows.append(f"| **total** (natural: {int(t['natural_rows'])} rows) | - | {int(t['images'])} | "
+              f"{int(t['fooled'])} | {int(t['forward_rows'])} | {int(t['gradient_rows'])} | "
+              f"{int(t['padding_rows'])} | {t['seconds']:.1f} | - |")
+  return rows
 
 
 def worst_case(verdicts: Dict[str, np.ndarray], attacks: Dict[str, dict]) -> np.ndarray:

@@ -16,7 +16,7 @@ import pytest
 from cas_jax import losses
 from cas_jax.attacks import engine
 from cas_jax.attacks.apgd import apgd, apgd_loss, apgd_run, checkpoints, should_halve
-from cas_jax.attacks.autoattack import autoattack, run_stages
+from cas_jax.attacks.autoattack import autoattack
 from cas_jax.attacks.fab import fab, project_onto_hyperplane_linf
 from cas_jax.attacks.square import square, square_fraction
 
@@ -233,41 +233,6 @@ def test_fab_and_square_ignore_the_cas_heads():
 
 
 # ---------------------------------------------------------------- the ensemble
-
-
-def test_run_on_subset_passes_only_the_active_rows():
-  seen = []
-  active = np.array([False, True, False, True, True, False, False, False])
-  idx, out = engine.run_on_subset(lambda rows: seen.append(rows) or rows * 10, active,
-                                  jnp.arange(8))
-  np.testing.assert_array_equal(idx, [1, 3, 4])
-  np.testing.assert_array_equal(out, [10, 30, 40])
-  assert set(np.asarray(seen[0]).tolist()) == {1, 3, 4} and seen[0].shape == (8,)  # N < 64
-  engine.run_on_subset(lambda rows: seen.append(rows) or rows, active, jnp.arange(8),
-                       min_rows=1)
-  assert set(np.asarray(seen[1]).tolist()) == {1, 3, 4} and seen[1].shape == (4,)  # N / 2
-  assert engine.run_on_subset(lambda rows: rows, np.zeros(8, bool), jnp.arange(8)) is None
-
-
-def test_each_stage_gets_only_the_images_still_robust():
-  x = jnp.zeros((6, 1))
-  y = jnp.zeros(6, jnp.int32)
-  predict_fn = lambda z, keys: jnp.concatenate([-z, z], axis=1)  # class 1 once z > 0
-  given = {}
-
-  def stage_fooling(rows):
-    def stage(xs, ys, keys, active):
-      given[tuple(rows)] = np.asarray(active)
-      return xs.at[np.asarray(rows, int)].set(1.0)
-    return stage
-
-  stages = [("first", stage_fooling([1, 2])), ("second", stage_fooling([2, 3, 4])),
-            ("third", stage_fooling([]))]
-  x_adv, robust = run_stages(stages, x, y, engine.example_keys(KEY, 6), predict_fn)
-  np.testing.assert_array_equal(given[(2, 3, 4)], [True, False, False, True, True, True])
-  np.testing.assert_array_equal(given[()], [True, False, False, False, False, True])
-  np.testing.assert_array_equal(robust["second"], robust["third"])
-  np.testing.assert_array_equal(x_adv[:, 0], [0, 1, 1, 1, 1, 0])
 
 
 def test_autoattack_reports_monotone_flags_and_stays_in_the_ball():

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cas_jax import losses
+from cas_jax.attacks import cascade
 from cas_jax.attacks import engine
 from cas_jax.attacks import white_box
 
@@ -170,6 +171,39 @@ def ranked_targets(logits: Array, rank: int) -> Array:
   return jnp.argsort(logits, axis=-1)[:, -rank]
 
 
+@engine.jit_with_model("steps", "loss", "beta", "rho", "eot", "rank", "number")
+def apgd_round(model_fn, x: Array, y: Array, keys: Array, eps, *, steps: int, loss: str,
+               beta: float = 2.0, rho: float = 0.75, eot=None, rank=None, number: int = 0):
+  """Round `number` of APGD (one target rank, one restart) on a batch: (x_adv, fooled).
+
+  rank: the target class's rank by the clean logits (targeted losses), else None. A round
+  costs steps + 1 gradient passes (each over `eot` draws), plus one forward pass for the
+  targets (`round_passes`).
+  """
+  targets = y
+  if rank is not None:
+    clean = engine.predict(model_fn, x, engine.fold_keys(keys, _PREDICT), eot is not None)
+    targets = ranked_targets(clean, rank)
+  round_keys = engine.fold_keys(keys, _ROUND, number)
+  start = engine.random_start(engine.fold_keys(round_keys, _START), x, eps)
+  out = apgd_run(model_fn, x, y, targets, round_keys, start, eps, steps=steps, loss=loss,
+                 beta=beta, rho=rho, eot=eot)
+  return out["x_adv"], out["fooled"]
+
+
+def round_passes(steps: int, eot=None, targeted: bool = False):
+  """(forward, gradient) batch passes of one apgd_round."""
+  return int(targeted), (steps + 1) * (eot or 1)
+
+
+def check_budget(steps: int, restarts: int = 1, eot=None) -> None:
+  """One ValueError line for a step, restart or EOT count below 1."""
+  if steps < 1 or restarts < 1:
+    raise ValueError(f"steps={steps} and restarts={restarts} must both be >= 1")
+  if eot is not None and eot < 1:
+    raise ValueError(f"eot={eot}: use None for a deterministic model or a number of draws >= 1")
+
+
 def apgd(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, steps: int = 100,
          loss: str = "ce", target_ranks: Union[int, Sequence[int]] = 2, beta: float = 2.0,
          restarts: int = 1, rho: float = 0.75, eot=None, best_loss: bool = False,
@@ -183,43 +217,33 @@ def apgd(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, steps: int = 
   x, y = engine.check_images_and_labels(x, y)
   engine.check_eps(eps)
   apgd_loss(loss, beta)  # validates the name
-  if steps < 1 or restarts < 1:
-    raise ValueError(f"steps={steps} and restarts={restarts} must both be >= 1")
-  if eot is not None and eot < 1:
-    raise ValueError(f"eot={eot}: use None for a deterministic model or a number of draws >= 1")
+  check_budget(steps, restarts, eot)
   ranks = (target_ranks,) if isinstance(target_ranks, int) else tuple(target_ranks)
   if loss not in TARGETED_LOSSES:
     ranks = (None,)
   keys = engine.example_keys(key, x.shape[0])
   clean_logits = engine.predict(model_fn, x, engine.fold_keys(keys, _PREDICT), eot is not None)
-  targets = {r: y if r is None else ranked_targets(clean_logits, r) for r in ranks}
-  run = functools.partial(apgd_run, model_fn, eps=eps, steps=steps, loss=loss, beta=beta,
-                          rho=rho, eot=eot)
+  for r in ranks:
+    if r is not None:
+      ranked_targets(clean_logits, r)  # validates the rank
   rounds = [(r, restart) for r in ranks for restart in range(restarts)]
-
-  def start_and_run(xs, ys, ts, ks):
-    # Drawn outside the compiled run: the PRNG's compilation, slow on CPU, is then shared.
-    return run(xs, ys, ts, ks, engine.random_start(engine.fold_keys(ks, _START), xs, eps))
-
   if best_loss:
+    targets = {r: y if r is None else ranked_targets(clean_logits, r) for r in ranks}
     x_best, loss_best = x, jnp.full(x.shape[:1], -jnp.inf)
     for number, (r, _) in enumerate(rounds):
-      out = start_and_run(x, y, targets[r], engine.fold_keys(keys, _ROUND, number))
+      round_keys = engine.fold_keys(keys, _ROUND, number)
+      start = engine.random_start(engine.fold_keys(round_keys, _START), x, eps)
+      out = apgd_run(model_fn, x, y, targets[r], round_keys, start, eps, steps=steps,
+                     loss=loss, beta=beta, rho=rho, eot=eot)
       better = out["loss_best"] > loss_best
       x_best = jnp.where(engine.per_image(better, x), out["x_best"], x_best)
       loss_best = jnp.maximum(out["loss_best"], loss_best)
     return x_best
 
-  def adversarial(*args):
-    out = start_and_run(*args)
-    return out["x_adv"], out["fooled"]
-
-  x_adv = x
   robust = jnp.argmax(clean_logits, -1) == y if active is None else jnp.asarray(active)
-  for number, (r, _) in enumerate(rounds):
-    found = engine.run_on_subset(adversarial, robust, x, y, targets[r],
-                                 engine.fold_keys(keys, _ROUND, number))
-    if found is None:
-      break
-    x_adv, robust = engine.merge_found(x_adv, robust, found)
-  return x_adv
+  forward, gradient = round_passes(steps, eot, loss in TARGETED_LOSSES)
+  units = [cascade.attack_unit(
+      f"apgd/{number}", functools.partial(apgd_round, model_fn, steps=steps, loss=loss,
+                                          beta=beta, rho=rho, eot=eot, rank=r, number=number),
+      eps, keys, forward, gradient) for number, (r, _) in enumerate(rounds)]
+  return cascade.attack_in_rounds(units, x, y, keys, np.asarray(robust))

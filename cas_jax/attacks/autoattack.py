@@ -14,25 +14,28 @@ EOT over 20 draws of `model_fn(x, keys)` (one key per example, as attacks/random
 loss="joint" makes the APGD stages ascend the joint losses of the main and CAS heads (CE,
 targeted DLR, DLR; weight `beta`); FAB-T linearises the main head's z_t - z_y, whose
 gradient passes through the CAS masks either way, and Square uses the main-head margin.
-Inside each attack, the images still robust are gathered at the Python level and padded
-to N, N/2, N/4 or N/8 rows, never fewer than 32 (engine.run_on_subset): at most 4
-compilations per attack and batch size N, none per exact count, for at most twice the rows.
-Compiled runs are cached per model_fn object: pass the same one across batches, or better a
+Every stage is a list of units of the survivor cascade (attacks/cascade.py): one per APGD-T
+and FAB-T target and one per SQUARE_CHUNK Square queries, each run on the images every unit
+before it left robust, so Square drops a fooled image within SQUARE_CHUNK queries.
+Compiled runs are cached per model_fn object: pass the same one across calls, or better a
 jax.tree_util.Partial(apply_fn, variables), whose weights are then traced inputs (not
 constants baked into each program) and whose compilations survive new weights.
 """
 import functools
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cas_jax.attacks import cascade
 from cas_jax.attacks import engine
-from cas_jax.attacks.apgd import apgd
+from cas_jax.attacks.apgd import apgd_round, check_budget
+from cas_jax.attacks.apgd import round_passes as apgd_round_passes
+from cas_jax.attacks.fab import fab_round
+from cas_jax.attacks.fab import round_passes as fab_round_passes
 from cas_jax.attacks.engine import predict
-from cas_jax.attacks.fab import fab
-from cas_jax.attacks.square import square
+from cas_jax.attacks.square import square_chunk
 
 Array = jax.Array
 # Position in ATTACKS is each attack's fold_in tag: an image's randomness in one attack does
@@ -41,29 +44,97 @@ ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr")
 VERSIONS = {"standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
             "rand": ("apgd-ce", "apgd-dlr")}
 LOSS_MODES = ("main", "joint")
+SQUARE_CHUNK = 250  # Square queries between two gatherings of the images still standing
 _PREDICT_STREAM = len(ATTACKS)
+# (x_adv, y, keys) -> (still classified correctly (B,), forward passes it took)
+Judge = Callable[[Array, Array, Array], tuple]
 
-# An attack stage: (x, y, keys, active) -> x_adv; it attacks the `active` images only.
-Stage = Callable[[Array, Array, Array, np.ndarray], Array]
+
+def target_ranks(target_classes: int, num_classes: int) -> range:
+  """The ranks APGD-T and FAB-T target: 2 .. min(target_classes, num_classes - 1) + 1."""
+  if target_classes < 1:
+    raise ValueError(f"target_classes={target_classes} must be >= 1 (AutoAttack uses 9)")
+  return range(2, min(target_classes, num_classes - 1) + 2)
 
 
-def run_stages(stages: Sequence[Tuple[str, Stage]], x: Array, y: Array, keys: Array,
-               predict_fn):
-  """Run (name, stage) pairs in order, each on the images still robust after the ones before.
+def _apgd_loss(stage: str, joint: bool) -> str:
+  base = {"apgd-ce": "ce", "apgd-dlr": "dlr", "apgd-t": "targeted_dlr"}[stage]
+  return f"joint_{base}" if joint else base
 
-  predict_fn(x, keys) -> logits decides robustness. Returns x_adv (the first adversarial
-  example found per image, else x) and {"clean": flags, name: flags after that stage, ...}.
+
+def stage_units(model_fn, stage: str, *, eps, keys: Array, judge: Judge, loss: str = "main",
+                beta: float = 2.0, apgd_steps: int = 100, fab_steps: int = 100,
+                square_queries: int = 5000, ranks: Sequence[int] = range(2, 11), eot=None,
+                prefix: str = "", stream: Optional[int] = None) -> List[cascade.Unit]:
+  """The cascade units of one AutoAttack stage, judged by `judge` after each batch.
+
+  Units are named prefix + stage (+ "-joint" for APGD on the joint losses) (+ "/rank" for
+  APGD-T and FAB-T, "/q<first query>" for Square's chunks); FAB-T and Square do not depend on
+  `loss`, so the same names (and runs) serve the main and joint variants. stream: a tag
+  folded into the images' keys before the stage's own (the report's AutoAttack stream).
   """
-  robust = np.asarray(jnp.argmax(predict_fn(x, keys), -1) == y)
-  per_attack, x_adv = {"clean": robust}, x
-  for name, stage in stages:
-    if robust.any():
-      x_stage = stage(x, y, keys, robust)
-      fooled = robust & np.asarray(jnp.argmax(predict_fn(x_stage, keys), -1) != y)
-      x_adv = jnp.where(engine.per_image(fooled, x), x_stage, x_adv)
-      robust = robust & ~fooled
-    per_attack[name] = robust
-  return x_adv, per_attack
+  tag, joint = ATTACKS.index(stage), loss == "joint"
+  tags = (tag,) if stream is None else (stream, tag)
+  impl = jax.random.key_impl(keys)
+
+  def unit(name, attack, forward, gradient, carry=None, reads_carry=False):
+    def run_batch(x, y, key_data, carry_in):
+      image_keys = jax.random.wrap_key_data(key_data, impl=impl)
+      stage_keys = engine.fold_keys(image_keys, *tags)
+      if carry is None:
+        x_adv, _ = attack(x, y, stage_keys, eps)
+        carry_out, made = None, 0
+      else:
+        x_adv, _, carry_out, made = attack(x, y, stage_keys, carry_in, eps)
+      correct, judged = judge(x_adv, y, image_keys)
+      return ~correct, x_adv, carry_out, forward + made + judged, gradient
+    return cascade.Unit(prefix + name, run_batch, carry and prefix + carry, reads_carry)
+
+  if stage.startswith("apgd"):
+    name = stage + ("-joint" if joint else "")
+    rounds = ranks if stage == "apgd-t" else (None,)
+    forward, gradient = apgd_round_passes(apgd_steps, eot, stage == "apgd-t")
+    return [unit(name + ("" if rank is None else f"/{rank}"),
+                 functools.partial(apgd_round, model_fn, steps=apgd_steps,
+                                   loss=_apgd_loss(stage, joint), beta=beta, eot=eot,
+                                   rank=rank, number=number), forward, gradient)
+            for number, rank in enumerate(rounds)]
+  if stage == "fab-t":
+    forward, gradient = fab_round_passes(fab_steps)
+    return [unit(f"fab-t/{rank}", functools.partial(fab_round, model_fn,
+                                                    steps=fab_steps, rank=rank, number=number),
+                 forward, gradient) for number, rank in enumerate(ranks)]
+  chunks = range(0, square_queries, SQUARE_CHUNK)
+  def chunk(first):
+    def attack(x, y, stage_keys, carry, eps):
+      return square_chunk(model_fn, x, y, stage_keys, carry, first, eps,
+                          queries=SQUARE_CHUNK, total_queries=square_queries)
+    return attack
+  return [unit(f"square/q{first}", chunk(first), 0, 0, carry="square", reads_carry=first > 0)
+          for first in chunks]
+
+
+def _predict_judge(model_fn, randomized: bool) -> Judge:
+  """Still correct under one prediction (one draw of a randomized model, its own stream)."""
+  def judge(x_adv, y, keys):
+    logits = predict(model_fn, x_adv, engine.fold_keys(keys, _PREDICT_STREAM), randomized)
+    return jnp.argmax(logits, -1) == y, 1
+  return judge
+
+
+def check_stages(version: str, loss: str, names: Sequence[str]) -> None:
+  """One ValueError line for an unknown version, loss mode or stage list."""
+  if version not in VERSIONS:
+    raise ValueError(f"unknown version {version!r}; valid: {', '.join(VERSIONS)}")
+  if loss not in LOSS_MODES:
+    raise ValueError(f"unknown loss {loss!r}; valid: 'main' (every attack on the main logits) "
+                     "or 'joint' (APGD on the joint losses of the main and CAS heads)")
+  unknown = [a for a in names if a not in ATTACKS]
+  if unknown or not names:
+    raise ValueError(f"unknown attacks {unknown or names}; valid: {', '.join(ATTACKS)}")
+  if version == "rand" and set(names) - set(VERSIONS["rand"]):
+    raise ValueError(f"version='rand' runs gradient attacks with EOT only: "
+                     f"{', '.join(VERSIONS['rand'])}; got {', '.join(names)}")
 
 
 def autoattack(model_fn, x: Array, y: Array, *, eps=8 / 255, version: str = "standard",
@@ -78,43 +149,30 @@ def autoattack(model_fn, x: Array, y: Array, *, eps=8 / 255, version: str = "sta
   """
   x, y = engine.check_images_and_labels(x, y)
   engine.check_eps(eps)
-  if version not in VERSIONS:
-    raise ValueError(f"unknown version {version!r}; valid: {', '.join(VERSIONS)}")
-  if loss not in LOSS_MODES:
-    raise ValueError(f"unknown loss {loss!r}; valid: 'main' (every attack on the main logits) "
-                     "or 'joint' (APGD on the joint losses of the main and CAS heads)")
-  names = VERSIONS[version] if attacks is None else tuple(attacks)
-  unknown = [a for a in names if a not in ATTACKS]
-  if unknown or not names:
-    raise ValueError(f"unknown attacks {unknown or names}; valid: {', '.join(ATTACKS)}")
+  names = VERSIONS.get(version, ()) if attacks is None else tuple(attacks)
+  check_stages(version, loss, names)
+  check_budget(min(apgd_steps, fab_steps, square_queries), 1, eot_draws)
   randomized = version == "rand"
-  if randomized and set(names) - set(VERSIONS["rand"]):
-    raise ValueError(f"version='rand' runs gradient attacks with EOT only: "
-                     f"{', '.join(VERSIONS['rand'])}; got {', '.join(names)}")
-  if target_classes < 1:
-    raise ValueError(f"target_classes={target_classes} must be >= 1 (AutoAttack uses 9)")
-
   keys = engine.example_keys(key, x.shape[0])
-  predict_fn = lambda z, ks: predict(model_fn, z, engine.fold_keys(ks, _PREDICT_STREAM), randomized)
-  num_classes = jax.eval_shape(predict_fn, x, keys).shape[-1]
-  ranks = range(2, min(target_classes, num_classes - 1) + 2)
-  joint = loss == "joint"
-  eot = eot_draws if randomized else None
-  builders: Dict[str, Callable] = {
-      "apgd-ce": functools.partial(apgd, loss="joint_ce" if joint else "ce", steps=apgd_steps,
-                                   beta=beta, eot=eot),
-      "apgd-dlr": functools.partial(apgd, loss="joint_dlr" if joint else "dlr",
-                                    steps=apgd_steps, beta=beta, eot=eot),
-      "apgd-t": functools.partial(apgd, loss="joint_targeted_dlr" if joint else "targeted_dlr",
-                                  steps=apgd_steps, beta=beta, target_ranks=ranks),
-      "fab-t": functools.partial(fab, steps=fab_steps, target_ranks=ranks),
-      "square": functools.partial(square, queries=square_queries),
-  }
-
-  def stage(name):
-    tag = ATTACKS.index(name)
-    return lambda xs, ys, ks, active: builders[name](
-        model_fn, xs, ys, eps=eps, key=engine.fold_keys(ks, tag), active=active)
-
-  x_adv, per_attack = run_stages([(n, stage(n)) for n in names], x, y, keys, predict_fn)
+  judge = _predict_judge(model_fn, randomized)
+  robust, _ = judge(x, y, keys)
+  num_classes = jax.eval_shape(lambda z, k: predict(model_fn, z, k, randomized), x[:1],
+                               keys[:1]).shape[-1]
+  if randomized:
+    model_fn = engine.as_partial(model_fn)
+  options = dict(eps=eps, keys=keys, judge=judge, loss=loss, beta=beta, apgd_steps=apgd_steps,
+                 fab_steps=fab_steps, square_queries=square_queries,
+                 ranks=target_ranks(target_classes, num_classes),
+                 eot=eot_draws if randomized else None)
+  units = {name: stage_units(model_fn, name, **options) for name in names}
+  result = cascade.run([cascade.Step(u, ("aa",)) for n in names for u in units[n]],
+                       np.asarray(x), np.asarray(y), np.asarray(jax.random.key_data(keys)),
+                       eligible={"aa": np.asarray(robust)}, batch_size=x.shape[0],
+                       keep_adversarial=True)
+  per_attack, standing = {"clean": np.asarray(robust)}, np.asarray(robust)
+  for name in names:
+    for u in units[name]:
+      standing = standing & ~result.fooled[u.name]
+    per_attack[name] = standing
+  x_adv = jnp.asarray(result.x_adv)
   return (x_adv, per_attack) if return_per_attack else x_adv

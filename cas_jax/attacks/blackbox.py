@@ -63,6 +63,16 @@ def n_attack(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, populatio
   engine.check_eps(eps)
   if population < 2:
     raise ValueError(f"population={population} must be >= 2 (NES standardises the losses)")
+  x_adv, _ = n_attack_run(model_fn, x, y, eps, key, population=population, sigma=sigma, lr=lr,
+                          max_iters=max_iters)
+  return x_adv
+
+
+@engine.jit_with_model("population", "sigma", "lr", "max_iters")
+def n_attack_run(model_fn, x: Array, y: Array, eps, key: Array, *, population: int = 300,
+                 sigma: float = 0.1, lr: float = 0.02, max_iters: int = 500):
+  """N-Attack's search (see n_attack): (x_adv, iterations made); each iteration queries the
+  model on population + 1 rows per image."""
   n = x.shape[0]
   keys = engine.example_keys(key, n)
   w = jnp.arctanh((2.0 * x - 1.0) * _ATANH_SHRINK)
@@ -103,6 +113,6 @@ def n_attack(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, populatio
       lambda k, s: jax.random.normal(k, s, x.dtype),
       jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 0), x.shape)
   state = (jnp.array(0, jnp.int32), mu0, jnp.zeros((n,), bool), x)
-  _, mu, done, x_adv = jax.lax.while_loop(cond, body, state)
+  made, mu, done, x_adv = jax.lax.while_loop(cond, body, state)
   x_adv = jnp.where(done.reshape((n,) + (1,) * (x.ndim - 1)), x_adv, mean_image(mu))
-  return jax.lax.stop_gradient(x_adv)
+  return jax.lax.stop_gradient(x_adv), made

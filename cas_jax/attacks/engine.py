@@ -223,33 +223,3 @@ def call_model(model_fn, x: Array, keys: Array, randomized: bool):
 def predict(model_fn, x: Array, keys: Array, randomized: bool = False) -> Array:
   """Main-head logits (one draw per example, from `keys`, for a randomized model)."""
   return split_outputs(call_model(model_fn, x, keys, randomized))[0]
-
-
-def run_on_subset(attack_fn: Callable[..., Any], active, *arrays, levels: int = 4,
-                  min_rows: int = 32):
-  """attack_fn on the rows where `active` holds, padded to a fixed size; None when none are.
-
-  Returns (idx, outputs): idx the active rows (a numpy array), outputs attack_fn's results
-  for exactly those rows. The rows are padded (with copies of the first active row, whose
-  results are discarded) to the smallest size that holds them among N and ceil(N / 2^k),
-  0 < k < levels, of at least min_rows rows: a shrinking subset costs at most `levels`
-  compilations of attack_fn per batch size N (one for N < 2 * min_rows), for at most twice
-  the rows it needs (or N / 2^(levels-1), or min_rows, when it is smaller than that).
-  """
-  active = np.asarray(active)
-  idx = np.flatnonzero(active)
-  if idx.size == 0:
-    return None
-  sizes = [active.size] + [s for s in (-(-active.size // 2**k) for k in range(1, levels))
-                           if s >= min_rows]
-  size = min(s for s in sizes if s >= idx.size)
-  padded = np.concatenate([idx, np.full(size - idx.size, idx[0])])
-  outputs = attack_fn(*[a[padded] for a in arrays])
-  return idx, jax.tree.map(lambda o: o[:idx.size], outputs)
-
-
-def merge_found(x_adv: Array, robust: Array, found) -> Tuple[Array, Array]:
-  """Write run_on_subset's (idx, (x_sub, fooled)) into x_adv and robust: fooled rows only."""
-  idx, (x_sub, fooled) = found
-  keep = per_image(fooled, x_sub)
-  return x_adv.at[idx].set(jnp.where(keep, x_sub, x_adv[idx])), robust.at[idx].set(~fooled)

@@ -17,6 +17,9 @@ from typing import Sequence, Union
 import jax
 import jax.numpy as jnp
 
+import numpy as np
+
+from cas_jax.attacks import cascade
 from cas_jax.attacks import engine
 from cas_jax.attacks.apgd import ranked_targets
 from cas_jax.attacks.engine import jit_with_model, predict
@@ -98,6 +101,28 @@ def fab_targeted_run(model_fn, x: Array, y: Array, targets: Array, x_start: Arra
   return best, dist
 
 
+@jit_with_model("steps", "rank", "restart", "number", "alpha_max", "eta", "backtrack")
+def fab_round(model_fn, x: Array, y: Array, keys: Array, eps, *, steps: int, rank: int,
+              restart: int = 0, number: int = 0, alpha_max: float = 0.1, eta: float = 1.05,
+              backtrack: float = 0.9):
+  """Round `number` of FAB-T (a target rank, a restart) on a batch: (x_adv, fooled).
+
+  It costs `steps` gradient passes and steps + 2 forward passes (`round_passes`).
+  """
+  targets = ranked_targets(predict(model_fn, x, keys), rank)
+  keys = engine.fold_keys(keys, number)
+  start = x if restart == 0 else engine.random_start(keys, x, eps / 2)
+  best, dist = fab_targeted_run(model_fn, x, y, targets, start, steps=steps,
+                                alpha_max=alpha_max, eta=eta, backtrack=backtrack)
+  fooled = (dist <= eps) & (jnp.argmax(predict(model_fn, best, keys), -1) != y)
+  return engine.project(best, x, eps), fooled
+
+
+def round_passes(steps: int):
+  """(forward, gradient) batch passes of one fab_round."""
+  return steps + 2, steps
+
+
 def fab(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, steps: int = 100,
         target_ranks: Union[int, Sequence[int]] = 2, restarts: int = 1,
         alpha_max: float = 0.1, eta: float = 1.05, backtrack: float = 0.9,
@@ -115,22 +140,15 @@ def fab(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, steps: int = 1
   ranks = (target_ranks,) if isinstance(target_ranks, int) else tuple(target_ranks)
   keys = engine.example_keys(key, x.shape[0])
   clean_logits = predict(model_fn, x, keys)
-  run = functools.partial(fab_targeted_run, model_fn, steps=steps, alpha_max=alpha_max,
-                          eta=eta, backtrack=backtrack)
-
-  def attack(xs, ys, ts, ks, restart):
-    start = xs if restart == 0 else engine.random_start(ks, xs, eps / 2)
-    best, dist = run(xs, ys, ts, start)
-    fooled = (dist <= eps) & (jnp.argmax(predict(model_fn, best, ks), -1) != ys)
-    return engine.project(best, xs, eps), fooled
-
-  x_adv = x
+  for rank in ranks:
+    ranked_targets(clean_logits, rank)  # validates the rank
   robust = jnp.argmax(clean_logits, -1) == y if active is None else jnp.asarray(active)
-  for number, (rank, restart) in enumerate((r, i) for r in ranks for i in range(restarts)):
-    targets = ranked_targets(clean_logits, rank)
-    found = engine.run_on_subset(functools.partial(attack, restart=restart), robust, x, y,
-                                 targets, engine.fold_keys(keys, number))
-    if found is None:
-      break
-    x_adv, robust = engine.merge_found(x_adv, robust, found)
-  return x_adv
+  forward, gradient = round_passes(steps)
+  rounds = [(r, i) for r in ranks for i in range(restarts)]
+  units = [cascade.attack_unit(
+      f"fab/{number}", functools.partial(fab_round, model_fn, steps=steps, rank=rank,
+                                         restart=restart, number=number,
+                                         alpha_max=alpha_max, eta=eta, backtrack=backtrack),
+      eps, keys, forward, gradient)
+      for number, (rank, restart) in enumerate(rounds)]
+  return cascade.attack_in_rounds(units, x, y, keys, np.asarray(robust))

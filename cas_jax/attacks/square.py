@@ -45,15 +45,22 @@ def vertical_stripes(keys: Array, x: Array, eps) -> Array:
   return jnp.clip(x + eps * stripes, 0.0, 1.0)
 
 
-@jit_with_model("queries", "p_init", "rescale_schedule")
-def square_run(model_fn, x: Array, y: Array, keys: Array, x_start: Array, eps, *,
-               queries: int, p_init: float = 0.8, rescale_schedule: bool = False):
-  """One Square run from x_start: (best point of each image, its margin; <= 0: misclassified)."""
+@jit_with_model("queries", "total_queries", "p_init", "rescale_schedule")
+def square_run(model_fn, x: Array, y: Array, keys: Array, x_best: Array, margin_best: Array,
+               first_query, eps, *, queries: int, total_queries: int, p_init: float = 0.8,
+               rescale_schedule: bool = False):
+  """Queries first_query .. first_query + queries - 1 of one Square run of total_queries,
+  from (x_best, margin_best); it stops once every image is fooled (margin <= 0).
+
+  Returns (x_best, margin_best, the queries made): the query index, not the chunk, draws each
+  window, so a run split into chunks equals one run.
+  """
   n, height, width, channels = x.shape
   rows = jnp.arange(height)[None, :, None, None]
   cols = jnp.arange(width)[None, None, :, None]
-
-  state = (0, x_start, _margin(model_fn, x_start, y))
+  first_query = jnp.asarray(first_query, jnp.int32)
+  end = jnp.minimum(first_query + queries, total_queries)
+  state = (first_query, x_best, margin_best)
 
   def proposal(k, side):
     """A window's top-left corner and its per-channel signs, from one draw of uniforms."""
@@ -66,7 +73,7 @@ def square_run(model_fn, x: Array, y: Array, keys: Array, x_start: Array, eps, *
 
   def body(state):
     i, x_best, margin_best = state
-    p = square_fraction(i, queries, p_init, rescale_schedule)
+    p = square_fraction(i, total_queries, p_init, rescale_schedule)
     side = jnp.clip(jnp.round(jnp.sqrt(p * height * width)).astype(jnp.int32), 1,
                     min(height, width))
     top, left, channel_signs = jax.vmap(proposal, in_axes=(0, None))(
@@ -84,10 +91,28 @@ def square_run(model_fn, x: Array, y: Array, keys: Array, x_start: Array, eps, *
 
   def running(state):
     i, _, margin_best = state
-    return (i < queries) & jnp.any(margin_best > 0)
+    return (i < end) & jnp.any(margin_best > 0)
 
-  _, x_best, margin_best = jax.lax.while_loop(running, body, state)
-  return x_best, margin_best
+  last, x_best, margin_best = jax.lax.while_loop(running, body, state)
+  return x_best, margin_best, last - first_query
+
+
+@jit_with_model("queries", "total_queries", "p_init", "rescale_schedule")
+def square_chunk(model_fn, x: Array, y: Array, keys: Array, carry, first_query, eps, *,
+                 queries: int, total_queries: int, p_init: float = 0.8,
+                 rescale_schedule: bool = False):
+  """One chunk of Square queries: (x_best, fooled, carry for the next chunk, forward passes).
+
+  carry None starts the run (vertical stripes, one query); else it is (x_best, margin).
+  """
+  starts = carry is None
+  if starts:
+    x_best = vertical_stripes(keys, x, eps)
+    carry = (x_best, _margin(model_fn, x_best, y))
+  x_best, margin, made = square_run(model_fn, x, y, keys, *carry, first_query, eps,
+                                    queries=queries, total_queries=total_queries,
+                                    p_init=p_init, rescale_schedule=rescale_schedule)
+  return x_best, margin <= 0, (x_best, margin), made + int(starts)
 
 
 def square(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, queries: int = 5000,
@@ -100,15 +125,8 @@ def square(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, queries: in
   keys = engine.example_keys(key, x.shape[0])
   if active is None:
     active = jnp.argmax(predict(model_fn, x, keys), -1) == y
-
-  def attack(xs, ys, ks):
-    x_best, margin = square_run(model_fn, xs, ys, ks, vertical_stripes(ks, xs, eps), eps,
-                                queries=queries, p_init=p_init,
-                                rescale_schedule=rescale_schedule)
-    return x_best, margin <= 0
-
-  found = engine.run_on_subset(attack, active, x, y, keys)
-  if found is None:
-    return x
-  idx, (x_sub, fooled) = found
-  return x.at[idx].set(jnp.where(fooled[:, None, None, None], x_sub, x[idx]))
+  x_best, fooled, _, _ = square_chunk(model_fn, x, y, keys, None, 0, eps, queries=queries,
+                                      total_queries=queries, p_init=p_init,
+                                      rescale_schedule=rescale_schedule)
+  keep = engine.per_image(jnp.asarray(active) & fooled, x)
+  return jnp.where(keep, x_best, x)

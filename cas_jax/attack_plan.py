@@ -1,0 +1,210 @@
+"""The report's plan: which compiled units run, for which attacks, on which images.
+
+    steps, after = attack_plan.plan(specs, models, eps=8/255, budget=budget, beta=2.0,
+                                    draws=0, exact_per_attack=False, keys=keys)
+
+`DISPATCH` is the one table from an attack method to its units (attacks/cascade.py): a single
+compiled attack for the PGD family, MD, EOT, N-Attack and transfer; AutoAttack's stages
+(`autoattack.stage_units`) for aa, aa-rand and the AutoAttack parts. Every unit judges its
+adversarial examples with the report's judge (the model, or the majority over fresh draws of
+a randomized one). Cheap attacks run on every clean-correct image; expensive ones on the
+images every earlier attack of another family left standing (`after`), unless
+exact_per_attack, and the AutoAttack family on every clean-correct image unless
+exact_autoattack=False (it costs at most ~1.5x; docs/evaluation.md has the measurement).
+Units shared by several attacks (FAB-T and Square of aa and aa-joint) run once, on the images
+standing for all of them.
+"""
+import dataclasses
+import functools
+import zlib
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from cas_jax.attack_registry import AttackBudget, AttackSpec
+from cas_jax.attacks.autoattack import ATTACKS, VERSIONS, stage_units
+from cas_jax.attacks import cascade
+from cas_jax.attacks import engine
+from cas_jax.attacks.blackbox import n_attack_run, transfer
+from cas_jax.attacks.randomized import eot_pgd
+from cas_jax.attacks.white_box import margin_decomposition, pgd
+
+Array = jax.Array
+Partial = jax.tree_util.Partial
+VERDICT_STREAM = 0x7E5  # fold_in tag of the fresh draws that judge a randomized model
+AUTOATTACK_STREAM = zlib.crc32(b"autoattack") & 0x7FFFFFFF
+# The order of AutoAttack's stages across its versions and parts (rand: apgd-ce, apgd-dlr).
+STAGE_ORDER = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
+AA_STAGES = {"aa": VERSIONS["standard"], "aa-rand": VERSIONS["rand"],
+             **{s: (s,) for s in ATTACKS}}
+
+
+class Models(NamedTuple):
+  """The model functions of a report, as Partials: main (deterministic), source, random."""
+  main: Partial
+  source: Optional[Partial]
+  random: Optional[Partial]
+
+
+@functools.partial(jax.jit, static_argnames="draws")
+def correct_fraction(random_model, x: Array, y: Array, keys: Array, draws: int) -> Array:
+  """Per image, the fraction of `draws` fresh draws of a randomized model that classify it y."""
+  keys = engine.fold_keys(keys, VERDICT_STREAM)
+  hits = jax.lax.map(lambda d: jnp.argmax(engine.main_logits(
+      lambda z: random_model(z, engine.fold_keys(keys, d)), x), -1) == y, jnp.arange(draws))
+  return jnp.mean(hits, axis=0)
+
+
+@jax.jit
+def correct(model, x: Array, y: Array) -> Array:
+  """Per image, whether the model's main head classifies it y."""
+  return jnp.argmax(engine.main_logits(model, x), -1) == y
+
+
+def judge(models: Models, draws: int):
+  """(x_adv, y, keys) -> (still correct, forward passes): the model, or most of `draws` draws."""
+  if not draws:
+    return lambda x_adv, y, keys: (correct(models.main, x_adv, y), 1)
+  return lambda x_adv, y, keys: (correct_fraction(models.random, x_adv, y, keys, draws) > 0.5,
+                                 draws)
+
+
+# ----------------------------------------------------------------------------- single units
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "beta", "budget"))
+def _single_attack(models: Models, x: Array, y: Array, keys: Array, eps, *, spec: AttackSpec,
+                   beta: float, budget: AttackBudget):
+  """x_adv of an attack that compiles as one function, and the iterations it made (N-Attack)."""
+  ce, cw = ("joint_ce", "joint_cw") if spec.joint else ("ce", "cw")
+  method, steps, made = spec.method, spec.steps, 0
+  if method in ("fgsm", "pgd", "cas-head", "cw"):
+    loss = {"cas-head": "cas_ce", "cw": cw}.get(method, ce)
+    x_adv = pgd(models.main, x, y, eps=eps, steps=1 if method == "fgsm" else steps, key=keys,
+                step_size=eps if method == "fgsm" else None, loss=loss, beta=beta)
+  elif method == "md":
+    x_adv = margin_decomposition(models.main, x, y, eps=eps, steps=steps, key=keys,
+                                 restarts=budget.md_restarts, beta=beta if spec.joint else 0.0)
+  elif method in ("eot", "avg-pgd"):
+    x_adv = eot_pgd(models.random, x, y, eps=eps, steps=steps, key=keys,
+                    loss=ce if method == "eot" else cw, beta=beta, draws=budget.eot_draws)
+  elif method == "n-attack":
+    x_adv, made = n_attack_run(models.main, x, y, eps, keys, population=budget.n_attack_population,
+                               max_iters=budget.n_attack_iters)
+  else:  # transfer-pgd, transfer-cw
+    x_adv = transfer(models.source, x, y, attack=method[len("transfer-"):], eps=eps, steps=steps,
+                     key=keys)
+  return x_adv, made
+
+
+def _single_passes(spec: AttackSpec, budget: AttackBudget) -> Tuple[int, int, int]:
+  """(forward, gradient, forward per N-Attack iteration) batch passes of `_single_attack`."""
+  steps = spec.steps
+  if spec.method == "fgsm":
+    return 0, 1, 0
+  if spec.method == "md":
+    return 1 + 2 * budget.md_restarts, 2 * budget.md_restarts * steps, 0
+  if spec.method in ("eot", "avg-pgd"):  # each draw is recomputed in the backward pass
+    return steps * budget.eot_draws, steps * budget.eot_draws, 0
+  if spec.method == "n-attack":
+    return 0, 0, budget.n_attack_population + 1
+  return 0, steps, 0
+
+
+def single_unit(spec: AttackSpec, models: Models, ctx: "Context") -> List[cascade.Unit]:
+  """The one unit of an attack that compiles as one function."""
+  static = dataclasses.replace(spec, name="", eps=0.0)  # pgd20 and pgd20@16 share a compilation
+  stream = zlib.crc32(spec.name.encode()) & 0x7FFFFFFF
+  forward, gradient, per_iteration = _single_passes(spec, ctx.budget)
+  impl, check = jax.random.key_impl(ctx.keys), judge(models, ctx.draws)
+
+  def run_batch(x, y, key_data, carry):
+    del carry
+    image_keys = jax.random.wrap_key_data(key_data, impl=impl)
+    x_adv, made = _single_attack(models, x, y, engine.fold_keys(image_keys, stream),
+                                 jnp.float32(spec.eps), spec=static, beta=ctx.beta,
+                                 budget=ctx.budget)
+    still, judged = check(x_adv, y, image_keys)
+    return ~still, x_adv, None, forward + per_iteration * made + judged, gradient
+  return [cascade.Unit(spec.name, run_batch)]
+
+
+def autoattack_units(spec: AttackSpec, models: Models, ctx: "Context") -> List[cascade.Unit]:
+  """AutoAttack's stages (or one part) as units; their names are shared across loss variants."""
+  randomized = spec.method == "aa-rand"
+  prefix = "" if abs(spec.eps - ctx.eps) < 1e-9 else f"@{spec.eps * 255:g}:"
+  model = models.random if randomized else models.main
+  options = dict(eps=spec.eps, keys=ctx.keys, judge=judge(models, ctx.draws),
+                 loss="joint" if spec.joint else "main", beta=ctx.beta,
+                 apgd_steps=ctx.budget.apgd_steps, fab_steps=ctx.budget.fab_steps,
+                 square_queries=ctx.budget.square_queries, ranks=ctx.ranks,
+                 eot=ctx.budget.aa_rand_draws if randomized else None,
+                 prefix=prefix + ("rand:" if randomized else ""), stream=AUTOATTACK_STREAM)
+  units = []
+  for stage in AA_STAGES[spec.method]:
+    units += stage_units(model, stage, **options)
+  return units
+
+
+DISPATCH = {
+    **{m: single_unit for m in ("fgsm", "pgd", "cw", "cas-head", "md", "eot", "avg-pgd",
+                                "n-attack", "transfer-pgd", "transfer-cw")},
+    **{m: autoattack_units for m in AA_STAGES},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What every unit of a report shares: eps, budget, beta, verdict draws, key kind, ranks."""
+  eps: float
+  budget: AttackBudget
+  beta: float
+  draws: int
+  keys: Array  # any key array of the report's PRNG implementation
+  ranks: Sequence[int]
+
+
+def _stage_position(unit_name: str) -> Tuple[int, int]:
+  """(stage, position within the stage) of an AutoAttack unit name such as 'fab-t/3'."""
+  bare = unit_name.rpartition(":")[2]
+  stage, _, rest = bare.partition("/")
+  stage = stage.replace("-joint", "")
+  return STAGE_ORDER.index(stage), int(rest.lstrip("q") or 0)
+
+
+def plan(specs: Sequence[AttackSpec], models: Models, ctx: Context, *,
+         exact_per_attack: bool = False, exact_autoattack: bool = True
+         ) -> Tuple[List[cascade.Step], Dict[str, List[str]]]:
+  """The cascade's steps (cheap attacks first, then expensive ones in the order given, the
+  AutoAttack family as one block where its first member stands) and each attack's `after`."""
+  cheap = [s for s in specs if not s.expensive]
+  expensive = [s for s in specs if s.expensive]
+  in_worst = lambda s: abs(s.eps - ctx.eps) < 1e-9
+  after, done = {}, []
+  steps: List[cascade.Step] = []
+  blocks: List[List[AttackSpec]] = []
+  for spec in cheap:
+    blocks.append([spec])
+  family = [s for s in expensive if s.family == "autoattack"]
+  for spec in expensive:
+    if spec.family != "autoattack":
+      blocks.append([spec])
+    elif spec is family[0]:
+      blocks.append(family)
+  for block in blocks:
+    for spec in block:
+      exact = exact_per_attack or not spec.expensive or not in_worst(spec) or (
+          spec.family == "autoattack" and exact_autoattack)
+      after[spec.name] = [] if exact else [d.name for d in done
+                                           if in_worst(d) and d.family != spec.family]
+    units: Dict[str, Tuple[cascade.Unit, List[str]]] = {}
+    for spec in block:
+      for unit in DISPATCH[spec.method](spec, models, ctx):
+        units.setdefault(unit.name, (unit, []))[1].append(spec.name)
+    ordered = list(units.values())
+    if len(block) > 1 or block[0].family == "autoattack":
+      ordered.sort(key=lambda pair: _stage_position(pair[0].name))
+    steps += [cascade.Step(unit, tuple(members)) for unit, members in ordered]
+    done += block
+  return steps, after

@@ -1,0 +1,298 @@
+"""The survivor cascade: every attack stage on the images still standing, in full sharded batches.
+
+    steps = [Step(unit_a, ("aa",)), Step(unit_b, ("aa", "aa-joint"))]
+    result = cascade.run(steps, x, y, key_data, eligible={"aa": natural, "aa-joint": natural})
+    result.broken["aa"], result.cut["aa"], result.costs["unit_b"]
+
+A `Unit` is one compiled piece of an attack (a PGD, one APGD-T target, one FAB-T target, a chunk
+of Square queries). A `Step` runs a unit for the attacks in `members` on the images every one of
+them still has standing: a step shared by several attacks (FAB-T and Square of `aa` and
+`aa-joint`) runs once. Its images are gathered from the whole set into batches of `batch_size`
+rows, sharded over every local device; only the last batch of a step is smaller, rounded up to
+the next of batch_size / 2^k (a multiple of the device count), so a unit compiles at most
+log2(batch_size) + 1 times whatever the number of images, and padding (copies of a real row,
+whose results are dropped) is at most the rows of that last batch.
+
+Costs are counted in model rows (one image through one forward pass): every unit reports how
+many batch passes it made, with and without a gradient, and the cascade multiplies by the rows
+of the batch (padding included, reported apart). With `state_path` every finished batch is
+recorded (at most every `save_every` seconds, and at once on SIGTERM / Ctrl-C): a run started
+again with the same fingerprint skips every image already attacked.
+"""
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+import tqdm
+
+from cas_jax import preemption
+
+Array = jax.Array
+# A unit's output on one batch: (fooled (B,), x_adv (B, ...), carry out (pytree or None),
+# forward passes, gradient passes) -- passes over the whole batch, Python or JAX scalars.
+UnitOutput = Tuple[Array, Array, Any, Any, Any]
+COST_FIELDS = ("images", "fooled", "forward_rows", "gradient_rows", "padding_rows", "seconds")
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+  """One compiled piece of an attack: run(x, y, key_data, carry) -> UnitOutput on one batch.
+
+  carry names a per-image state that units of one group hand on (Square's chunks of queries);
+  reads_carry: this unit continues from it (else it starts afresh and may write one).
+  """
+  name: str
+  run: Callable[..., UnitOutput]
+  carry: Optional[str] = None
+  reads_carry: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+  """Run `unit` for the attacks `members` on the images standing for all of them."""
+  unit: Unit
+  members: Tuple[str, ...]
+
+
+@dataclasses.dataclass
+class Result:
+  """Per attack: broken (N,) (fooled by one of its steps) and cut (N,) (left standing for it
+  by a shared step that did not attack them: its verdict there is an upper bound); per unit:
+  its costs (COST_FIELDS), attacked (N,) and fooled (N,); x_adv (the first adversarial per image) if kept."""
+  broken: Dict[str, np.ndarray]
+  cut: Dict[str, np.ndarray]
+  attacked: Dict[str, np.ndarray]
+  fooled: Dict[str, np.ndarray]
+  costs: Dict[str, Dict[str, float]]
+  x_adv: Optional[np.ndarray] = None
+
+
+def batch_sizes(batch_size: int, devices: int) -> List[int]:
+  """The batch sizes a step may use: batch_size, then halvings, each a multiple of `devices`."""
+  top = -(-batch_size // devices) * devices
+  sizes, size = [top], top
+  while size > devices:
+    size = max(devices, -(-(size // 2) // devices) * devices)
+    sizes.append(size)
+  return sorted(set(sizes), reverse=True)
+
+
+def padded_batches(rows: np.ndarray, sizes: Sequence[int]):
+  """(real rows, padded rows) batches covering `rows`: full batches of sizes[0], then the rest in
+  the smallest size that holds it, padded with copies of its first row."""
+  for start in range(0, rows.size, sizes[0]):
+    take = rows[start:start + sizes[0]]
+    size = min(s for s in sizes if s >= take.size)
+    yield take, np.concatenate([take, np.full(size - take.size, take[0])])
+
+
+class _State:
+  """Per-unit attacked / fooled masks, costs and carries, saved to state_path as one .npz."""
+
+  def __init__(self, n: int, path: Optional[str], fingerprint: Optional[dict], save_every: float):
+    self.n, self.path, self.save_every = n, path, save_every
+    self.fingerprint = json.dumps(fingerprint or {}, sort_keys=True)
+    self.attacked: Dict[str, np.ndarray] = {}
+    self.fooled: Dict[str, np.ndarray] = {}
+    self.costs: Dict[str, Dict[str, float]] = {}
+    self.carries: Dict[str, List[np.ndarray]] = {}
+    self.carry_trees: Dict[str, Any] = {}
+    self.last_save = time.monotonic()
+    if path and os.path.exists(path):
+      self._load()
+
+  def _load(self):
+    with np.load(self.path, allow_pickle=False) as saved:
+      previous = json.loads(str(saved["fingerprint"]))
+      if previous != json.loads(self.fingerprint):
+        differ = sorted(k for k in set(previous) | set(json.loads(self.fingerprint))
+                        if previous.get(k) != json.loads(self.fingerprint).get(k))
+        stale = f"{self.path}.stale-{int(time.time())}"
+        os.replace(self.path, stale)
+        logging.warning("Not resuming the evaluation in %s: its %s differ; starting afresh "
+                        "(the old state is kept as %s).", self.path, ", ".join(differ), stale)
+        return
+      for key in saved.files:
+        kind, _, name = key.partition(":")
+        if kind == "attacked":
+          self.attacked[name] = saved[key]
+        elif kind == "fooled":
+          self.fooled[name] = saved[key]
+        elif kind == "cost":
+          self.costs[name] = dict(zip(COST_FIELDS, saved[key].tolist()))
+        elif kind == "carry":
+          group, _, leaf = name.rpartition("/")
+          self.carries.setdefault(group, []).append((int(leaf), saved[key]))
+      self.carries = {g: [a for _, a in sorted(leaves, key=lambda p: p[0])]
+                      for g, leaves in self.carries.items()}
+    done = sum(int(a.sum()) for a in self.attacked.values())
+    logging.info("Resuming the evaluation in %s: %d image-stages already attacked.", self.path,
+                 done)
+
+  def unit(self, name: str):
+    """(attacked, fooled, costs) of unit `name`, created empty the first time."""
+    if name not in self.attacked:
+      self.attacked[name] = np.zeros(self.n, bool)
+      self.fooled[name] = np.zeros(self.n, bool)
+    cost = self.costs.setdefault(name, dict.fromkeys(COST_FIELDS, 0.0))
+    return self.attacked[name], self.fooled[name], cost
+
+  def save(self, force: bool = False):
+    """Write the state atomically (when due, or now with force)."""
+    if not self.path or (not force and time.monotonic() - self.last_save < self.save_every):
+      return
+    arrays = {"fingerprint": np.asarray(self.fingerprint)}
+    for name in self.attacked:
+      arrays[f"attacked:{name}"] = self.attacked[name]
+      arrays[f"fooled:{name}"] = self.fooled[name]
+      arrays[f"cost:{name}"] = np.asarray([self.costs[name][f] for f in COST_FIELDS])
+    for group, leaves in self.carries.items():
+      arrays.update({f"carry:{group}/{i}": leaf for i, leaf in enumerate(leaves)})
+    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+    temporary = self.path + ".tmp.npz"
+    np.savez(temporary, **arrays)
+    os.replace(temporary, self.path)
+    self.last_save = time.monotonic()
+
+
+def local_mesh():
+  """A 1-D mesh ('data') over this process's devices, or None for one device."""
+  devices = jax.local_devices()
+  return jax.sharding.Mesh(np.array(devices), ("data",)) if len(devices) > 1 else None
+
+
+def to_device(mesh, tree):
+  """Host arrays as device arrays, their leading axis sharded over the mesh's devices."""
+  if mesh is None:
+    return jax.tree.map(jnp.asarray, tree)
+  return jax.device_put(tree, NamedSharding(mesh, P("data")))
+
+
+def run(steps: Sequence[Step], x: np.ndarray, y: np.ndarray, keys: np.ndarray, *,
+        eligible: Dict[str, np.ndarray], after: Optional[Dict[str, Sequence[str]]] = None,
+        batch_size: int = 256, keep_adversarial: bool = False,
+        state_path: Optional[str] = None, fingerprint: Optional[dict] = None,
+        save_every: float = 10.0, progress: bool = False) -> Result:
+  """Run `steps` in order, each on the images still standing for all of its members.
+
+  keys: (N, ...) per-image key data (jax.random.key_data), gathered with the images' rows.
+  eligible[m]: the images attack m may attack (e.g. the clean-correct ones); after[m]: attacks
+  whose survivors (by then final) m attacks only, applied at m's first step.
+  """
+  n, after = y.shape[0], dict(after or {})
+  mesh = local_mesh()
+  sizes = batch_sizes(min(batch_size, max(n, 1)), jax.local_device_count())
+  state = _State(n, state_path, fingerprint, save_every)
+  members = {m for s in steps for m in s.members}
+  broken = {m: np.zeros(n, bool) for m in members}
+  cut = {m: np.zeros(n, bool) for m in members}
+  alive: Dict[str, np.ndarray] = {}
+  x_adv = x.copy() if keep_adversarial else None
+  signals = preemption.StopSignals().install()
+  try:
+    for step in steps:
+      for m in step.members:
+        if m not in alive:  # its first step: what the attacks before it left standing
+          alive[m] = eligible[m].copy()
+          for name in after.get(m, ()):
+            alive[m] &= ~broken[name]
+      active = np.logical_and.reduce([alive[m] for m in step.members])
+      fooled = _run_unit(step.unit, active, x, y, keys, sizes, mesh, state, x_adv, signals,
+                         progress)
+      for m in step.members:
+        broken[m] |= fooled
+        cut[m] |= alive[m] & ~active
+        alive[m] &= active & ~fooled
+    state.save(force=True)
+  finally:
+    signals.restore()
+  return Result(broken=broken, cut=cut, attacked=dict(state.attacked),
+                fooled=dict(state.fooled),
+                costs={k: dict(v) for k, v in state.costs.items()}, x_adv=x_adv)
+
+
+def _run_unit(unit: Unit, active: np.ndarray, x, y, keys, sizes, mesh, state: _State, x_adv,
+              signals, progress: bool) -> np.ndarray:
+  """Attack the active images not yet attacked by `unit`; its fooled mask over all images."""
+  attacked, fooled, cost = state.unit(unit.name)
+  todo = np.flatnonzero(active & ~attacked)
+  standing = int(active.sum())
+  bar = tqdm.tqdm(total=standing, initial=standing - todo.size, desc=unit.name, unit="img",
+                  leave=False, dynamic_ncols=True,
+                  disable=None if progress else True)  # None: quiet when not a terminal
+  start = time.perf_counter()
+  for take, rows in padded_batches(todo, sizes):
+    carry = None
+    if unit.reads_carry:
+      carry = jax.tree.unflatten(state.carry_trees[unit.carry],
+                                 [leaf[rows] for leaf in state.carries[unit.carry]])
+    out_fooled, out_x, out_carry, forward, gradient = unit.run(
+        *to_device(mesh, (x[rows], y[rows], keys[rows])),
+        None if carry is None else to_device(mesh, carry))
+    real = take.size
+    fooled[take] = np.asarray(out_fooled)[:real]
+    if x_adv is not None:
+      broke = fooled[take]
+      x_adv[take[broke]] = np.asarray(out_x)[:real][broke]
+    if unit.carry is not None and out_carry is not None:
+      leaves, tree = jax.tree.flatten(jax.device_get(out_carry))
+      if unit.carry not in state.carries:
+        state.carries[unit.carry] = [np.zeros((state.n,) + l.shape[1:], l.dtype) for l in leaves]
+      state.carry_trees[unit.carry] = tree
+      for store, leaf in zip(state.carries[unit.carry], leaves):
+        store[take] = np.asarray(leaf)[:real]
+    attacked[take] = True
+    forward, gradient = int(forward), int(gradient)
+    cost["images"] += real
+    cost["fooled"] += int(fooled[take].sum())
+    cost["forward_rows"] += forward * rows.size
+    cost["gradient_rows"] += gradient * rows.size
+    cost["padding_rows"] += (forward + gradient) * (rows.size - real)
+    cost["seconds"] += time.perf_counter() - start
+    start = time.perf_counter()
+    bar.update(real)
+    bar.set_postfix(standing=standing - int(fooled[active].sum()), refresh=False)
+    if signals.signum is not None:
+      state.save(force=True)
+      bar.close()
+      raise preemption.Stopped(int(attacked.sum()), signals.signum)
+    state.save()
+  bar.close()
+  if todo.size:
+    seconds = max(cost["seconds"], 1e-9)
+    logging.info("%s: %d images attacked, %d still standing, %d forward + %d gradient rows, "
+                 "%.1f s (%.1f images/s)", unit.name, int(cost["images"]),
+                 standing - int(fooled[active].sum()), cost["forward_rows"],
+                 cost["gradient_rows"], seconds, cost["images"] / seconds)
+  return fooled & active
+
+
+def attack_unit(name: str, attack: Callable, eps, keys: Array, forward: int,
+                gradient: int) -> Unit:
+  """A Unit of attack(x, y, keys, eps) -> (x_adv, fooled), `forward` / `gradient` passes a batch.
+
+  keys: any key array of the kind the cascade's key data holds (for its PRNG implementation).
+  """
+  impl = jax.random.key_impl(keys)
+
+  def run_batch(x, y, key_data, carry):
+    del carry
+    x_adv, fooled = attack(x, y, jax.random.wrap_key_data(key_data, impl=impl), eps)
+    return fooled, x_adv, None, forward, gradient
+  return Unit(name, run_batch)
+
+
+def attack_in_rounds(units: Sequence[Unit], x: Array, y: Array, keys: Array,
+                     active: np.ndarray) -> Array:
+  """Each unit in turn on the `active` images still standing; the first adversarial per image."""
+  result = run([Step(u, ("rounds",)) for u in units], np.asarray(x), np.asarray(y),
+               np.asarray(jax.random.key_data(keys)), eligible={"rounds": active},
+               batch_size=x.shape[0], keep_adversarial=True)
+  return jnp.asarray(result.x_adv)
