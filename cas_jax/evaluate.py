@@ -197,23 +197,22 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
   result = cascade.run(steps, x, y, keys, eligible={s.name: natural for s in specs},
                        after=after, batch_size=batch_size, state_path=state_path,
                        fingerprint=fingerprint, progress=progress)
-  verdicts = {report_lib.NATURAL: natural}
-  ran_on = {}
+  verdicts, ran_on, cut = {report_lib.NATURAL: natural}, {}, {}
   for spec in specs:
     start = natural.copy()
     for name in after[spec.name]:
       start &= ~result.broken[name]
     verdicts[spec.name] = natural & ~result.broken[spec.name]
-    ran_on[spec.name] = start & ~result.cut[spec.name]
-  verdicts = {name: _gather_rows(v, num_images) for name, v in verdicts.items()}
-  ran_on = {name: _gather_rows(v, num_images) for name, v in ran_on.items()}
+    ran_on[spec.name], cut[spec.name] = start, result.cut[spec.name]
+  verdicts, ran_on, cut = ({name: _gather_rows(v, num_images) for name, v in d.items()}
+                           for d in (verdicts, ran_on, cut))
   verdicts[report_lib.WORST_CASE] = report_lib.worst_case(verdicts, infos)
   costs = report_lib.assemble_costs(_sum_over_processes(result.costs), steps,
                                     natural_rows=y.size * max(draws, 1) * jax.process_count())
   report = report_lib.Report(eps=eps, indices=indices, verdicts=verdicts, ran_on=ran_on,
                              attacks=infos, notes=notes, title=title, draws=draws,
                              seconds={n: c["seconds"] for n, c in costs["attacks"].items()},
-                             costs=costs,
+                             costs=costs, cut_short=cut,
                              natural_mean=(float(np.mean(_gather_rows(fraction, num_images)))
                                            if draws else None))
   report.sanity = report_lib.sanity_checks(report)
@@ -290,7 +289,9 @@ def budget_from_config(evaluation) -> AttackBudget:
 def evaluate_workdir(config, workdir: str) -> Dict[str, report_lib.Report]:
   """Evaluate config.eval.checkpoints of workdir (or config.eval.torch_checkpoint); write reports.
 
-  Writes workdir/eval/<checkpoint>_report.md and .json and prints each markdown report.
+  Writes workdir/eval/<checkpoint>_report.md and .json and prints each markdown report. Each
+  report records its progress in workdir/eval/state/<checkpoint>/: the same command after an
+  interruption resumes it, and a finished one is replayed without attacking anything again.
   """
   evaluation = config.eval
   parse_attacks(evaluation.attacks, eps=evaluation.eps, has_cas=True)  # fail fast on typos
@@ -330,7 +331,9 @@ def evaluate_workdir(config, workdir: str) -> Dict[str, report_lib.Report]:
           bind_model(expectation, variables), x, y, key=key, eps=evaluation.eps,
           attacks=evaluation.attacks, beta=config.loss.beta, batch_size=config.eval_batch_size,
           budget=budget, exact_per_attack=evaluation.get("exact_per_attack", False),
-          source_fn=source_fn, title=title,
+          exact_autoattack=evaluation.get("exact_autoattack", True), source_fn=source_fn,
+          title=title, state_dir=os.path.join(out_dir, "state", label),
+          progress=evaluation.get("progress", True),
           random_apply_fn=baselines.bind_random(model, variables) if randomized else None)
       by_step[step] = report
     reports[label] = report

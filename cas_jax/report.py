@@ -53,6 +53,9 @@ class Report:
   # {"stages": {unit: {images, fooled, forward_rows, gradient_rows, padding_rows, seconds,
   #  attacks}}, "attacks": {attack: the sums over its stages}, "total": {...}} (assemble_costs)
   costs: Dict[str, dict] = dataclasses.field(default_factory=dict)
+  # attack -> (N,) bool: attacked, but left standing by a stage it shares with another attack
+  # that had broken the image first (FAB-T and Square of aa and aa-joint): an upper bound there.
+  cut_short: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
   @property
   def num_images(self) -> int:
@@ -71,7 +74,9 @@ class Report:
     """Whether `name`'s own figure is exact: it attacked every clean-correct image."""
     if name not in self.ran_on:
       return True
-    return not np.any(self.verdicts[NATURAL] & ~self.ran_on[name])
+    cut = self.cut_short.get(name)
+    return not np.any(self.verdicts[NATURAL] & (~self.ran_on[name]
+                                                | (False if cut is None else cut)))
 
   def figure(self, name: str) -> str:
     """Accuracy in percent, '<= x' where it is only an upper bound (natural: mean over draws)."""
@@ -138,6 +143,7 @@ class Report:
         "attacks": self.attacks, "sanity": self.sanity, "notes": self.notes,
         "seconds": self.seconds, "draws": self.draws, "natural_mean": self.natural_mean,
         "costs": self.costs,
+        "cut_short": {name: as_list(v) for name, v in self.cut_short.items()},
     }
     return json.dumps(data, indent=1)
 
@@ -151,7 +157,8 @@ class Report:
                ran_on={k: as_array(v) for k, v in data["ran_on"].items()},
                attacks=data["attacks"], sanity=data["sanity"], notes=data["notes"],
                seconds=data["seconds"], title=data["title"], draws=data.get("draws", 0),
-               natural_mean=data.get("natural_mean"), costs=data.get("costs", {}))
+               natural_mean=data.get("natural_mean"), costs=data.get("costs", {}),
+               cut_short={k: as_array(v) for k, v in data.get("cut_short", {}).items()})
 
 
 def assemble_costs(unit_costs: Dict[str, dict], steps, natural_rows: int) -> Dict[str, dict]:

@@ -80,6 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.checkpoints = "last,best"  # which workdir checkpoints to evaluate
   config.eval.torch_checkpoint = ""  # a .pth of the authors' layout instead (model.name)
   config.eval.exact_per_attack = False  # True: expensive attacks on every clean-correct image
+  config.eval.exact_autoattack = True  # AutoAttack on every clean-correct image (exact figure)
+  config.eval.progress = True  # a tqdm bar per attack stage (quiet when not a terminal)
   config.eval.transfer_checkpoint = ""  # source of transfer-pgd/-cw: a .pth or a workdir
   config.eval.transfer_model = ""  # the .pth source's architecture ("" = model.name)
   # Budgets of the attacks whose names carry no step count (defaults: their papers').
@@ -90,7 +92,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.n_attack_population = 300
   config.eval.n_attack_iters = 500
   config.eval.md_restarts = 1
-  config.eval.eot_draws = 10
+  config.eval.eot_draws = 10  # per step of eot / avg-pgd
+  config.eval.aa_rand_draws = 20  # per step of aa-rand (AutoAttack's rand version)
+  config.eval.verdict_draws = 10  # fresh draws whose majority judges a randomized model
 
   # Channel analyses (--mode=analyze, cas_jax/analysis.py): the paper's Figs. 1, 2/10 and 9 on
   # natural and PGD test examples (the attack of config.eval: adaptive PGD-20, eps 8/255).

@@ -172,7 +172,8 @@ def _report(attacks, random_apply_fn):
   from cas_jax.attack_registry import AttackBudget  # pylint: disable=g-import-not-at-top
   return evaluate.robustness_report(_linear, _X, _Y, key=jax.random.key(0), eps=0.05,
                                     attacks=attacks,
-                                    budget=AttackBudget(eot_draws=5, apgd_steps=3),
+                                    budget=AttackBudget(eot_draws=5, verdict_draws=5, aa_rand_draws=5,
+                                                        apgd_steps=3),
                                     random_apply_fn=random_apply_fn)
 
 
@@ -266,7 +267,7 @@ def test_smoke_trains_then_evaluates_each_baseline(baseline, tmp_path):
   config.eval.report_images, config.eval.checkpoints = 16, "last"
   # aa-rand is checked on a cheap model above; here the network's own randomized function.
   config.eval.attacks = "pgd2,eot2" if baseline == "sap" else "pgd2"
-  config.eval.apgd_steps, config.eval.eot_draws = 2, 2
+  config.eval.apgd_steps, config.eval.eot_draws, config.eval.verdict_draws = 2, 2, 2
   train.train_and_evaluate(config, str(tmp_path))
   report = evaluate.evaluate_workdir(config, str(tmp_path))["last"]
   assert os.path.isfile(tmp_path / "eval" / "last_report.json")

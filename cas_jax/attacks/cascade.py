@@ -210,8 +210,8 @@ def run(steps: Sequence[Step], x: np.ndarray, y: np.ndarray, keys: np.ndarray, *
         broken[m] |= fooled
         cut[m] |= alive[m] & ~active
         alive[m] &= active & ~fooled
+  finally:  # every finished batch is kept, also when a unit fails (an out-of-memory, a bug)
     state.save(force=True)
-  finally:
     signals.restore()
   return Result(broken=broken, cut=cut, attacked=dict(state.attacked),
                 fooled=dict(state.fooled),

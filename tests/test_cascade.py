@@ -1,0 +1,193 @@
+"""The survivor cascade and the scheduled report: survivors gathered over the whole set into
+full batches, bounded compilations, model rows counted exactly, resume without re-attacking."""
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cas_jax import evaluate
+from cas_jax.attack_registry import AttackBudget
+from cas_jax.attacks import cascade
+import fake_devices
+
+KEY = jax.random.key(0)
+
+
+def _toy_unit(name, breaks, seen, fail_at=None):
+  """A unit that fools the images whose value is in `breaks`; it records every batch it gets."""
+  def run_batch(x, y, key_data, carry):
+    del y, key_data, carry
+    if fail_at is not None and len(seen) == fail_at:
+      raise RuntimeError("out of memory (simulated)")
+    seen.append(np.asarray(x[:, 0, 0, 0]).astype(int))
+    fooled = np.isin(np.asarray(x[:, 0, 0, 0]).astype(int), breaks)
+    return jnp.asarray(fooled), x, None, 1, 2
+  return cascade.Unit(name, run_batch)
+
+
+def _toy_data(n):
+  x = np.zeros((n, 1, 1, 1), np.float32) + np.arange(n, dtype=np.float32)[:, None, None, None]
+  return x, np.zeros(n, np.int32), np.asarray(jax.random.key_data(
+      jax.vmap(lambda i: jax.random.fold_in(KEY, i))(jnp.arange(n))))
+
+
+def test_each_step_gets_the_survivors_of_the_whole_set_in_full_batches():
+  n, batch = 50, 8
+  x, y, keys = _toy_data(n)
+  seen = {"a": [], "b": [], "c": []}
+  eligible = np.arange(n) != 3
+  steps = [cascade.Step(_toy_unit("a", np.arange(0, n, 2), seen["a"]), ("m",)),
+           cascade.Step(_toy_unit("b", [1, 5, 7], seen["b"]), ("m",)),
+           cascade.Step(_toy_unit("c", [], seen["c"]), ("m",))]
+  result = cascade.run(steps, x, y, keys, eligible={"m": eligible}, batch_size=batch)
+  first = np.concatenate(seen["a"])
+  # Step a: every eligible image once; full batches of 8 then one batch of the 1 left (49 = 6*8+1).
+  assert [len(b) for b in seen["a"]] == [8] * 6 + [1]
+  assert sorted(first) == sorted(np.flatnonzero(eligible))
+  # Step b: the 24 odd survivors (not 3) in 3 full batches; step c: the 21 left, 8 + 8 + 8 (5 padded).
+  assert sorted(np.concatenate(seen["b"])) == [i for i in range(1, n, 2) if i != 3]
+  assert [len(b) for b in seen["b"]] == [8, 8, 8]
+  assert [len(b) for b in seen["c"]] == [8, 8, 8]
+  real_c = sorted(set(np.concatenate(seen["c"])))
+  assert real_c == [i for i in range(1, n, 2) if i not in (3, 1, 5, 7)]
+  assert result.costs["c"]["images"] == 21 and result.costs["c"]["padding_rows"] == 3 * 3
+  # Rows: (forward 1 + gradient 2) per batch row, padding included.
+  assert result.costs["a"]["forward_rows"] == 49 and result.costs["a"]["gradient_rows"] == 98
+  expected = eligible & (np.arange(n) % 2 == 0) | np.isin(np.arange(n), [1, 5, 7])
+  np.testing.assert_array_equal(result.broken["m"], expected)
+
+
+def test_batch_sizes_are_halvings_in_multiples_of_the_devices():
+  assert cascade.batch_sizes(256, 1) == [256, 128, 64, 32, 16, 8, 4, 2, 1]
+  assert cascade.batch_sizes(100, 8) == [104, 56, 32, 16, 8]
+  rows = np.arange(37)
+  batches = list(cascade.padded_batches(rows, cascade.batch_sizes(16, 1)))
+  assert [(len(t), len(r)) for t, r in batches] == [(16, 16), (16, 16), (5, 8)]
+
+
+def test_a_shared_step_runs_once_on_the_images_standing_for_every_member():
+  x, y, keys = _toy_data(10)
+  seen = {"p": [], "q": [], "s": []}
+  steps = [cascade.Step(_toy_unit("p", [0, 1], seen["p"]), ("main",)),
+           cascade.Step(_toy_unit("q", [2], seen["q"]), ("joint",)),
+           cascade.Step(_toy_unit("s", [5], seen["s"]), ("main", "joint"))]
+  every = np.ones(10, bool)
+  result = cascade.run(steps, x, y, keys, eligible={"main": every, "joint": every},
+                       batch_size=16)
+  assert sorted(seen["s"][0][:7]) == [3, 4, 5, 6, 7, 8, 9]
+  # Image 2 fell to joint's own step: main's verdict there is cut short (an upper bound).
+  np.testing.assert_array_equal(np.flatnonzero(result.cut["main"]), [2])
+  np.testing.assert_array_equal(np.flatnonzero(result.cut["joint"]), [0, 1])
+  np.testing.assert_array_equal(np.flatnonzero(result.broken["main"]), [0, 1, 5])
+
+
+def test_an_interrupted_cascade_resumes_without_attacking_anything_again(tmp_path):
+  n, batch = 40, 8
+  x, y, keys = _toy_data(n)
+  path = str(tmp_path / "state.npz")
+  every = {"m": np.ones(n, bool)}
+  first = {"a": [], "b": []}
+  steps = lambda seen, fail: [cascade.Step(_toy_unit("a", np.arange(0, n, 3), seen["a"]), ("m",)),
+                              cascade.Step(_toy_unit("b", [1, 2], seen["b"], fail), ("m",))]
+  with pytest.raises(RuntimeError, match="simulated"):
+    cascade.run(steps(first, 2), x, y, keys, eligible=every, batch_size=batch,
+                state_path=path, fingerprint={"run": 1}, save_every=0)
+  assert len(first["b"]) == 2
+  again = {"a": [], "b": []}
+  resumed = cascade.run(steps(again, None), x, y, keys, eligible=every, batch_size=batch,
+                        state_path=path, fingerprint={"run": 1})
+  assert not again["a"]  # step a had finished
+  redone = set(np.concatenate(again["b"])) & set(np.concatenate(first["b"]))
+  assert not redone
+  fresh = cascade.run(steps({"a": [], "b": []}, None), x, y, keys, eligible=every,
+                      batch_size=batch)
+  np.testing.assert_array_equal(resumed.broken["m"], fresh.broken["m"])
+  assert resumed.costs["b"]["images"] == fresh.costs["b"]["images"]
+  # Another fingerprint is never resumed into: the old state is set aside, all runs again.
+  other = {"a": [], "b": []}
+  cascade.run(steps(other, None), x, y, keys, eligible=every, batch_size=batch,
+              state_path=path, fingerprint={"run": 2})
+  assert len(np.concatenate(other["a"])) == n
+  assert any(name.startswith("state.npz.stale-") for name in os.listdir(tmp_path))
+
+
+# ----------------------------------------------------------------------------- the report
+
+W = jax.random.normal(jax.random.key(1), (48, 10)) / 7
+ROWS = []
+
+
+def _count_rows(rows):
+  ROWS.append(int(rows))
+
+
+def counted_cas(x):
+  """A CAS-like linear model that counts the rows of every evaluation (host callback)."""
+  jax.debug.callback(_count_rows, x.shape[0])
+  z = x.reshape(x.shape[0], -1) @ W
+  return z, (0.5 * z,)
+
+
+def _report_data(n=40):
+  rng = np.random.default_rng(0)
+  x = rng.uniform(0.3, 0.7, (n, 4, 4, 3)).astype(np.float32)
+  y = np.array(jnp.argmax(x.reshape(n, -1) @ W, -1), np.int32)
+  y[:4] = (y[:4] + 1) % 10
+  return x, y
+
+
+BUDGET = AttackBudget(apgd_steps=4, fab_steps=3, square_queries=300, target_classes=2,
+                      n_attack_population=8, n_attack_iters=5)
+
+
+def _report(attacks, batch_size, **options):
+  x, y = _report_data()
+  return evaluate.robustness_report(counted_cas, x, y, key=KEY, eps=0.03, attacks=attacks,
+                                    batch_size=batch_size, budget=BUDGET, **options)
+
+
+@pytest.mark.slow
+def test_the_report_counts_every_model_row_it_evaluates_and_not_the_batch():
+  ROWS.clear()
+  report = _report("pgd3,cw3,aa,aa-joint,md4", batch_size=16)
+  jax.effects_barrier()
+  total = report.costs["total"]
+  assert sum(ROWS) == total["forward_rows"] + total["gradient_rows"]
+  # FAB-T and Square serve both AutoAttack variants: one run each.
+  stages = report.costs["stages"]
+  assert stages["fab-t/2"]["attacks"] == ["aa", "aa-joint"]
+  assert [n for n in stages if n.startswith("square")] == ["square/q0", "square/q250"]
+  assert stages["square/q250"]["images"] < stages["square/q0"]["images"] or (
+      stages["square/q0"]["fooled"] == 0)
+  larger = _report("pgd3,cw3,aa,aa-joint,md4", batch_size=32)
+  for name in report.verdicts:
+    chex.assert_trees_all_equal(report.verdicts[name], larger.verdicts[name])
+  assert "| **total**" in report.markdown() and '"costs"' in report.to_json()
+
+
+@pytest.mark.slow
+def test_a_report_resumes_and_a_finished_one_attacks_nothing_again(tmp_path, caplog):
+  first = _report("pgd3,aa", batch_size=16, state_dir=str(tmp_path))
+  ROWS.clear()
+  again = _report("pgd3,aa", batch_size=8, state_dir=str(tmp_path))
+  jax.effects_barrier()
+  assert sum(ROWS) == 40  # the natural pass only: every stage is replayed from the state
+  for name in first.verdicts:
+    chex.assert_trees_all_equal(first.verdicts[name], again.verdicts[name])
+  assert again.costs["total"]["images"] == first.costs["total"]["images"]
+  with caplog.at_level("WARNING"):
+    _report("pgd3,cw3", batch_size=16, state_dir=str(tmp_path))
+  assert any("Not resuming" in r.getMessage() and "attacks" in r.getMessage()
+             for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_two_devices_evaluate_the_rows_of_one_with_the_same_verdicts():
+  two = fake_devices.run_script("eval_devices_check.py", 2)
+  one = fake_devices.run_script("eval_devices_check.py", 1)
+  for name in ("natural", "aa", "aa-joint", "worst_case"):
+    np.testing.assert_array_equal(one[name], two[name])
+  assert two["rows"] <= 1.15 * one["rows"]
