@@ -112,7 +112,7 @@ EXPERIMENTS = {
         _baseline("pcl", "AT+PCL"),
         Setting("at_cas", "AT+CAS", "at", cas=True, twin="at"),
     ), attacks="default,fgsm,avg-pgd100"),
-    # The "table3" is the paper's Table 5 (white-box robustness, ResNet-18, CIFAR-10);
+    # "table3" is the paper's Table 5 (white-box robustness, ResNet-18, CIFAR-10);
     # the paper's ResNet-18 figures did not survive in its text, so none are shown.
     "table3": Experiment("AT, TRADES and MART with and without CAS (paper Table 5, ResNet-18)",
                          _methods_table({})),
