@@ -12,9 +12,11 @@ from typing import Callable, List
 from absl import app
 from absl import flags
 
+import cas_jax
 from cas_jax import configs
 
 FLAGS = flags.FLAGS
+PACKAGE_DIR = os.path.dirname(os.path.abspath(cas_jax.__file__)) + os.sep
 
 
 class QuietLibraries(python_logging.Filter):
@@ -22,7 +24,7 @@ class QuietLibraries(python_logging.Filter):
 
   def filter(self, record):
     """Whether `record` is shown."""
-    ours = "cas_jax" in record.pathname or os.path.basename(record.pathname) == "main.py"
+    ours = os.path.abspath(record.pathname).startswith(PACKAGE_DIR)
     if str(record.msg).startswith("Requested `tracked_metric`"):
       return False  # Orbax, on every checkpoint saved without evaluation metrics
     return ours or record.levelno >= python_logging.WARNING
@@ -75,4 +77,10 @@ def run(main: Callable[[List[str]], None]) -> None:
   # The training loop installs its own handlers (finish the step, save, stop) while it runs.
   for signum in (signal.SIGINT, signal.SIGTERM):
     signal.signal(signum, _exit_now)
+  # --help shows the program module's docstring and flags, also when a console script runs it.
+  program = sys.modules[main.__module__]
+  for flag in FLAGS.get_key_flags_for_module(program):
+    FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  if not sys.modules["__main__"].__doc__:
+    sys.modules["__main__"].__doc__ = program.__doc__
   app.run(main, flags_parser=parse_flags)
