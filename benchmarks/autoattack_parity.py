@@ -1,6 +1,6 @@
 """Ours vs torchattacks' AutoAttack (standard), image by image and stage by stage, over seeds.
 
-  python benchmarks/autoattack_parity.py --config=configs/cifar_subset.py \
+  python -m benchmarks.autoattack_parity --config=configs/cifar_subset.py \
     --config.loss.objective=natural --config.data.cifar_dir=../shared/data/cifar-10-batches-py \
     --checkpoint=runs/natural_cas16 --images=128 --eps=1 --seeds=5 \
     --out=benchmarks/results/autoattack_parity_natural_cas16_eps1.json
@@ -21,7 +21,6 @@ Prints a markdown report and writes every per-image verdict as JSON (--out).
 """
 import json
 import os
-import sys
 import time
 
 from absl import app
@@ -32,14 +31,13 @@ import numpy as np
 from ml_collections import config_flags
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cas_jax import attacks  # pylint: disable=g-import-not-at-top
-from cas_jax import evaluate  # pylint: disable=g-import-not-at-top
-from cas_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-from cas_jax import interop  # pylint: disable=g-import-not-at-top
-from cas_jax import loading  # pylint: disable=g-import-not-at-top
-from cas_jax import models  # pylint: disable=g-import-not-at-top
-from tests.test_interop import build_torch_network  # pylint: disable=g-import-not-at-top
+from cas_jax import attacks
+from cas_jax import evaluate
+from cas_jax import input_pipeline
+from cas_jax import interop
+from cas_jax import loading
+from cas_jax import models
+from tests.test_interop import build_torch_network
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A config file from configs/ (model, data).")

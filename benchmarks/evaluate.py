@@ -1,7 +1,7 @@
 """Images per second of evaluation attacks (PGD-20, AutoAttack) for any config; prints JSON.
 
-  python benchmarks/evaluate.py --config=configs/cifar10_at_cas.py --images=512 --out=bench.json
-  python benchmarks/evaluate.py --config=configs/smoke.py --attacks=pgd20,aa --checkpoint=/tmp/smoke
+  python -m benchmarks.evaluate --config=configs/cifar10_at_cas.py --images=512 --out=bench.json
+  python -m benchmarks.evaluate --config=configs/smoke.py --attacks=pgd20,aa --checkpoint=/tmp/smoke
 
 Each attack runs twice over the same images through `evaluate.robustness_report` (with
 exact_per_attack=True, so it attacks every clean-correct image): the first run includes
@@ -11,8 +11,6 @@ on how many images survive each stage, so time it on trained weights (--checkpoi
 numbers that mean something.
 """
 import json
-import os
-import sys
 import time
 
 from absl import app
@@ -22,12 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import common  # pylint: disable=g-import-not-at-top
-from cas_jax import evaluate  # pylint: disable=g-import-not-at-top
-from cas_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-from cas_jax import loading  # pylint: disable=g-import-not-at-top
-from cas_jax import models  # pylint: disable=g-import-not-at-top
+from benchmarks import common
+from cas_jax import evaluate
+from cas_jax import input_pipeline
+from cas_jax import loading
+from cas_jax import models
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A config file from configs/.")

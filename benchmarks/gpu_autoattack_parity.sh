@@ -41,10 +41,10 @@ for model in ${MODELS:-resnet18 wrn34_10}; do
     --config.schedule.milestones="($epochs,)" --config.eval.num_images=256
   echo "$model: trained in $(( $(date +%s) - start )) s"
   # shellcheck disable=SC2086
-  parity=("$python" benchmarks/autoattack_parity.py "${common[@]}" --checkpoint="$work/$model"
+  parity=("$python" -m benchmarks.autoattack_parity "${common[@]}" --checkpoint="$work/$model"
           --images="$images" ${PARITY_FLAGS:-})
   "${parity[@]}" --sides=ours --seeds=2 --out="$work/${model}_ours.json"
   "${parity[@]}" --sides=reference --seeds=1 --out="$work/${model}_reference.json"
-  "$python" benchmarks/autoattack_parity.py --merge="$work/${model}_ours.json,$work/${model}_reference.json" \
+  "$python" -m benchmarks.autoattack_parity --merge="$work/${model}_ours.json,$work/${model}_reference.json" \
     --out="$out/autoattack_parity_$model.json" | tee "$out/autoattack_parity_$model.md"
 done

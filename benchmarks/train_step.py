@@ -1,10 +1,8 @@
 """Compile time and steady-state throughput of `train_step` for any config; prints and writes JSON.
 
-  python benchmarks/train_step.py --config=configs/cifar10_at_cas.py --steps=20 --out=bench.json
-  python benchmarks/train_step.py --config=configs/smoke.py --config.batch_size=64
+  python -m benchmarks.train_step --config=configs/cifar10_at_cas.py --steps=20 --out=bench.json
+  python -m benchmarks.train_step --config=configs/smoke.py --config.batch_size=64
 """
-import os
-import sys
 import time
 
 from absl import app
@@ -14,10 +12,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import common  # pylint: disable=g-import-not-at-top
-from cas_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-from cas_jax import train  # pylint: disable=g-import-not-at-top
+from benchmarks import common
+from cas_jax import input_pipeline
+from cas_jax import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A config file from configs/.")

@@ -3,7 +3,7 @@
     specs, notes = parse_attacks("default,fgsm,sweep", eps=8/255, has_cas=True)
 
 Names (case-insensitive; a number after the name sets the step count):
-  default               pgd20, cw, aa, aa-joint: the default set (REFERENCE.md, issue 7)
+  default               pgd20, cw, aa, aa-joint: the default set (docs/evaluation.md)
   fgsm, pgd<k>, cw<k>   white-box, adaptive on CAS models (joint CE / joint margin of the main and
                         CAS heads, step eps/10); "-main" attacks the main head alone
   cas-head<k>           PGD-k on the CAS heads' CE alone, main-head accuracy (paper Table 4)

@@ -1,11 +1,11 @@
 """One command per paper table: train every setting, evaluate each with the same attacks, write the table.
 
-    python -m cas_jax.experiments table3 --workdir=runs/table3
+    cas-jax-experiments table3 --workdir=runs/table3     # or: python -m cas_jax.experiments
     python -m cas_jax.experiments fig8 --workdir=runs/fig8 --config=configs/cifar_subset.py \
         --config.data.cifar_dir=../shared/data/cifar-10-batches-py --settings=beta0,beta2
     python -m cas_jax.experiments table2 --workdir=runs/table2 --dry_run   # the settings only
 
-A setting is the base config (--config, default configs/cifar10_at_cas.py, with every
+A setting is the base config (--config, default the packaged cifar10_at_cas, with every
 --config.x=v override: dataset, width, epochs, data source, eval budgets...) plus the few
 fields the setting changes (the EXPERIMENTS table below). Each trains in W/<setting>/ with
 `train.train_and_evaluate` (skipped once the final epoch's checkpoint exists; a stopped run
@@ -31,6 +31,8 @@ import ml_collections
 from ml_collections import config_flags
 
 from cas_jax import checkpointing
+from cas_jax import cli
+from cas_jax import configs
 from cas_jax import evaluate
 from cas_jax import experiment_tables
 from cas_jax import input_pipeline
@@ -38,10 +40,9 @@ from cas_jax import metric_writers
 from cas_jax import preemption
 from cas_jax import report as report_lib
 from cas_jax import train
-from configs import default
+from cas_jax.configs import default
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "cifar10_at_cas.py")
+DEFAULT_CONFIG = "cifar10_at_cas"  # a packaged config's name (cas_jax/configs/) or a file
 # What every setting of an experiment is evaluated with, unless given on the command line.
 EVAL_DEFAULTS = {"eval.attacks": "default,fgsm", "eval.checkpoints": "last"}
 # The fields a setting takes from default.setting(...) when it names an objective / a model.
@@ -111,7 +112,7 @@ EXPERIMENTS = {
         _baseline("pcl", "AT+PCL"),
         Setting("at_cas", "AT+CAS", "at", cas=True, twin="at"),
     ), attacks="default,fgsm,avg-pgd100"),
-    # The issue's "table3" is the paper's Table 5 (white-box robustness, ResNet-18, CIFAR-10);
+    # "table3" is the paper's Table 5 (white-box robustness, ResNet-18, CIFAR-10);
     # the paper's ResNet-18 figures did not survive in its text, so none are shown.
     "table3": Experiment("AT, TRADES and MART with and without CAS (paper Table 5, ResNet-18)",
                          _methods_table({})),
@@ -291,10 +292,10 @@ def run_experiment(name: str, base: ml_collections.ConfigDict, workdir: str,
   settings = select_settings(name, only)
   command_line = set(command_line)
   # Every config is built and validated before the first (possibly hours-long) training.
-  configs = {s.name: setting_config(name, s, base, command_line) for s in settings}
+  setting_configs = {s.name: setting_config(name, s, base, command_line) for s in settings}
   rows = []
   for setting in settings:
-    config, setting_dir = configs[setting.name], os.path.join(workdir, setting.name)
+    config, setting_dir = setting_configs[setting.name], os.path.join(workdir, setting.name)
     if is_trained(config, setting_dir):
       logging.info("%s: trained (final checkpoint in %s)", setting.name, setting_dir)
     else:
@@ -318,7 +319,8 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags():
-  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "The base config (configs/*.py).",
+  config_flags.DEFINE_config_file("config", configs.path(DEFAULT_CONFIG), "The base config: a "
+                                  "file (configs/*.py) or a packaged config's name.",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Each setting trains in <workdir>/<setting>/.")
   flags.DEFINE_list("settings", None, "Run only these settings of the experiment (row names).")
@@ -329,7 +331,7 @@ def _define_flags():
 def main(argv: List[str]) -> None:
   """Run the experiment named by the one positional argument."""
   if len(argv) != 2:
-    raise app.UsageError("usage: python -m cas_jax.experiments NAME --workdir=W "
+    raise app.UsageError("usage: cas-jax-experiments NAME --workdir=W "
                          f"[--config=...] [--config.x=v ...]; NAME: {', '.join(EXPERIMENTS)}")
   name, overrides = argv[1], config_flags.get_override_values(FLAGS["config"])
   command = shlex.join(["python", "-m", "cas_jax.experiments", *sys.argv[1:]])
@@ -350,6 +352,11 @@ def main(argv: List[str]) -> None:
     sys.exit(stopped.exit_status)
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The `cas-jax-experiments` console script (also `python -m cas_jax.experiments`)."""
   _define_flags()
-  app.run(main)
+  cli.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,14 +1,5 @@
-"""ResNet-18 on CIFAR-10, PGD-AT with the Table 1 baseline kWTA (Xiao et al. 2020):
-every ReLU replaced by k-winners-take-all, the top 20% of each layer kept.
+"""The packaged config cas_jax/configs/cifar10_at_kwta.py; its docstring has the run command.
 
-Run: python main.py --config=configs/cifar10_at_kwta.py --workdir=runs/cifar10_at_kwta
-Evaluate: python main.py --config=configs/cifar10_at_kwta.py --workdir=runs/cifar10_at_kwta --mode=eval
+To change this setting, put that file's code here in place of the import and edit it.
 """
-from configs import default
-
-
-def get_config():
-  """ResNet-18 on CIFAR-10, PGD-AT, no CAS, baseline kwta (paper Table 1)."""
-  config = default.setting(objective="at", cas=False, model="resnet18", dataset="cifar10")
-  config.baseline = "kwta"
-  return config
+from cas_jax.configs.cifar10_at_kwta import get_config  # pylint: disable=unused-import

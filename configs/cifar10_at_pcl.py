@@ -1,14 +1,5 @@
-"""ResNet-18 on CIFAR-10, PGD-AT with the Table 1 baseline PCL (Mustafa et al. 2019):
-prototype conformity loss on two feature branches after 10 epochs of CE warm-up.
+"""The packaged config cas_jax/configs/cifar10_at_pcl.py; its docstring has the run command.
 
-Run: python main.py --config=configs/cifar10_at_pcl.py --workdir=runs/cifar10_at_pcl
-Evaluate: python main.py --config=configs/cifar10_at_pcl.py --workdir=runs/cifar10_at_pcl --mode=eval
+To change this setting, put that file's code here in place of the import and edit it.
 """
-from configs import default
-
-
-def get_config():
-  """ResNet-18 on CIFAR-10, PGD-AT, no CAS, baseline pcl (paper Table 1)."""
-  config = default.setting(objective="at", cas=False, model="resnet18", dataset="cifar10")
-  config.baseline = "pcl"
-  return config
+from cas_jax.configs.cifar10_at_pcl import get_config  # pylint: disable=unused-import

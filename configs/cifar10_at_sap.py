@@ -1,16 +1,5 @@
-"""ResNet-18 on CIFAR-10, PGD-AT with the Table 1 baseline SAP (Dhillon et al. 2018):
-stochastic activation pruning after every ReLU, a randomized defense.
+"""The packaged config cas_jax/configs/cifar10_at_sap.py; its docstring has the run command.
 
-Run: python main.py --config=configs/cifar10_at_sap.py --workdir=runs/cifar10_at_sap
-Evaluate: python main.py --config=configs/cifar10_at_sap.py --workdir=runs/cifar10_at_sap --mode=eval
+To change this setting, put that file's code here in place of the import and edit it.
 """
-from configs import default
-
-
-def get_config():
-  """ResNet-18 on CIFAR-10, PGD-AT, no CAS, baseline sap (paper Table 1)."""
-  config = default.setting(objective="at", cas=False, model="resnet18", dataset="cifar10")
-  config.baseline = "sap"
-  # A randomized defense: attack it with EOT (averaged gradients) as well as plain PGD.
-  config.eval.attacks = "default,eot20,avg-pgd100,aa-rand"
-  return config
+from cas_jax.configs.cifar10_at_sap import get_config  # pylint: disable=unused-import

@@ -1,10 +1,5 @@
-"""ResNet-18 on CIFAR-10, MART.
+"""The packaged config cas_jax/configs/cifar10_mart.py; its docstring has the run command.
 
-Run: python main.py --config=configs/cifar10_mart.py --workdir=runs/cifar10_mart
+To change this setting, put that file's code here in place of the import and edit it.
 """
-from configs import default
-
-
-def get_config():
-  """ResNet-18 on CIFAR-10, MART."""
-  return default.setting(objective="mart", cas=False, model="resnet18", dataset="cifar10")
+from cas_jax.configs.cifar10_mart import get_config  # pylint: disable=unused-import

@@ -1,10 +1,5 @@
-"""ResNet-18 on CIFAR-10, Natural training.
+"""The packaged config cas_jax/configs/cifar10_natural.py; its docstring has the run command.
 
-Run: python main.py --config=configs/cifar10_natural.py --workdir=runs/cifar10_natural
+To change this setting, put that file's code here in place of the import and edit it.
 """
-from configs import default
-
-
-def get_config():
-  """ResNet-18 on CIFAR-10, Natural training."""
-  return default.setting(objective="natural", cas=False, model="resnet18", dataset="cifar10")
+from cas_jax.configs.cifar10_natural import get_config  # pylint: disable=unused-import

@@ -1,10 +1,5 @@
-"""ResNet-18 on CIFAR-10, Natural training + CAS (stage 4, S = 2, beta = 2).
+"""The packaged config cas_jax/configs/cifar10_natural_cas.py; its docstring has the run command.
 
-Run: python main.py --config=configs/cifar10_natural_cas.py --workdir=runs/cifar10_natural_cas
+To change this setting, put that file's code here in place of the import and edit it.
 """
-from configs import default
-
-
-def get_config():
-  """ResNet-18 on CIFAR-10, Natural training + CAS (stage 4, S = 2, beta = 2)."""
-  return default.setting(objective="natural", cas=True, model="resnet18", dataset="cifar10")
+from cas_jax.configs.cifar10_natural_cas import get_config  # pylint: disable=unused-import

@@ -1,10 +1,5 @@
-"""ResNet-18 on CIFAR-10, TRADES.
+"""The packaged config cas_jax/configs/cifar10_trades.py; its docstring has the run command.
 
-Run: python main.py --config=configs/cifar10_trades.py --workdir=runs/cifar10_trades
+To change this setting, put that file's code here in place of the import and edit it.
 """
-from configs import default
-
-
-def get_config():
-  """ResNet-18 on CIFAR-10, TRADES."""
-  return default.setting(objective="trades", cas=False, model="resnet18", dataset="cifar10")
+from cas_jax.configs.cifar10_trades import get_config  # pylint: disable=unused-import

@@ -1,10 +1,5 @@
-"""ResNet-18 on SVHN, PGD-AT (lr 0.01, step 1/255).
+"""The packaged config cas_jax/configs/svhn_at.py; its docstring has the run command.
 
-Run: python main.py --config=configs/svhn_at.py --workdir=runs/svhn_at
+To change this setting, put that file's code here in place of the import and edit it.
 """
-from configs import default
-
-
-def get_config():
-  """ResNet-18 on SVHN, PGD-AT (lr 0.01, step 1/255)."""
-  return default.setting(objective="at", cas=False, model="resnet18", dataset="svhn_cropped")
+from cas_jax.configs.svhn_at import get_config  # pylint: disable=unused-import

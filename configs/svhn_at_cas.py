@@ -1,10 +1,5 @@
-"""ResNet-18 on SVHN, PGD-AT + CAS (lr 0.01, step 1/255).
+"""The packaged config cas_jax/configs/svhn_at_cas.py; its docstring has the run command.
 
-Run: python main.py --config=configs/svhn_at_cas.py --workdir=runs/svhn_at_cas
+To change this setting, put that file's code here in place of the import and edit it.
 """
-from configs import default
-
-
-def get_config():
-  """ResNet-18 on SVHN, PGD-AT + CAS (lr 0.01, step 1/255)."""
-  return default.setting(objective="at", cas=True, model="resnet18", dataset="svhn_cropped")
+from cas_jax.configs.svhn_at_cas import get_config  # pylint: disable=unused-import

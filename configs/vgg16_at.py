@@ -1,10 +1,5 @@
-"""VGG16-BN on CIFAR-10, PGD-AT.
+"""The packaged config cas_jax/configs/vgg16_at.py; its docstring has the run command.
 
-Run: python main.py --config=configs/vgg16_at.py --workdir=runs/vgg16_at
+To change this setting, put that file's code here in place of the import and edit it.
 """
-from configs import default
-
-
-def get_config():
-  """VGG16-BN on CIFAR-10, PGD-AT."""
-  return default.setting(objective="at", cas=False, model="vgg16", dataset="cifar10")
+from cas_jax.configs.vgg16_at import get_config  # pylint: disable=unused-import

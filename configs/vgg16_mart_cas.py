@@ -1,10 +1,5 @@
-"""VGG16-BN on CIFAR-10, MART + CAS.
+"""The packaged config cas_jax/configs/vgg16_mart_cas.py; its docstring has the run command.
 
-Run: python main.py --config=configs/vgg16_mart_cas.py --workdir=runs/vgg16_mart_cas
+To change this setting, put that file's code here in place of the import and edit it.
 """
-from configs import default
-
-
-def get_config():
-  """VGG16-BN on CIFAR-10, MART + CAS."""
-  return default.setting(objective="mart", cas=True, model="vgg16", dataset="cifar10")
+from cas_jax.configs.vgg16_mart_cas import get_config  # pylint: disable=unused-import

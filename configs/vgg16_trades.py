@@ -1,10 +1,5 @@
-"""VGG16-BN on CIFAR-10, TRADES.
+"""The packaged config cas_jax/configs/vgg16_trades.py; its docstring has the run command.
 
-Run: python main.py --config=configs/vgg16_trades.py --workdir=runs/vgg16_trades
+To change this setting, put that file's code here in place of the import and edit it.
 """
-from configs import default
-
-
-def get_config():
-  """VGG16-BN on CIFAR-10, TRADES."""
-  return default.setting(objective="trades", cas=False, model="vgg16", dataset="cifar10")
+from cas_jax.configs.vgg16_trades import get_config  # pylint: disable=unused-import

@@ -1,10 +1,5 @@
-"""WRN-34-10 on CIFAR-10, PGD-AT.
+"""The packaged config cas_jax/configs/wrn34_10_at.py; its docstring has the run command.
 
-Run: python main.py --config=configs/wrn34_10_at.py --workdir=runs/wrn34_10_at
+To change this setting, put that file's code here in place of the import and edit it.
 """
-from configs import default
-
-
-def get_config():
-  """WRN-34-10 on CIFAR-10, PGD-AT."""
-  return default.setting(objective="at", cas=False, model="wrn34_10", dataset="cifar10")
+from cas_jax.configs.wrn34_10_at import get_config  # pylint: disable=unused-import

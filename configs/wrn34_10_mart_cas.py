@@ -1,10 +1,5 @@
-"""WRN-34-10 on CIFAR-10, MART + CAS.
+"""The packaged config cas_jax/configs/wrn34_10_mart_cas.py; its docstring has the run command.
 
-Run: python main.py --config=configs/wrn34_10_mart_cas.py --workdir=runs/wrn34_10_mart_cas
+To change this setting, put that file's code here in place of the import and edit it.
 """
-from configs import default
-
-
-def get_config():
-  """WRN-34-10 on CIFAR-10, MART + CAS."""
-  return default.setting(objective="mart", cas=True, model="wrn34_10", dataset="cifar10")
+from cas_jax.configs.wrn34_10_mart_cas import get_config  # pylint: disable=unused-import

@@ -1,4 +1,4 @@
-"""Every config file loads, validates, and builds its network with the paper's CAS heads."""
+"""Every config loads, validates, and builds its network with the paper's CAS heads."""
 import glob
 import importlib
 import os
@@ -7,18 +7,35 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from cas_jax import configs
 from cas_jax import train
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-SETTINGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
-                  if not os.path.basename(p).startswith(("_", "default")))
-# REFERENCE.md: S = 2 for ResNet-18 (stage 4) and WRN-34-10, S = 3 for VGG16.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETTINGS = [name for name in configs.names() if name != "default"]
+# The paper: S = 2 for ResNet-18 (stage 4) and WRN-34-10, S = 3 for VGG16.
 HEADS = {"resnet18": 2, "wrn34_10": 2, "vgg16": 3}
+
+
+def test_the_top_level_configs_are_the_packaged_ones():
+  files = glob.glob(os.path.join(ROOT, "configs", "*.py"))
+  top_level = sorted(os.path.basename(p)[:-3] for p in files if "__" not in p)
+  assert top_level == configs.names()
+  for name in top_level:
+    packaged = configs.get_config(name).to_dict()
+    assert configs.get_config(os.path.join(ROOT, "configs", f"{name}.py")).to_dict() == packaged
+  assert importlib.import_module("configs.default").setting is configs.default.setting
+
+
+def test_a_config_is_a_packaged_name_or_a_file():
+  assert configs.path("smoke") == os.path.join(configs.CONFIG_DIR, "smoke.py")
+  assert configs.path(os.path.join(ROOT, "configs", "smoke.py")).startswith(ROOT)
+  with pytest.raises(ValueError, match="config file nosuch does not exist .* one of: cifar10_at,"):
+    configs.path("nosuch")
 
 
 @pytest.mark.parametrize("name", SETTINGS)
 def test_config_builds_its_network(name):
-  config = importlib.import_module(f"configs.{name}").get_config()
+  config = configs.get_config(name)
   train.validate_config(config)
   model = train.create_model(config, config.data.num_classes)
   x = jnp.zeros((2, 32, 32, 3), jnp.float32)
@@ -37,7 +54,7 @@ def test_config_builds_its_network(name):
 def test_learning_rate_is_divided_by_ten_from_the_paper_epochs(name, drops):
   # Paper section 5.1: lr 0.1 (SVHN 0.01), divided by 10 at epochs 75 and 90 (and 100 for
   # TRADES / MART); epoch e (1-indexed) runs steps (e - 1) * steps_per_epoch onwards.
-  config = importlib.import_module(f"configs.{name}").get_config()
+  config = configs.get_config(name)
   steps_per_epoch = 7
   lr_fn = train.create_learning_rate_fn(config, steps_per_epoch)
   first = 0.01 if name.startswith("svhn") else 0.1

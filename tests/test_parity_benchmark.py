@@ -1,6 +1,5 @@
 """benchmarks/autoattack_parity.py end to end: export to torch, forward check, both AutoAttacks."""
 import json
-import os
 import subprocess
 import sys
 
@@ -18,7 +17,7 @@ def test_parity_script_attacks_the_same_network_on_both_sides(tmp_path):
   torch.save(_randomised(build_torch_network("resnet18", {"width": 4})).state_dict(),
              tmp_path / "net.pth")
   out = tmp_path / "parity.json"
-  command = [sys.executable, os.path.join("benchmarks", "autoattack_parity.py"),
+  command = [sys.executable, "-m", "benchmarks.autoattack_parity",
              "--config=configs/smoke.py", "--config.model.width=4",
              f"--config.data.cifar_dir={tmp_path / 'cifar'}", f"--checkpoint={tmp_path / 'net.pth'}",
              "--images=6", "--seeds=2", "--apgd_steps=2", "--square_queries=4",

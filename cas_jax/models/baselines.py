@@ -6,7 +6,7 @@
     logits, _ = model.apply(variables, x, train=False, rngs={"sap": key})   # one random draw
     random_apply_fn = bind_random(model, variables)   # (x, keys) -> outputs, one key per image
 
-Choices where the issue is silent (from the baselines' papers):
+Choices the CAS paper leaves open (taken from the baselines' papers):
 - kWTA (Xiao et al. 2020) replaces every ReLU of the network (stem and both of each block);
   it keeps the k largest values, negative ones included, as their kWTA does. Ties: exactly k
   entries are kept, the lower flat (H, W, C) index first (the order of `lax.top_k`).

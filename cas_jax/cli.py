@@ -1,0 +1,86 @@
+"""What the command-line tools share: config names or files, one-line errors, signals, logging.
+
+`cas-jax` (cas_jax/main.py, the checkout's main.py) and `cas-jax-experiments`
+(cas_jax/experiments.py) run through `run(main)`.
+"""
+import logging as python_logging
+import os
+import signal
+import sys
+from typing import Callable, List
+
+from absl import app
+from absl import flags
+
+import cas_jax
+from cas_jax import configs
+
+FLAGS = flags.FLAGS
+PACKAGE_DIR = os.path.dirname(os.path.abspath(cas_jax.__file__)) + os.sep
+
+
+class QuietLibraries(python_logging.Filter):
+  """Keep INFO lines from cas_jax; libraries (Orbax, JAX) only from WARNING up."""
+
+  def filter(self, record):
+    """Whether `record` is shown."""
+    ours = os.path.abspath(record.pathname).startswith(PACKAGE_DIR)
+    if str(record.msg).startswith("Requested `tracked_metric`"):
+      return False  # Orbax, on every checkpoint saved without evaluation metrics
+    return ours or record.levelno >= python_logging.WARNING
+
+
+def _exit_now(signum, frame):
+  """SIGINT / SIGTERM outside the training loop: nothing in flight to save, so end at once."""
+  del frame
+  print(f"{signal.Signals(signum).name} outside the training loop: nothing in flight to save; "
+        "rerunning the same command resumes from the latest checkpoint", file=sys.stderr,
+        flush=True)
+  os._exit(128 + signum)  # pylint: disable=protected-access  (no traceback, no cleanup wait)
+
+
+def resolve_configs(argv: List[str]) -> List[str]:
+  """argv with every --config=NAME[:args] of a packaged config name replaced by its file."""
+  resolved = list(argv)
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      at, prefix, value = i, "--config=", arg[len("--config="):]
+    elif arg == "--config" and i + 1 < len(argv):
+      at, prefix, value = i + 1, "", argv[i + 1]
+    else:
+      continue
+    name, colon, args = value.partition(":")
+    resolved[at] = prefix + configs.path(name) + colon + args
+  return resolved
+
+
+def parse_flags(argv: List[str]) -> List[str]:
+  """absl's flag parsing, with every mistake (missing config file, unknown key) in one line."""
+  try:
+    argv = resolve_configs(argv)
+  except ValueError as error:
+    sys.exit(f"error: {error}; e.g. --config=configs/smoke.py or --config=smoke")
+  try:
+    return FLAGS(argv)
+  except flags.Error as error:
+    sys.exit(f"error: {error}; see --helpshort")
+  except (AttributeError, KeyError) as error:  # ml_collections: an override of an unknown key
+    key = str(error).strip("\"'")
+    culprits = [a for a in argv if a.startswith("--config.")
+                and key in a.split("=")[0].split(".")[1:]]
+    sys.exit(f"error: no config field {key!r} (in {' '.join(culprits)}); see "
+             "cas_jax/configs/default.py for the valid names")
+
+
+def run(main: Callable[[List[str]], None]) -> None:
+  """app.run(main) with one-line flag errors and quick exits on signals before training."""
+  # The training loop installs its own handlers (finish the step, save, stop) while it runs.
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, _exit_now)
+  # --help shows the program module's docstring and flags, also when a console script runs it.
+  program = sys.modules[main.__module__]
+  for flag in FLAGS.get_key_flags_for_module(program):
+    FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  if not sys.modules["__main__"].__doc__:
+    sys.modules["__main__"].__doc__ = program.__doc__
+  app.run(main, flags_parser=parse_flags)
