@@ -22,6 +22,7 @@ from ml_collections import config_flags
 
 from benchmarks import common
 from cas_jax import evaluate
+from cas_jax import report as report_lib
 from cas_jax import input_pipeline
 from cas_jax import loading
 from cas_jax import models
@@ -74,7 +75,12 @@ def main(_):
         "images": len(labels), "attacked": attacked,
         "natural_acc": report.accuracy("natural"), "robust_acc": report.accuracy(spec_name),
         "first_run_s": runs[0], "steady_s": runs[1],
-        "images_per_s": len(labels) / runs[1], "attacked_per_s": attacked / runs[1]})
+        "images_per_s": len(labels) / runs[1], "attacked_per_s": attacked / runs[1],
+        "rows": report.costs["total"]["rows"],
+        "gradient_rows": report.costs["total"]["gradient_rows"],
+        "stages": {name: {k: v for k, v in c.items() if k != "attacks"}
+                   for name, c in report.costs["stages"].items()}})
+    print("\n".join(report_lib.cost_table(report.costs)), flush=True)
     print(json.dumps(results[-1]), flush=True)
   summary = {**common.setup(config, config.eval_batch_size),
              "weights": FLAGS.checkpoint or "random", "budget": vars(budget), "results": results}

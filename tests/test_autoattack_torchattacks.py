@@ -182,3 +182,48 @@ def test_autoattack_on_a_cas_model_is_at_least_as_strong_as_torchattacks(referen
   assert 0.2 <= theirs.mean() <= 0.8  # the attacks break some images, not all
   assert ours.sum(1).mean() <= theirs.sum(1).max()
   assert not np.any(~theirs.any(0) & ours.all(0))
+
+
+def _train_torch_mlp(torch, images, labels, epochs=5):
+  """A one-hidden-layer network trained briefly, and the same network in JAX (NHWC)."""
+  torch.manual_seed(0)
+  net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 64), torch.nn.ReLU(),
+                            torch.nn.Linear(64, 10))
+  optimizer = torch.optim.Adam(net.parameters(), 3e-3)
+  x_train, y_train = torch.tensor(images[:5000]), torch.tensor(labels[:5000])
+  for _ in range(epochs):
+    for batch in torch.randperm(5000).split(128):
+      loss = torch.nn.functional.cross_entropy(net(x_train[batch]), y_train[batch])
+      optimizer.zero_grad()
+      loss.backward()
+      optimizer.step()
+  net.eval()
+  w1, b1, w2, b2 = [jnp.asarray(p.detach().numpy()) for p in net.parameters()]
+  return net, lambda z: jax.nn.relu(
+      jnp.transpose(z, (0, 3, 1, 2)).reshape(z.shape[0], -1) @ w1.T + b1) @ w2.T + b2
+
+
+def trained_pair(torch, images, labels, cas: bool):
+  """(torch network, the same network in JAX): the CAS network or a plain one."""
+  if cas:
+    net, weights = _train_torch_cas_net(torch, images, labels)
+    return net, _jax_cas_net(weights)
+  return _train_torch_mlp(torch, images, labels)
+
+
+@pytest.mark.slow
+def test_scheduled_autoattack_evaluates_at_most_1_2x_the_rows_of_torchattacks(reference_setup):
+  # The same CAS network, images and budgets: the model rows (forward passes of one image)
+  # torchattacks' AutoAttack makes, counted by a wrapper, against our report's own count.
+  from benchmarks import row_counts  # pylint: disable=g-import-not-at-top
+  torch, torchattacks, images, labels, source = reference_setup
+  net, model_fn = trained_pair(torch, images, labels, cas=True)
+  x, y = images[5000:5064], labels[5000:5064]
+  eps = (4 if source == "cifar" else 24) / 255
+  theirs = row_counts.torchattacks_rows(torch, torchattacks, net, x, y, eps, 10, 200)
+  ours = row_counts.our_rows(model_fn, x, y, eps, 10, 200, batch_size=32)
+  print(f"\nrows: ours {ours['rows']} (robust {ours['robust']:.3f}), torchattacks "
+        f"{theirs['rows']} (robust {theirs['robust']:.3f})")
+  assert 0.1 <= theirs["robust"] <= 0.9  # stages have survivors to work on
+  assert ours["rows"] <= 1.2 * theirs["rows"]
+  assert ours["robust"] <= theirs["robust"] + 2 / len(y)  # as strong, within two images

@@ -15,8 +15,9 @@ loss="joint" makes the APGD stages ascend the joint losses of the main and CAS h
 targeted DLR, DLR; weight `beta`); FAB-T linearises the main head's z_t - z_y, whose
 gradient passes through the CAS masks either way, and Square uses the main-head margin.
 Every stage is a list of units of the survivor cascade (attacks/cascade.py): one per APGD-T
-and FAB-T target and one per SQUARE_CHUNK Square queries, each run on the images every unit
-before it left robust, so Square drops a fooled image within SQUARE_CHUNK queries.
+and FAB-T target and one per chunk of Square queries (`square_bounds`), each run on the
+images every unit before it left robust, so Square drops a fooled image within SQUARE_CHUNK
+queries (within 10 to 80 in its first 150, when most fall).
 Compiled runs are cached per model_fn object: pass the same one across calls, or better a
 jax.tree_util.Partial(apply_fn, variables), whose weights are then traced inputs (not
 constants baked into each program) and whose compilations survive new weights.
@@ -44,7 +45,10 @@ ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr")
 VERSIONS = {"standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
             "rand": ("apgd-ce", "apgd-dlr")}
 LOSS_MODES = ("main", "joint")
-SQUARE_CHUNK = 250  # Square queries between two gatherings of the images still standing
+# Square gathers the images still standing after these queries (most fall early), then
+# every SQUARE_CHUNK queries.
+SQUARE_GATHERS = (10, 30, 70, 150)
+SQUARE_CHUNK = 250
 _PREDICT_STREAM = len(ATTACKS)
 # (x_adv, y, keys) -> (still classified correctly (B,), forward passes it took)
 Judge = Callable[[Array, Array, Array], tuple]
@@ -104,14 +108,23 @@ def stage_units(model_fn, stage: str, *, eps, keys: Array, judge: Judge, loss: s
     return [unit(f"fab-t/{rank}", functools.partial(fab_round, model_fn,
                                                     steps=fab_steps, rank=rank, number=number),
                  forward, gradient) for number, rank in enumerate(ranks)]
-  chunks = range(0, square_queries, SQUARE_CHUNK)
-  def chunk(first):
+  bounds = square_bounds(square_queries)
+  def chunk(first, end):
     def attack(x, y, stage_keys, carry, eps):
-      return square_chunk(model_fn, x, y, stage_keys, carry, first, eps,
-                          queries=SQUARE_CHUNK, total_queries=square_queries)
+      return square_chunk(model_fn, x, y, stage_keys, carry, first, end, eps,
+                          total_queries=square_queries)
     return attack
-  return [unit(f"square/q{first}", chunk(first), 0, 0, carry="square", reads_carry=first > 0)
-          for first in chunks]
+  return [unit(f"square/q{first}", chunk(first, end), 0, 0, carry="square",
+               reads_carry=first > 0) for first, end in zip(bounds[:-1], bounds[1:])]
+
+
+def square_bounds(queries: int) -> List[int]:
+  """The query counts at which Square's survivors are gathered again: 0, SQUARE_GATHERS, then
+  every SQUARE_CHUNK queries, and `queries`."""
+  bounds = [0] + [b for b in SQUARE_GATHERS if b < queries]
+  while bounds[-1] + SQUARE_CHUNK < queries:
+    bounds.append(max(SQUARE_CHUNK, bounds[-1] + SQUARE_CHUNK - bounds[-1] % SQUARE_CHUNK))
+  return bounds + [queries]
 
 
 def _predict_judge(model_fn, randomized: bool) -> Judge:

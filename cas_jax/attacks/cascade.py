@@ -8,10 +8,10 @@ A `Unit` is one compiled piece of an attack (a PGD, one APGD-T target, one FAB-T
 of Square queries). A `Step` runs a unit for the attacks in `members` on the images every one of
 them still has standing: a step shared by several attacks (FAB-T and Square of `aa` and
 `aa-joint`) runs once. Its images are gathered from the whole set into batches of `batch_size`
-rows, sharded over every local device; only the last batch of a step is smaller, rounded up to
-the next of batch_size / 2^k (a multiple of the device count), so a unit compiles at most
+rows, sharded over every local device; only the rest of a step is split into smaller batches of
+batch_size / 2^k rows (multiples of the device count), so a unit compiles at most
 log2(batch_size) + 1 times whatever the number of images, and padding (copies of a real row,
-whose results are dropped) is at most the rows of that last batch.
+whose results are dropped) is at most 1/8 of that rest, or less than the device count.
 
 Costs are counted in model rows (one image through one forward pass): every unit reports how
 many batch passes it made, with and without a gradient, and the cascade multiplies by the rows
@@ -84,13 +84,20 @@ def batch_sizes(batch_size: int, devices: int) -> List[int]:
   return sorted(set(sizes), reverse=True)
 
 
-def padded_batches(rows: np.ndarray, sizes: Sequence[int]):
-  """(real rows, padded rows) batches covering `rows`: full batches of sizes[0], then the rest in
-  the smallest size that holds it, padded with copies of its first row."""
-  for start in range(0, rows.size, sizes[0]):
-    take = rows[start:start + sizes[0]]
-    size = min(s for s in sizes if s >= take.size)
+def padded_batches(rows: np.ndarray, sizes: Sequence[int], waste: float = 0.125):
+  """(real rows, padded rows) batches covering `rows`: full batches of sizes[0], then the rest
+  in the smallest size that holds it when the padding (copies of its first row) is at most
+  `waste` of it, else in the largest size it fills, and so on; only a rest smaller than
+  sizes[-1] (the device count) is padded beyond that."""
+  start = 0
+  while start < rows.size:
+    left = rows.size - start
+    fits = min((s for s in sizes if s >= left), default=sizes[0])
+    size = fits if fits - left <= waste * left or fits == sizes[-1] else max(
+        s for s in sizes if s <= left)
+    take = rows[start:start + size]
     yield take, np.concatenate([take, np.full(size - take.size, take[0])])
+    start += take.size
 
 
 class _State:

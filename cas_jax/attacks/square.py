@@ -45,12 +45,12 @@ def vertical_stripes(keys: Array, x: Array, eps) -> Array:
   return jnp.clip(x + eps * stripes, 0.0, 1.0)
 
 
-@jit_with_model("queries", "total_queries", "p_init", "rescale_schedule")
+@jit_with_model("total_queries", "p_init", "rescale_schedule")
 def square_run(model_fn, x: Array, y: Array, keys: Array, x_best: Array, margin_best: Array,
-               first_query, eps, *, queries: int, total_queries: int, p_init: float = 0.8,
+               first_query, end_query, eps, *, total_queries: int, p_init: float = 0.8,
                rescale_schedule: bool = False):
-  """Queries first_query .. first_query + queries - 1 of one Square run of total_queries,
-  from (x_best, margin_best); it stops once every image is fooled (margin <= 0).
+  """Queries first_query .. end_query - 1 of one Square run of total_queries, from (x_best,
+  margin_best); it stops once every image is fooled (margin <= 0).
 
   Returns (x_best, margin_best, the queries made): the query index, not the chunk, draws each
   window, so a run split into chunks equals one run.
@@ -59,7 +59,7 @@ def square_run(model_fn, x: Array, y: Array, keys: Array, x_best: Array, margin_
   rows = jnp.arange(height)[None, :, None, None]
   cols = jnp.arange(width)[None, None, :, None]
   first_query = jnp.asarray(first_query, jnp.int32)
-  end = jnp.minimum(first_query + queries, total_queries)
+  end = jnp.minimum(jnp.asarray(end_query, jnp.int32), total_queries)
   state = (first_query, x_best, margin_best)
 
   def proposal(k, side):
@@ -97,10 +97,9 @@ def square_run(model_fn, x: Array, y: Array, keys: Array, x_best: Array, margin_
   return x_best, margin_best, last - first_query
 
 
-@jit_with_model("queries", "total_queries", "p_init", "rescale_schedule")
-def square_chunk(model_fn, x: Array, y: Array, keys: Array, carry, first_query, eps, *,
-                 queries: int, total_queries: int, p_init: float = 0.8,
-                 rescale_schedule: bool = False):
+@jit_with_model("total_queries", "p_init", "rescale_schedule")
+def square_chunk(model_fn, x: Array, y: Array, keys: Array, carry, first_query, end_query, eps,
+                 *, total_queries: int, p_init: float = 0.8, rescale_schedule: bool = False):
   """One chunk of Square queries: (x_best, fooled, carry for the next chunk, forward passes).
 
   carry None starts the run (vertical stripes, one query); else it is (x_best, margin).
@@ -109,9 +108,9 @@ def square_chunk(model_fn, x: Array, y: Array, keys: Array, carry, first_query, 
   if starts:
     x_best = vertical_stripes(keys, x, eps)
     carry = (x_best, _margin(model_fn, x_best, y))
-  x_best, margin, made = square_run(model_fn, x, y, keys, *carry, first_query, eps,
-                                    queries=queries, total_queries=total_queries,
-                                    p_init=p_init, rescale_schedule=rescale_schedule)
+  x_best, margin, made = square_run(model_fn, x, y, keys, *carry, first_query, end_query, eps,
+                                    total_queries=total_queries, p_init=p_init,
+                                    rescale_schedule=rescale_schedule)
   return x_best, margin <= 0, (x_best, margin), made + int(starts)
 
 
@@ -125,7 +124,7 @@ def square(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, queries: in
   keys = engine.example_keys(key, x.shape[0])
   if active is None:
     active = jnp.argmax(predict(model_fn, x, keys), -1) == y
-  x_best, fooled, _, _ = square_chunk(model_fn, x, y, keys, None, 0, eps, queries=queries,
+  x_best, fooled, _, _ = square_chunk(model_fn, x, y, keys, None, 0, queries, eps,
                                       total_queries=queries, p_init=p_init,
                                       rescale_schedule=rescale_schedule)
   keep = engine.per_image(jnp.asarray(active) & fooled, x)

@@ -1,0 +1,113 @@
+"""Model rows of our scheduled AutoAttack against torchattacks' on the same weights and images.
+
+  python -m benchmarks.row_counts --images=128 --out=benchmarks/results/row_counts.json
+
+A row is one image through one forward pass of the model; a gradient row also took a backward
+pass. torchattacks' rows are counted by a wrapper around its network (every forward call, and
+the ones that built a graph for an input gradient); ours are the report's own cost accounting
+(`report.costs`), which tests/test_cascade.py checks against a model that counts its calls.
+Both run AutoAttack standard (APGD-CE, APGD-T, FAB-T multi-targeted, Square, each stage on the
+images the ones before left standing) at the same budgets. Also measured: the extra rows of
+running AutoAttack on every clean-correct image (exact_autoattack=True, the default) instead
+of on the survivors of PGD and CW, on a plain and a CAS network.
+"""
+import json
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cas_jax import evaluate
+from cas_jax.attack_registry import AttackBudget
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("images", 128, "Test images (8x8 CIFAR-10, or synthetic without the data).")
+flags.DEFINE_integer("steps", 25, "APGD and FAB iterations on both sides.")
+flags.DEFINE_integer("queries", 500, "Square queries on both sides.")
+flags.DEFINE_string("out", "", "Write the results as JSON here.")
+
+
+def counting_network(torch, net):
+  """net wrapped so that it counts the rows of every forward call (and of gradient ones)."""
+
+  class Counting(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.net, self.rows, self.gradient_rows = net, 0, 0
+
+    def forward(self, x):
+      self.rows += x.shape[0]
+      if torch.is_grad_enabled() and x.requires_grad:
+        self.gradient_rows += x.shape[0]
+      return self.net(x)
+  return Counting()
+
+
+def torchattacks_rows(torch, torchattacks, net, x, y, eps, steps, queries, seed=0) -> dict:
+  """torchattacks' AutoAttack standard at these budgets: its rows and robust accuracy."""
+  counted = counting_network(torch, net)
+  reference = torchattacks.AutoAttack(counted, eps=eps, version="standard", seed=seed)
+  for attack in reference._autoattack.attacks:
+    if hasattr(attack, "steps"):
+      attack.steps = steps
+    if hasattr(attack, "n_queries"):
+      attack.n_queries, attack.rescale_schedule = queries, False
+  x_adv = reference(torch.tensor(x), torch.tensor(y))
+  rows, gradient_rows = counted.rows, counted.gradient_rows
+  with torch.no_grad():
+    robust = float(np.mean(net(x_adv).argmax(1).numpy() == y))
+  return {"rows": rows, "gradient_rows": gradient_rows, "robust": robust}
+
+
+def our_rows(model_fn, x_nchw, y, eps, steps, queries, attacks="aa", **options) -> dict:
+  """Our report's rows (natural included) and figures for `attacks` at these budgets."""
+  budget = AttackBudget(apgd_steps=steps, fab_steps=steps, square_queries=queries)
+  x = np.transpose(x_nchw, (0, 2, 3, 1))
+  report = evaluate.robustness_report(model_fn, x, y, key=jax.random.key(0), eps=eps,
+                                      attacks=attacks, budget=budget, **options)
+  total = report.costs["total"]
+  return {"rows": int(total["rows"]), "gradient_rows": int(total["gradient_rows"]),
+          "robust": report.accuracy("worst_case"), "aa_exact": report.is_exact("aa"),
+          "seconds": total["seconds"]}
+
+
+def compare(torch, torchattacks, net, model_fn, x, y, eps, steps, queries) -> dict:
+  """Rows of both AutoAttacks, and of our default report with and without exact AutoAttack."""
+  theirs = torchattacks_rows(torch, torchattacks, net, x, y, eps, steps, queries)
+  ours = our_rows(model_fn, x, y, eps, steps, queries)
+  exact = our_rows(model_fn, x, y, eps, steps, queries, attacks="pgd20,cw,aa")
+  bound = our_rows(model_fn, x, y, eps, steps, queries, attacks="pgd20,cw,aa",
+                   exact_autoattack=False)
+  return {"torchattacks": theirs, "ours": ours, "ratio": ours["rows"] / theirs["rows"],
+          "report_exact_aa": exact, "report_aa_on_survivors": bound,
+          "exact_aa_extra": exact["rows"] / bound["rows"]}
+
+
+def main(_):
+  """Train the plain and CAS 8x8 networks, then compare rows on --images test images."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torchattacks  # pylint: disable=g-import-not-at-top
+  from tests import test_autoattack_torchattacks as parity  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(1)
+  images, labels, source = parity._parity_data()  # pylint: disable=protected-access
+  results = {"source": source, "images": FLAGS.images, "steps": FLAGS.steps,
+             "queries": FLAGS.queries, "jax": jax.__version__, "torch": torch.__version__,
+             "torchattacks": torchattacks.__version__, "devices": jax.device_count()}
+  for name in ("plain", "cas"):
+    net, model_fn = parity.trained_pair(torch, images, labels, cas=name == "cas")
+    x, y = images[5000:5000 + FLAGS.images], labels[5000:5000 + FLAGS.images]
+    eps = 4 / 255 if source == "cifar" else 24 / 255
+    results[name] = compare(torch, torchattacks, net, model_fn, x, y, eps, FLAGS.steps,
+                            FLAGS.queries)
+    print(name, json.dumps(results[name]), flush=True)
+  print(json.dumps(results, indent=1))
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
