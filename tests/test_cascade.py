@@ -197,3 +197,31 @@ def test_two_devices_evaluate_the_rows_of_one_with_the_same_verdicts():
   for name in ("natural", "aa", "aa-joint", "worst_case"):
     np.testing.assert_array_equal(one[name], two[name])
   assert two["rows"] <= 1.15 * one["rows"]
+
+
+def _apply_linear(weights, x):
+  return x.reshape(x.shape[0], -1) @ weights
+
+
+def test_a_public_attack_compiles_once_for_a_partial_model_whatever_its_weights():
+  from cas_jax.attacks.white_box import pgd  # pylint: disable=g-import-not-at-top
+  x, y = _report_data(8)
+  before = pgd.jitted._cache_size()
+  for seed in (1, 2, 3):
+    weights = jax.random.normal(jax.random.key(seed), (48, 10))
+    pgd(jax.tree_util.Partial(_apply_linear, weights), x, y, eps=0.03, steps=3, key=KEY)
+  assert pgd.jitted._cache_size() == before + 1
+
+
+@pytest.mark.slow
+def test_compilations_do_not_grow_with_the_number_of_images():
+  from cas_jax import attack_plan  # pylint: disable=g-import-not-at-top
+  model = jax.tree_util.Partial(_apply_linear, W)
+  before = attack_plan._single_attack._cache_size()  # pylint: disable=protected-access
+  for n in (40, 90, 200):
+    x, y = _report_data(n)
+    evaluate.robustness_report(model, x, y, key=KEY, eps=0.03, attacks="pgd2", batch_size=8,
+                               budget=BUDGET)
+  # At most one compilation per batch size (8, 4, 2, 1), whatever the images and batches.
+  assert attack_plan._single_attack._cache_size() - before <= len(  # pylint: disable=protected-access
+      cascade.batch_sizes(8, 1))

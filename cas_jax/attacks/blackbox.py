@@ -23,6 +23,7 @@ TRANSFER_ATTACKS = ("pgd", "cw")
 _ATANH_SHRINK = 0.999999
 
 
+@engine.compiled_attack("attack", "steps", "loss", "beta")
 def transfer(source_model_fn, x: Array, y: Array, *, attack: str = "pgd", eps=8 / 255,
              steps: int = 20, key: Array, step_size=None, loss=None, beta: float = 2.0) -> Array:
   """Adversarial examples crafted on a source model (PGD-20 on CE, or CW-inf), for a target."""
@@ -49,6 +50,7 @@ def n_attack_loss(logits: Array, y: Array) -> Array:
   return jnp.clip(-losses.margin(logits, y), 0.0, 1000.0)
 
 
+@engine.compiled_attack("population", "sigma", "lr", "max_iters")
 def n_attack(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, population: int = 300,
              sigma: float = 0.1, lr: float = 0.02, max_iters: int = 500) -> Array:
   """N-Attack: NES on a Gaussian over arctanh(2x - 1) + mu; early stop per example on success.

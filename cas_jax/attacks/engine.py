@@ -205,7 +205,26 @@ def jit_with_model(*static_argnames: str):
     @functools.wraps(fn)
     def call(model_fn, *args, **kwargs):
       return compiled(as_partial(model_fn), *args, **kwargs)
+    call.jitted = compiled
     return call
+  return decorate
+
+
+def compiled_attack(*static_argnames: str):
+  """jit for a public attack fn(model_fn, x, y, **options): x, y and eps are checked first (one
+  clear line), model_fn travels as a Partial (`as_partial`), eps, key and the other options are
+  traced except `static_argnames`. A Partial(apply_fn, variables) compiles once for any weights.
+  """
+  def decorate(fn):
+    compiled = jit_with_model(*static_argnames)(fn)
+
+    @functools.wraps(fn)
+    def attack(model_fn, x, y, **options):
+      x, y = check_images_and_labels(x, y)
+      check_eps(options.get("eps", 0.5))
+      return compiled(model_fn, x, y, **options)
+    attack.jitted = compiled.jitted
+    return attack
   return decorate
 
 

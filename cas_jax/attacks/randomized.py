@@ -23,6 +23,7 @@ Array = jax.Array
 _MODEL_STREAM, _NOISE_STREAM = 1, 2
 
 
+@engine.compiled_attack("steps", "draws", "loss", "beta", "noise_std", "start")
 def eot_pgd(random_model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 20,
             draws: int = 10, key: Array, step_size=None, loss="ce", beta: float = 2.0,
             noise_std: float = 0.0, start: str = "uniform") -> Array:
@@ -49,6 +50,7 @@ def eot_pgd(random_model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 20
                        start=start, with_step=True)
 
 
+@engine.compiled_attack("steps", "draws", "loss", "beta", "noise_std")
 def avg_pgd(random_model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 100,
             draws: int = 10, key: Array, step_size=None, loss="cw", beta: float = 2.0,
             noise_std: float = 0.0) -> Array:

@@ -54,6 +54,7 @@ def attack_loss(name: Union[str, AttackLoss], beta: float = 2.0) -> AttackLoss:
   return lambda outputs, y: fn(*engine.split_outputs(outputs), y)
 
 
+@engine.compiled_attack("steps", "loss", "beta", "start")
 def pgd(model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 20, key: Array,
         step_size=None, loss="ce", beta: float = 2.0, start: str = "uniform") -> Array:
   """PGD-`steps` with step `step_size` (default eps/10, the paper's protocol) on `loss`."""
@@ -65,6 +66,7 @@ def pgd(model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 20, key: Arra
                        steps=steps, key=key, start=start)
 
 
+@engine.compiled_attack("loss", "beta")
 def fgsm(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, loss="ce",
          beta: float = 2.0) -> Array:
   """FGSM as the paper runs it: one signed step of size eps from a uniform random start."""
@@ -72,6 +74,7 @@ def fgsm(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, loss="ce",
   return pgd(model_fn, x, y, eps=eps, steps=1, key=key, step_size=eps, loss=loss, beta=beta)
 
 
+@engine.compiled_attack("steps", "loss", "beta")
 def cw_inf(model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 20, key: Array,
            step_size=None, loss="cw", beta: float = 2.0) -> Array:
   """CW-inf: PGD on the margin loss max_{k != y} z_k - z_y ("joint_cw" for CAS models)."""
@@ -113,6 +116,7 @@ def _other_max_logit(logits: Array, y: Array) -> Array:
   return jnp.max(jnp.where(is_label, -jnp.inf, logits), axis=-1)
 
 
+@engine.compiled_attack("steps", "restarts", "change_point", "beta")
 def margin_decomposition(model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 40,
                          key: Array, restarts: int = 1, change_point=None,
                          first_step_size=None, step_size=None, beta: float = 0.0) -> Array:
