@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_autoattack_parity.sh CIFAR_DIR OUT_DIR
 #
 # Environment: MODELS ("resnet18 wrn34_10"), EPOCHS (2), R18_IMAGES (256), WRN_IMAGES (128),
+# REPORT_IMAGES (1000, the default report's cost: OUT_DIR/report_cost_<model>.json),
 # CONFIG_FLAGS (extra --config.* for training and attacks), PARITY_FLAGS (extra flags of
 # autoattack_parity.py), WORK (/tmp/parity_work). Ours runs 2 seeds (the first one compiles),
 # torchattacks 1; the merged report gives each side's images/s. Needs torch and torchattacks.
@@ -47,4 +48,8 @@ for model in ${MODELS:-resnet18 wrn34_10}; do
   "${parity[@]}" --sides=reference --seeds=1 --out="$work/${model}_reference.json"
   "$python" -m benchmarks.autoattack_parity --merge="$work/${model}_ours.json,$work/${model}_reference.json" \
     --out="$out/autoattack_parity_$model.json" | tee "$out/autoattack_parity_$model.md"
+  # The default report (pgd20, cw, aa, aa-joint) on REPORT_IMAGES real test images: model rows
+  # and images/s per stage, after one compiling run.
+  "$python" -m benchmarks.evaluate "${common[@]}" --checkpoint="$work/$model" --data=config \
+    --images="${REPORT_IMAGES:-1000}" --attacks=default --out="$out/report_cost_$model.json"
 done

@@ -131,7 +131,8 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
                       beta: float = 2.0, batch_size: int = 256, indices=None,
                       budget: Optional[AttackBudget] = None, exact_per_attack: bool = False,
                       exact_autoattack: bool = True, source_fn=None, random_apply_fn=None,
-                      state_dir: Optional[str] = None, progress: bool = False,
+                      state_dir: Optional[str] = None, save_every: float = 10.0,
+                      progress: bool = False,
                       title: str = "Robustness report") -> report_lib.Report:
   """Verdicts of natural, every attack in `attacks` (default: the default set) and the worst case.
 
@@ -142,8 +143,9 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
   accuracy is the mean over those draws. Without it, eot / avg-pgd attack apply_fn (no noise).
   Every attack stage runs on the images still standing, gathered from the whole set into
   batches of `batch_size` sharded over the local devices (attacks/cascade.py). state_dir:
-  where the report records every finished batch, so that the same call resumes an
-  interrupted report. progress: a tqdm bar per stage (quiet when not a terminal).
+  where the report records its finished batches (every `save_every` seconds, and at once on
+  SIGTERM or Ctrl-C), so that the same call resumes an interrupted report without attacking
+  an image twice. progress: a tqdm bar per stage (quiet when not a terminal).
   With several processes every one passes the same x and y, attacks its share of the images
   and returns the whole report.
   """
@@ -196,7 +198,7 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
                              after=after, draws=draws, processes=jax.process_count())
   result = cascade.run(steps, x, y, keys, eligible={s.name: natural for s in specs},
                        after=after, batch_size=batch_size, state_path=state_path,
-                       fingerprint=fingerprint, progress=progress)
+                       fingerprint=fingerprint, save_every=save_every, progress=progress)
   verdicts, ran_on, cut = {report_lib.NATURAL: natural}, {}, {}
   for spec in specs:
     start = natural.copy()

@@ -112,7 +112,10 @@ def plot_beta(result: dict, path: str) -> None:
     for name in attack_columns(panel):
       style = {report_lib.NATURAL: dict(color="gray", linestyle=":"),
                WORST: dict(color="black", linewidth=2.5)}.get(name, {})
-      values = [_points(r, name) if name in r["accuracy"] else float("nan") for r in panel]
+      # An upper bound ("<= x": the attack ran on the survivors of others) is not its accuracy.
+      values = [_points(r, name) if name in r["accuracy"]
+                and not r["figure"].get(name, "").startswith("<=") else float("nan")
+                for r in panel]
       ax.plot(positions, values, marker="o", label=name.replace("_", " "), **style)
     ax.set_xticks(list(positions), [f"{r['beta']:g}" for r in panel])
     ax.set_xlabel("beta (CAS loss weight; 0 = AT without CAS)")

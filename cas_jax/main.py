@@ -59,7 +59,7 @@ def main(argv):
   except preemption.Stopped as stopped:
     # Exit status 128 + signal number, as if the signal had ended the process: schedulers
     # then see a preempted job (to requeue), not a finished one.
-    print(f"{stopped} with its checkpoint saved; resume with: "
+    print(f"{stopped}; resume with: "
           f"{shlex.join([sys.executable, *sys.argv])}", file=sys.stderr)
     sys.exit(stopped.exit_status)
 

@@ -29,10 +29,11 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 class Stopped(Exception):
   """Training stopped on a signal after `step`, whose checkpoint was saved."""
 
-  def __init__(self, step: int, signum: int):
+  def __init__(self, step: int, signum: int, message: Optional[str] = None):
     self.step, self.signum = step, signum
     self.signal_name = signal.Signals(signum).name
-    super().__init__(f"stopped by {self.signal_name} after step {step}")
+    super().__init__(message or f"stopped by {self.signal_name} after step {step} with its "
+                     "checkpoint saved")
 
   @property
   def exit_status(self) -> int:

@@ -1,6 +1,10 @@
 """The survivor cascade and the scheduled report: survivors gathered over the whole set into
 full batches, bounded compilations, model rows counted exactly, resume without re-attacking."""
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import chex
 import jax
@@ -118,6 +122,34 @@ def test_an_interrupted_cascade_resumes_without_attacking_anything_again(tmp_pat
   assert any(name.startswith("state.npz.stale-") for name in os.listdir(tmp_path))
 
 
+def _counting_unit(name, seen, first, fail=False):
+  """Chunk `first` of a count carried per image: +1 a chunk; fooled once the count reaches 3
+  on odd images. It raises instead of running when `fail`."""
+  def run_batch(x, y, key_data, carry):
+    del y, key_data
+    if fail:
+      raise KeyboardInterrupt
+    seen.append(len(x))
+    count = (jnp.zeros(len(x)) if carry is None else carry[0]) + 1
+    fooled = (count >= 3) & (np.asarray(x[:, 0, 0, 0]).astype(int) % 2 == 1)
+    return fooled, x, (count,), 1, 0
+  return cascade.Unit(f"{name}/{first}", run_batch, carry=name, reads_carry=first > 0)
+
+
+def test_a_carried_state_survives_an_interruption_between_chunks(tmp_path):
+  x, y, keys = _toy_data(12)
+  path, every = str(tmp_path / "state.npz"), {"m": np.ones(12, bool)}
+  chunks = lambda seen, fail_at: [cascade.Step(_counting_unit("count", seen, i, i == fail_at),
+                                               ("m",)) for i in range(4)]
+  with pytest.raises(KeyboardInterrupt):
+    cascade.run(chunks([], 2), x, y, keys, eligible=every, batch_size=4, state_path=path)
+  seen = []
+  resumed = cascade.run(chunks(seen, None), x, y, keys, eligible=every, batch_size=4,
+                        state_path=path)
+  assert sum(seen) == 12 + 6  # chunks 2 and 3 only: 12 images, then the 6 even ones left
+  np.testing.assert_array_equal(resumed.broken["m"], np.arange(12) % 2 == 1)
+
+
 # ----------------------------------------------------------------------------- the report
 
 W = jax.random.normal(jax.random.key(1), (48, 10)) / 7
@@ -225,3 +257,43 @@ def test_compilations_do_not_grow_with_the_number_of_images():
   # At most one compilation per batch size (8, 4, 2, 1), whatever the images and batches.
   assert attack_plan._single_attack._cache_size() - before <= len(  # pylint: disable=protected-access
       cascade.batch_sizes(8, 1))
+
+
+def resume_report(state_dir=None, n=60):
+  """The report eval_resume_check.py runs: AutoAttack on a CAS-like model, small batches."""
+  x, y = _report_data(n)
+  return evaluate.robustness_report(counted_cas, x, y, key=KEY, eps=0.03, attacks="pgd3,aa,aa-joint",
+                                    batch_size=4, budget=BUDGET, state_dir=state_dir,
+                                    save_every=0.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_report_started_again_ends_as_an_uninterrupted_one(tmp_path, stop):
+  script = os.path.join(os.path.dirname(__file__), "eval_resume_check.py")
+  env = fake_devices.environment(1)
+  state, out = str(tmp_path / "state"), str(tmp_path / "out.npz")
+  run = lambda: subprocess.Popen([sys.executable, script, state, out], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  process = run()
+  deadline = time.monotonic() + 300
+  path = os.path.join(state, "report_state.p0.npz")
+  while time.monotonic() < deadline and process.poll() is None:
+    if os.path.exists(path) and "apgd-t" in str(np.load(path).files):
+      break  # in AutoAttack's second stage
+    time.sleep(0.2)
+  assert process.poll() is None, process.communicate()[1][-2000:]
+  process.send_signal(stop)
+  _, stderr = process.communicate(timeout=120)
+  if stop == signal.SIGTERM:  # the batch in flight finishes, is saved, the run says so
+    assert process.returncode != 0 and "evaluation stopped by SIGTERM" in stderr
+  assert not os.path.exists(out)
+  resumed = run()
+  _, stderr = resumed.communicate(timeout=300)
+  assert resumed.returncode == 0, stderr[-2000:]
+  again = np.load(out)
+  reference = resume_report()
+  for name, verdict in reference.verdicts.items():
+    np.testing.assert_array_equal(again[name], verdict)
+  # Every image-stage attacked once over both runs: nothing recorded was attacked again.
+  assert int(again["images"]) == reference.costs["total"]["images"]

@@ -296,7 +296,7 @@ def test_evaluates_a_pytorch_checkpoint_of_the_authors_layout(tmp_path):
 
 def test_verdicts_do_not_depend_on_the_device_count():
   one, four = (fake_devices.run_script("eval_devices_check.py", n) for n in (1, 4))
-  names = [n for n in one.files if n != "devices"]
+  names = [n for n in one.files if n not in ("devices", "rows")]  # rows: padding differs
   assert {"natural", "pgd5", "cw5", "aa", "aa-joint", "worst_case"} <= set(names)
   for name in names:
     np.testing.assert_array_equal(one[name], four[name], err_msg=name)

@@ -22,6 +22,7 @@ again with the same fingerprint skips every image already attacked.
 import dataclasses
 import json
 import os
+import signal
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -45,8 +46,9 @@ COST_FIELDS = ("images", "fooled", "forward_rows", "gradient_rows", "padding_row
 class Unit:
   """One compiled piece of an attack: run(x, y, key_data, carry) -> UnitOutput on one batch.
 
-  carry names a per-image state that units of one group hand on (Square's chunks of queries);
-  reads_carry: this unit continues from it (else it starts afresh and may write one).
+  carry names a per-image state that units of one group hand on (Square's chunks of queries),
+  a tuple of arrays with a leading batch axis; reads_carry: this unit continues from it (else
+  it starts afresh and may write one).
   """
   name: str
   run: Callable[..., UnitOutput]
@@ -110,7 +112,6 @@ class _State:
     self.fooled: Dict[str, np.ndarray] = {}
     self.costs: Dict[str, Dict[str, float]] = {}
     self.carries: Dict[str, List[np.ndarray]] = {}
-    self.carry_trees: Dict[str, Any] = {}
     self.last_save = time.monotonic()
     if path and os.path.exists(path):
       self._load()
@@ -238,8 +239,7 @@ def _run_unit(unit: Unit, active: np.ndarray, x, y, keys, sizes, mesh, state: _S
   for take, rows in padded_batches(todo, sizes):
     carry = None
     if unit.reads_carry:
-      carry = jax.tree.unflatten(state.carry_trees[unit.carry],
-                                 [leaf[rows] for leaf in state.carries[unit.carry]])
+      carry = tuple(leaf[rows] for leaf in state.carries[unit.carry])
     out_fooled, out_x, out_carry, forward, gradient = unit.run(
         *to_device(mesh, (x[rows], y[rows], keys[rows])),
         None if carry is None else to_device(mesh, carry))
@@ -249,10 +249,9 @@ def _run_unit(unit: Unit, active: np.ndarray, x, y, keys, sizes, mesh, state: _S
       broke = fooled[take]
       x_adv[take[broke]] = np.asarray(out_x)[:real][broke]
     if unit.carry is not None and out_carry is not None:
-      leaves, tree = jax.tree.flatten(jax.device_get(out_carry))
+      leaves = [np.asarray(leaf) for leaf in jax.device_get(tuple(out_carry))]
       if unit.carry not in state.carries:
         state.carries[unit.carry] = [np.zeros((state.n,) + l.shape[1:], l.dtype) for l in leaves]
-      state.carry_trees[unit.carry] = tree
       for store, leaf in zip(state.carries[unit.carry], leaves):
         store[take] = np.asarray(leaf)[:real]
     attacked[take] = True
@@ -269,7 +268,9 @@ def _run_unit(unit: Unit, active: np.ndarray, x, y, keys, sizes, mesh, state: _S
     if signals.signum is not None:
       state.save(force=True)
       bar.close()
-      raise preemption.Stopped(int(attacked.sum()), signals.signum)
+      raise preemption.Stopped(int(attacked.sum()), signals.signum, (
+          f"evaluation stopped by {signal.Signals(signals.signum).name} during {unit.name} with "
+          "every finished batch saved"))
     state.save()
   bar.close()
   if todo.size:

@@ -1,0 +1,24 @@
+"""Run by test_cascade.py: one report of its counted CAS-like model with a state folder.
+
+    python tests/eval_resume_check.py STATE_DIR OUT.npz
+
+Saves the per-image verdicts and the images each stage attacked to OUT.npz; the state is
+written after every batch, so that the test can kill it anywhere and start it again.
+"""
+import sys
+
+import numpy as np
+
+import test_cascade
+
+
+def main():
+  """The report, resumed from STATE_DIR if a run there was interrupted."""
+  state_dir, out = sys.argv[1:3]
+  report = test_cascade.resume_report(state_dir)
+  np.savez(out, images=np.asarray(report.costs["total"]["images"]),
+           **{name: np.asarray(v) for name, v in report.verdicts.items()})
+
+
+if __name__ == "__main__":
+  main()
