@@ -198,7 +198,7 @@ def analyze_workdir(config, workdir: str) -> Dict[str, Dict[str, Any]]:
     try:
       loaded.append(_load(config, settings.compare, settings.compare_cas_stages,
                           dataset.num_classes, shape))
-    except ValueError as error:
+    except errors.UserError as error:  # e.g. its checkpoint does not fit this config's network
       raise errors.UserError(f"{error}; for the compared model set config.analysis."
                               "compare_cas_stages (e.g. none for a model without CAS)") from None
     if loaded[1]["label"] == loaded[0]["label"]:

@@ -239,6 +239,9 @@ def restore_variables(workdir: str, template: Any, step: Any = "last") -> Tuple[
   try:
     restored, failure = manager.restore(chosen, args=args), None
   except ValueError as error:  # a shape mismatch; named below
+    if not _is_config_mismatch(error):  # TensorStore could not read it: not the config's fault
+      raise RestoreError(f"checkpoint step {chosen} in {directory} could not be read "
+                         f"({_first_line(error)})") from error
     restored, failure = None, error
   tree = getattr(manager.item_metadata(chosen), "tree", None)  # known once restore has read it
   saved = _shapes({name: tree.get(name, {}) for name in wanted}) if isinstance(tree, dict) else {}

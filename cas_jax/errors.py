@@ -1,4 +1,4 @@
-"""The user's mistakes, told apart from our bugs: main.py and the drivers print a UserError in one line.
+"""The user's mistakes told apart from our bugs: a UserError is printed in one line, a bug in full.
 
     from cas_jax import errors
     raise errors.UserError("batch_size=0; use an integer >= 1")

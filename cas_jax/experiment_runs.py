@@ -55,7 +55,8 @@ def check_reusable(config: ml_collections.ConfigDict, workdir: str, retrain: boo
   if recorded is not None and not changes:
     return
   why = ("holds checkpoints but no config.json (trained before configs were recorded)"
-         if recorded is None else f"was trained with another config ({provenance.describe(changes)})")
+         if recorded is None
+         else f"was trained with another config ({provenance.describe(changes)})")
   if retrain:
     logging.warning("%s %s; kept as %s, training it again", workdir, why, _set_aside(workdir))
     return

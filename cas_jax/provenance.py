@@ -26,10 +26,10 @@ from cas_jax import errors
 CONFIG_FILE = "config.json"
 PROVENANCE_FILE = "provenance.json"
 # Fields (or whole sections) that do not change the trained weights: evaluation, analysis,
-# checkpointing, logging, and where the same data lives on disk.
+# checkpointing, logging, the test split's size, and where the same data lives on disk.
 NOT_TRAINING = ("eval", "analysis", "ckpt", "log_every_steps", "eval_batch_size",
-                "data.cifar_dir", "data.tfds_data_dir", "data.tfds_download",
-                "allow_config_change")
+                "data.num_test", "data.synthetic_num_test", "data.cifar_dir",
+                "data.tfds_data_dir", "data.tfds_download", "allow_config_change")
 EXTENDABLE = ("schedule.num_epochs",)  # may change on a resume (continue a finished run)
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml_collections")
 PROJECT = "cas_jax"
@@ -91,7 +91,7 @@ def project() -> Dict[str, Any]:
   info = {"name": PROJECT, "version": _project_version(), "path": REPO_ROOT}
   if os.path.exists(os.path.join(REPO_ROOT, ".git")):
     commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    status = _git("status", "--porcelain")  # changed or new files (not the ignored ones)
     info.update(commit=commit, dirty=None if status is None else bool(status))
   return info
 
@@ -189,3 +189,16 @@ def for_report(config, workdir: Optional[str] = None) -> Dict[str, Any]:
       record["training_runs"] = json.load(f).get("runs", [])
     record["trained_config"] = read_config(workdir)
   return json.loads(json.dumps(record, default=str))
+
+
+def summary_line(record: Dict[str, Any]) -> str:
+  """One markdown line of a provenance record: commit, versions, devices, dtype."""
+  project_info, found = record.get("project", {}), record.get("versions", {})
+  commit = project_info.get("commit")
+  code = (f"commit {commit[:10]}{' (dirty)' if project_info.get('dirty') else ''}" if commit
+          else f"version {project_info.get('version') or 'unknown'}")
+  libraries = ", ".join(f"{n} {found[n]}" for n in ("jax", "flax", "optax", "orbax-checkpoint")
+                        if found.get(n))
+  where = record.get("devices", {})
+  return (f"Provenance: cas_jax {code}; {libraries}; {where.get('count')} x {where.get('kind')}"
+          f"; dtype {record.get('dtype', '?')}.")

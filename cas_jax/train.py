@@ -45,7 +45,7 @@ class TrainState(train_state.TrainState):
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raise one ValueError naming the fix for a config that cannot train."""
+  """Raise one UserError naming the fix for a config that cannot train."""
   def check(ok, message):
     if not ok:
       raise errors.UserError(message)

@@ -175,3 +175,20 @@ def test_hosts_that_disagree_on_damage_stop_and_rename_nothing(tmp_path, monkeyp
   with pytest.raises(checkpointing.RestoreError, match="the hosts disagree"):
     checkpointing.restore_or_init(checkpointing.create_manager(str(tmp_path)), state_at(0))
   assert sorted(os.listdir(os.path.join(tmp_path, "checkpoints"))) == ["1", "2"]
+
+
+def test_restore_variables_tells_an_io_failure_from_a_network_that_does_not_fit(
+    tmp_path, monkeypatch):
+  manager = checkpointing.create_manager(str(tmp_path), async_save=False)
+  manager.save(7, args=ocp.args.StandardSave({"params": {"w": jnp.ones(3)},
+                                              "batch_stats": {"m": jnp.ones(3)}}))
+  manager.wait_until_finished()
+  template = {"params": {"w": jax.ShapeDtypeStruct((3,), jnp.float32)},
+              "batch_stats": {"m": jax.ShapeDtypeStruct((3,), jnp.float32)}}
+
+  def unavailable(self, step, args=None):
+    raise ValueError("UNAVAILABLE: Error reading local file: Input/output error")
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", unavailable)
+  with pytest.raises(checkpointing.RestoreError, match="step 7 .* could not be read"):
+    checkpointing.restore_variables(str(tmp_path), template)

@@ -1,4 +1,4 @@
-"""Every training workdir records what produced it; a resume that would train another model stops."""
+"""A training workdir records what produced it; a resume that would train another model stops."""
 import json
 import os
 import re
@@ -90,3 +90,7 @@ def test_report_provenance_carries_the_training_runs(tmp_path):
   assert record["config"]["optim"]["lr"] == config.optim.lr
   assert len(record["training_runs"]) == 1 and record["trained_config"]["seed"] == config.seed
   assert "versions" in record and "training_runs" not in provenance.for_report(config)
+  line = provenance.summary_line(record)
+  assert re.fullmatch(r"Provenance: cas_jax commit [0-9a-f]{10}( \(dirty\))?; jax [^;]+, flax "
+                      r"[^;]+, optax [^;]+, orbax-checkpoint [^;]+; \d+ x [^;]+; dtype float32\.",
+                      line), line
