@@ -11,6 +11,7 @@ names that are not step numbers). Any other failure to restore stops with its ca
 import json
 import os
 import re
+import zlib
 from typing import Any, Mapping, Optional, Tuple
 
 from absl import logging
@@ -126,12 +127,13 @@ def _is_config_mismatch(error: Exception) -> bool:
   return isinstance(error, ValueError) and not _STATUS_CODE.match(str(error))
 
 
-def _hosts_agree(verdict: bool) -> bool:
-  """Whether every process reached the same verdict (always true with one process)."""
+def _hosts_agree(value: Any) -> bool:
+  """Whether every process holds the same `value` (always true with one process)."""
   if jax.process_count() == 1:
     return True
-  verdicts = multihost_utils.process_allgather(jax.numpy.asarray(verdict, jax.numpy.int32))
-  return bool((verdicts == verdicts[0]).all())
+  digest = zlib.crc32(repr(value).encode()) & 0x7FFFFFFF
+  digests = multihost_utils.process_allgather(jax.numpy.asarray(digest, jax.numpy.int32))
+  return bool((digests == digests[0]).all())
 
 
 def restore_or_init(manager: ocp.CheckpointManager, state: Any) -> Any:
@@ -142,8 +144,12 @@ def restore_or_init(manager: ocp.CheckpointManager, state: Any) -> Any:
   raises a UserError; any other failure (out of memory, a transient I/O error, hosts that
   disagree) raises RestoreError with its cause, and nothing is renamed.
   """
-  damaged = []
-  for step in sorted(manager.all_steps(), reverse=True):
+  damaged, steps = [], sorted(manager.all_steps(), reverse=True)
+  if not _hosts_agree(steps):
+    raise RestoreError(f"the hosts see different checkpoints in {manager.directory} (here: "
+                       f"steps {sorted(steps)}); nothing was renamed; give every host the same "
+                       "folder (a shared filesystem) and rerun")
+  for step in steps:
     try:
       restored = restore(manager, state, step)
     except Exception as error:  # pylint: disable=broad-except  (TensorStore, Orbax, OS errors)

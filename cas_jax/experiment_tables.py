@@ -76,7 +76,9 @@ def statistics_lines(results: List[dict]) -> List[str]:
            "Difference of accuracy, row minus twin, on the same images; interval from "
            "10,000 paired bootstrap resamples of the images (seeds pooled); McNemar: exact "
            "binomial test on the images only one of the two gets right, per seed. "
-           "Significant at 5% = the interval excludes 0.", ""]
+           "Significant at 5% = the interval excludes 0. An attack shown as `<= x` ran only "
+           "on the images earlier attacks left standing: its test compares upper bounds; the "
+           "worst case is exact.", ""]
   for result in results:
     lines.append(f"- ({result['checkpoint']} checkpoint) " + statistics.sentence(
         result["label"], result["twin_label"], result["name"], result))

@@ -171,8 +171,13 @@ def test_hosts_that_disagree_on_damage_stop_and_rename_nothing(tmp_path, monkeyp
   for step in (1, 2):
     checkpointing.save(manager, state_at(step))
   remove_metadata(os.path.join(tmp_path, "checkpoints", "2"))  # damaged on this host only
-  monkeypatch.setattr(checkpointing, "_hosts_agree", lambda verdict: False)
-  with pytest.raises(checkpointing.RestoreError, match="the hosts disagree"):
+  # The hosts see the same steps (a list) but not the same verdict on step 2 (a bool).
+  monkeypatch.setattr(checkpointing, "_hosts_agree", lambda value: isinstance(value, list))
+  with pytest.raises(checkpointing.RestoreError, match="the hosts disagree on whether it is"):
+    checkpointing.restore_or_init(checkpointing.create_manager(str(tmp_path)), state_at(0))
+  assert sorted(os.listdir(os.path.join(tmp_path, "checkpoints"))) == ["1", "2"]
+  monkeypatch.setattr(checkpointing, "_hosts_agree", lambda value: False)
+  with pytest.raises(checkpointing.RestoreError, match="the hosts see different checkpoints"):
     checkpointing.restore_or_init(checkpointing.create_manager(str(tmp_path)), state_at(0))
   assert sorted(os.listdir(os.path.join(tmp_path, "checkpoints"))) == ["1", "2"]
 
