@@ -45,13 +45,17 @@ def _set_aside(workdir: str) -> str:
 
 def check_reusable(config: ml_collections.ConfigDict, workdir: str, retrain: bool = False,
                    flag: str = "--retrain") -> None:
-  """UserError unless workdir is empty or holds a model of `config` (retrain: set it aside)."""
+  """UserError unless workdir is empty or holds a model of `config` (retrain: set it aside).
+
+  A recorded schedule.num_epochs below the requested one is fine (training continues).
+  """
   if not _has_checkpoints(workdir):
     return
   recorded = provenance.read_config(workdir)
+  # More epochs continue the run; fewer would evaluate a model trained longer than asked.
   changes = {} if recorded is None else {
-      f: v for f, v in provenance.differences(recorded, config).items()
-      if f not in provenance.EXTENDABLE}
+      f: (a, b) for f, (a, b) in provenance.differences(recorded, config).items()
+      if f not in provenance.EXTENDABLE or b < a}
   if recorded is not None and not changes:
     return
   why = ("holds checkpoints but no config.json (trained before configs were recorded)"

@@ -201,6 +201,8 @@ def test_a_setting_is_reused_only_for_the_config_that_trained_it(tmp_path):
   experiment_runs.check_reusable(config, str(folder))
   experiment_runs.check_reusable(smoke_base(**{**TINY, "schedule.num_epochs": 3,
                                                "eval.attacks": "pgd2"}), str(folder))
+  with pytest.raises(errors.UserError, match=r"another config \(schedule.num_epochs 1 -> 0\)"):
+    experiment_runs.check_reusable(smoke_base(**{**TINY, "schedule.num_epochs": 0}), str(folder))
   other = smoke_base(**{**TINY, "optim.lr": 0.05})
   with pytest.raises(errors.UserError, match=r"was trained with another config \(optim\.lr "
                      r"0\.1 -> 0\.05\); rerun with --retrain .* or use a new --workdir"):
