@@ -93,8 +93,11 @@ def main(argv):
   from cas_jax import train  # pylint: disable=g-import-not-at-top
   from cas_jax import preemption  # pylint: disable=g-import-not-at-top
   from cas_jax import errors  # pylint: disable=g-import-not-at-top
+  from cas_jax import models  # pylint: disable=g-import-not-at-top
   try:
     with errors.exit_on_user_error():  # a bug of ours (any other error) keeps its traceback
+      # The network's name and options, before any data is read (training checks them too).
+      models.from_config(FLAGS.config, FLAGS.config.data.num_classes)
       if FLAGS.mode == "train":
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
       elif FLAGS.mode == "analyze":

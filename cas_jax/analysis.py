@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from cas_jax import errors
 from cas_jax import input_pipeline
 from cas_jax import loading
+from cas_jax import models
 from cas_jax.attacks import engine
 from cas_jax.attacks.white_box import pgd
 
@@ -181,6 +182,7 @@ def analyze_workdir(config, workdir: str) -> Dict[str, Dict[str, Any]]:
   """
   from cas_jax import analysis_figures  # pylint: disable=g-import-not-at-top
   settings = config.analysis
+  models.from_config(config, config.data.num_classes)  # a bad model.name before any data
   dataset = input_pipeline.create_dataset(config)
   count = min(settings.num_images or dataset.num_test, dataset.num_test)
   _check_settings(settings, dataset.num_classes, count)

@@ -151,6 +151,9 @@ def test_an_unknown_model_is_refused_before_the_dataset_is_loaded(tmp_path, monk
   monkeypatch.setattr(input_pipeline, "create_dataset", lambda config: pytest.fail("loaded"))
   with pytest.raises(errors.UserError, match="unknown model 'resnet50'; valid: resnet18"):
     train.train_and_evaluate(small_config(**{"model.name": "resnet50"}), str(tmp_path))
+  for mode in ("eval", "analyze"):  # main.py checks it for every mode
+    with pytest.raises(SystemExit, match="^error: unknown model 'resnet50'; valid: resnet18"):
+      run_main_in_process(monkeypatch, tmp_path, mode, **{"model.name": "resnet50"})
 
 
 def test_divergence_stops_without_a_non_finite_checkpoint(tmp_path):
@@ -232,20 +235,31 @@ def test_metrics_file_drops_rows_after_the_resume_step_and_stays_json(tmp_path):
                                  {"step": 3, "loss": 30.0}]
 
 
-def test_only_the_users_mistakes_end_in_one_line_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
-  import main as main_module  # pylint: disable=g-import-not-at-top  (main.py's flags)
-  main_module.FLAGS(["main.py", "--config=configs/smoke.py", f"--workdir={tmp_path}"])
+def run_main_in_process(monkeypatch, workdir, mode="train", **overrides):
+  """main.py's main() in this process, its flags set as the command line would set them."""
+  import main as main_module  # pylint: disable=g-import-not-at-top  (defines main.py's flags)
+  flags = main_module.FLAGS
+  flags(["main.py", "--config=configs/smoke.py", f"--workdir={workdir}", f"--mode={mode}"])
+  for key, value in overrides.items():  # on the config this parse just loaded
+    *parents, name = key.split(".")
+    node = flags.config
+    for parent in parents:
+      node = node[parent]
+    monkeypatch.setitem(node, name, value)
+  return main_module.main(["main.py"])
 
+
+def test_only_the_users_mistakes_end_in_one_line_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
   def shape_bug(config, workdir):  # JAX's own shape check: a ValueError, but not the user's
     jax.numpy.broadcast_to(jax.numpy.ones(3), (2,))
 
   monkeypatch.setattr(train, "train_and_evaluate", shape_bug)
   with pytest.raises(ValueError, match="Incompatible types for broadcasting"):
-    main_module.main(["main.py"])
+    run_main_in_process(monkeypatch, tmp_path)
   monkeypatch.setattr(train, "train_and_evaluate", lambda config, workdir: train.validate_config(
       small_config(**{"batch_size": 0})))
   with pytest.raises(SystemExit, match="^error: batch_size=0; use an integer >= 1$"):
-    main_module.main(["main.py"])
+    run_main_in_process(monkeypatch, tmp_path)
   with pytest.raises(KeyError):
     with errors.exit_on_user_error():
       raise KeyError("a bug")
