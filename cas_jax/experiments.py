@@ -237,14 +237,15 @@ def run_experiment(name: str, base: ml_collections.ConfigDict, workdir: str,
   command_line = set(command_line)
   # Every config is built, validated and checked against its folder before the first
   # (possibly hours-long) training.
+  configs = {s.name: setting_config(name, s, base, command_line) for s in settings}
   runs = {}
   for setting in settings:
-    config = setting_config(name, setting, base, command_line)
-    for seed, folder in seed_workdirs(workdir, setting, config, seeds).items():
-      seeded = config.copy_and_resolve_references()
+    for seed, folder in seed_workdirs(workdir, setting, configs[setting.name], seeds).items():
+      seeded = configs[setting.name].copy_and_resolve_references()
       seeded.seed = seed
-      experiment_runs.check_reusable(seeded, folder, retrain)
       runs.setdefault(setting.name, []).append((seed, seeded, folder))
+  for _, config, folder in (run for group in runs.values() for run in group):
+    experiment_runs.check_reusable(config, folder, retrain)  # after every config is valid
   rows = []
   for setting in settings:
     reports: Dict[str, list] = {}
