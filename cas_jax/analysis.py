@@ -24,8 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from cas_jax import errors
 from cas_jax import input_pipeline
 from cas_jax import loading
+from cas_jax import models
 from cas_jax.attacks import engine
 from cas_jax.attacks.white_box import pgd
 
@@ -49,8 +51,9 @@ def tsne(features, *, perplexity: float = 30.0, max_iter: int = 1000, seed: int 
   from sklearn.manifold import TSNE  # pylint: disable=g-import-not-at-top
   features = np.asarray(features, np.float32)
   if not 0 < perplexity < len(features):
-    raise ValueError(f"t-SNE perplexity {perplexity} must lie in (0, {len(features)}), the number "
-                     "of points: lower analysis.tsne_perplexity or use more images")
+    raise errors.UserError(
+        f"t-SNE perplexity {perplexity} must lie in (0, {len(features)}), the number "
+        "of points: lower analysis.tsne_perplexity or use more images")
   return TSNE(perplexity=perplexity, max_iter=max_iter, init="pca", learning_rate="auto",
               random_state=seed).fit_transform(features)
 
@@ -160,14 +163,15 @@ def _check_settings(settings, num_classes: int, count: int) -> None:
   """ValueError naming the fix for settings that cannot work, before any attack runs."""
   points = min(settings.tsne_images or count, count)
   if not 0 < settings.tsne_perplexity < points:
-    raise ValueError(f"config.analysis.tsne_perplexity={settings.tsne_perplexity} must lie in "
-                     f"(0, {points}), the number of t-SNE points (analysis.tsne_images)")
+    raise errors.UserError(
+        f"config.analysis.tsne_perplexity={settings.tsne_perplexity} must lie in "
+        f"(0, {points}), the number of t-SNE points (analysis.tsne_images)")
   if not 0 <= settings.class_index < num_classes:
-    raise ValueError(f"config.analysis.class_index={settings.class_index} is not a class; "
-                     f"choose one in 0..{num_classes - 1}")
+    raise errors.UserError(f"config.analysis.class_index={settings.class_index} is not a class; "
+                            f"choose one in 0..{num_classes - 1}")
   if not settings.thresholds or any(not 0 <= t < 1 for t in settings.thresholds):
-    raise ValueError(f"config.analysis.thresholds={settings.thresholds!r}; give fractions in "
-                     "[0, 1), e.g. (0.005, 0.01, 0.05)")
+    raise errors.UserError(f"config.analysis.thresholds={settings.thresholds!r}; give fractions in "
+                            "[0, 1), e.g. (0.005, 0.01, 0.05)")
 
 
 def analyze_workdir(config, workdir: str) -> Dict[str, Dict[str, Any]]:
@@ -178,6 +182,7 @@ def analyze_workdir(config, workdir: str) -> Dict[str, Dict[str, Any]]:
   """
   from cas_jax import analysis_figures  # pylint: disable=g-import-not-at-top
   settings = config.analysis
+  models.from_config(config, config.data.num_classes)  # a bad model.name before any data
   dataset = input_pipeline.create_dataset(config)
   count = min(settings.num_images or dataset.num_test, dataset.num_test)
   _check_settings(settings, dataset.num_classes, count)
@@ -195,9 +200,9 @@ def analyze_workdir(config, workdir: str) -> Dict[str, Dict[str, Any]]:
     try:
       loaded.append(_load(config, settings.compare, settings.compare_cas_stages,
                           dataset.num_classes, shape))
-    except ValueError as error:
-      raise ValueError(f"{error}; for the compared model set config.analysis."
-                       "compare_cas_stages (e.g. none for a model without CAS)") from None
+    except errors.UserError as error:  # e.g. its checkpoint does not fit this config's network
+      raise errors.UserError(f"{error}; for the compared model set config.analysis."
+                              "compare_cas_stages (e.g. none for a model without CAS)") from None
     if loaded[1]["label"] == loaded[0]["label"]:
       loaded[1]["label"] += " (compare)"
   key = jax.random.fold_in(jax.random.key(config.seed), 2)

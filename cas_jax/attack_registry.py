@@ -24,6 +24,7 @@ import dataclasses
 import re
 from typing import List, Optional, Sequence, Tuple, Union
 
+from cas_jax import errors
 from cas_jax.attacks import engine
 
 DEFAULT_ATTACKS = ("pgd20", "cw", "aa", "aa-joint")
@@ -82,7 +83,7 @@ class AttackBudget:
   def __post_init__(self):
     for name, value in vars(self).items():
       if int(value) != value or value < 1:
-        raise ValueError(f"attack budget {name}={value!r} must be a positive integer")
+        raise errors.UserError(f"attack budget {name}={value!r} must be a positive integer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,8 +140,8 @@ class AttackSpec:
             "expensive": self.expensive, "family": self.family, "in_worst_case": in_worst_case}
 
 
-def _bad_name(name: str, why: str) -> ValueError:
-  return ValueError(f"attack {name!r}: {why}. Valid names: default, fgsm, pgd<k>, cw<k>, "
+def _bad_name(name: str, why: str) -> errors.UserError:
+  return errors.UserError(f"attack {name!r}: {why}. Valid names: default, fgsm, pgd<k>, cw<k>, "
                     "cas-head<k>, eot<k>, avg-pgd<k>, md<k>, aa, aa-joint, aa-rand, apgd-ce, "
                     "apgd-t, apgd-dlr, fab-t, square, n-attack, transfer-pgd<k>, transfer-cw<k>, "
                     "sweep; "
@@ -187,7 +188,7 @@ def attack_names(attacks: Union[None, str, Sequence[str]]) -> List[str]:
     elif name:
       names.append(name)
   if not names:
-    raise ValueError(f"no attacks in {attacks!r}; e.g. 'default' or 'pgd20,cw,aa'")
+    raise errors.UserError(f"no attacks in {attacks!r}; e.g. 'default' or 'pgd20,cw,aa'")
   return names
 
 

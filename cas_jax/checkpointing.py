@@ -4,18 +4,24 @@
     state = checkpointing.restore_or_init(manager, state)      # resumes from the latest
     checkpointing.save(manager, state, metrics={"pgd_acc": 0.41})
 
-A checkpoint that cannot be restored (a truncated file, a missing _METADATA) is skipped when
-an older one restores, and renamed `<step>.unrestorable` (kept for inspection; Orbax ignores
-names that are not step numbers).
+A damaged checkpoint (a truncated or corrupt file, a missing _METADATA) is skipped when an
+older one restores, and renamed `<step>.unrestorable` (kept for inspection; Orbax ignores
+names that are not step numbers). Any other failure to restore stops with its cause.
 """
+import json
 import os
+import re
+import zlib
 from typing import Any, Mapping, Optional, Tuple
 
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
+from etils import epath
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+from cas_jax import errors
 
 BEST_METRIC = "pgd_acc"
 UNRESTORABLE_SUFFIX = ".unrestorable"
@@ -50,6 +56,23 @@ def save(manager: ocp.CheckpointManager, state: Any,
   manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics)
 
 
+def add_metrics(manager: ocp.CheckpointManager, step: int, metrics: Mapping[str, float]) -> None:
+  """Attach evaluation metrics to saved checkpoint `step` (one saved before its evaluation)."""
+  if not metrics:
+    return
+  manager.wait_until_finished()
+  if jax.process_index() == 0:
+    # Where and how CheckpointManager.save writes them: <step>/metrics/metrics, JSON.
+    name = ocp.checkpoint_manager.METRIC_ITEM_NAME
+    folder = epath.Path(manager.directory) / str(step) / name
+    folder.mkdir(exist_ok=True)
+    ocp.JsonCheckpointHandler(filename=name).save(
+        folder, args=ocp.args.JsonSave({k: float(v) for k, v in metrics.items()}))
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"cas_jax metrics of checkpoint {step}")
+  manager.reload()
+
+
 def restore(manager: ocp.CheckpointManager, state: Any, step: Optional[int] = None) -> Any:
   """Restore checkpoint `step` (default: the latest) into the structure and shardings of `state`."""
   step = manager.latest_step() if step is None else step
@@ -75,33 +98,90 @@ def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
   return target
 
 
+# TensorStore's status codes for files that are cut short, corrupt or gone: damage. Others
+# (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNKNOWN: an I/O error...) are not.
+DAMAGE_CODES = ("OUT_OF_RANGE:", "DATA_LOSS:", "NOT_FOUND:")
+_STATUS_CODE = re.compile(r"^[A-Z_]+: ")
+
+
+class RestoreError(RuntimeError):
+  """A checkpoint could not be read for a reason other than damage (it was left in place)."""
+
+
+def damage(manager: ocp.CheckpointManager, step: int, error: Exception) -> Optional[str]:
+  """What is damaged in checkpoint `step` (files missing, cut short, corrupt), or None."""
+  step_dir = os.path.join(str(manager.directory), str(step))
+  missing = [name for name in ("default", os.path.join("default", "_METADATA"))
+             if not os.path.exists(os.path.join(step_dir, name))]
+  if missing:
+    return f"{missing[-1]} is missing"
+  if isinstance(error, json.JSONDecodeError):
+    return f"unreadable metadata ({error})"
+  if isinstance(error, ValueError) and str(error).startswith(DAMAGE_CODES):
+    return _first_line(error)
+  return None
+
+
+def _is_config_mismatch(error: Exception) -> bool:
+  """A ValueError from Orbax or the tree utilities (shapes, structure), not from TensorStore I/O."""
+  return isinstance(error, ValueError) and not _STATUS_CODE.match(str(error))
+
+
+def _hosts_agree(value: Any) -> bool:
+  """Whether every process holds the same `value` (always true with one process)."""
+  if jax.process_count() == 1:
+    return True
+  digest = zlib.crc32(repr(value).encode()) & 0x7FFFFFFF
+  digests = multihost_utils.process_allgather(jax.numpy.asarray(digest, jax.numpy.int32))
+  return bool((digests == digests[0]).all())
+
+
 def restore_or_init(manager: ocp.CheckpointManager, state: Any) -> Any:
   """The newest checkpoint that restores into `state`'s structure, or `state` if there is none.
 
-  Newer checkpoints that fail while an older one restores are damaged: each is reported in
-  one line and renamed. If none restores, the config probably differs from the one that
-  wrote them: a ValueError says so and nothing is renamed.
+  Only damage (files missing, cut short or corrupt, on every host) is skipped: such a newer
+  checkpoint is renamed once an older one restores. A config whose train state does not fit
+  raises a UserError; any other failure (out of memory, a transient I/O error, hosts that
+  disagree) raises RestoreError with its cause, and nothing is renamed.
   """
-  failures = []
-  for step in sorted(manager.all_steps(), reverse=True):
+  damaged, steps = [], sorted(manager.all_steps(), reverse=True)
+  if not _hosts_agree(steps):
+    raise RestoreError(f"the hosts see different checkpoints in {manager.directory} (here: "
+                       f"steps {sorted(steps)}); nothing was renamed; give every host the same "
+                       "folder (a shared filesystem) and rerun")
+  for step in steps:
     try:
       restored = restore(manager, state, step)
     except Exception as error:  # pylint: disable=broad-except  (TensorStore, Orbax, OS errors)
-      failures.append((step, error))
-      continue
-    for bad_step, error in failures:
+      problem = damage(manager, step, error)
+      if not _hosts_agree(problem is not None):
+        raise RestoreError(f"checkpoint step {step} in {manager.directory}: the hosts disagree "
+                           f"on whether it is damaged (here: {problem or _first_line(error)}); "
+                           "nothing was renamed; check every host's view of the folder and "
+                           "rerun") from error
+      if problem is not None:
+        damaged.append((step, problem))
+        continue
+      if _is_config_mismatch(error):
+        raise errors.UserError(
+            f"checkpoint step {step} in {manager.directory} is whole but does not fit this "
+            f"config's train state ({_first_line(error)}); rerun with the config that wrote "
+            "it, or use a new --workdir") from error
+      raise RestoreError(f"checkpoint step {step} in {manager.directory} could not be read "
+                         f"({_first_line(error)}); it is not damaged and was left in place: "
+                         "fix the cause and rerun") from error
+    for bad_step, problem in damaged:
       target = _set_aside(manager, bad_step)
       logging.warning("Checkpoint step %d cannot be restored (%s); kept as %s. Resuming from "
-                      "step %d.", bad_step, _first_line(error), target, step)
-    if failures:
+                      "step %d.", bad_step, problem, target, step)
+    if damaged:
       manager.reload()
     return restored
-  if failures:
-    step, error = failures[0]
-    raise ValueError(
-        f"no checkpoint in {manager.directory} restores into this config's train state "
-        f"(step {step}: {_first_line(error)}); rerun with the config that wrote them, or "
-        "use a new --workdir (move a damaged checkpoint out of the folder to start over)")
+  if damaged:
+    step, problem = damaged[0]
+    raise errors.UserError(
+        f"every checkpoint in {manager.directory} is damaged (step {step}: {problem}); move "
+        "them out of the folder to start over, or use a new --workdir")
   return state
 
 
@@ -165,6 +245,9 @@ def restore_variables(workdir: str, template: Any, step: Any = "last") -> Tuple[
   try:
     restored, failure = manager.restore(chosen, args=args), None
   except ValueError as error:  # a shape mismatch; named below
+    if not _is_config_mismatch(error):  # TensorStore could not read it: not the config's fault
+      raise RestoreError(f"checkpoint step {chosen} in {directory} could not be read "
+                         f"({_first_line(error)})") from error
     restored, failure = None, error
   tree = getattr(manager.item_metadata(chosen), "tree", None)  # known once restore has read it
   saved = _shapes({name: tree.get(name, {}) for name in wanted}) if isinstance(tree, dict) else {}
@@ -176,7 +259,8 @@ def restore_variables(workdir: str, template: Any, step: Any = "last") -> Tuple[
                 if isinstance(leaf, jax.ShapeDtypeStruct)]
   if problems:
     shown = "; ".join(problems[:4]) + (f"; {len(problems) - 4} more" if problems[4:] else "")
-    raise ValueError(f"checkpoint step {chosen} in {directory} does not fit the network built "
-                     f"from the config ({shown}); set config.model (name, width, cas_stages) as "
-                     "it was trained")
+    raise errors.UserError(
+        f"checkpoint step {chosen} in {directory} does not fit the network built "
+        f"from the config ({shown}); set config.model (name, width, cas_stages) as "
+        "it was trained")
   return chosen, restored

@@ -37,8 +37,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cas_jax import attack_plan
+from cas_jax import errors
 from cas_jax import input_pipeline
 from cas_jax import loading
+from cas_jax import provenance
 from cas_jax.models import baselines
 from cas_jax import report as report_lib
 from cas_jax.attack_registry import AttackBudget, attack_names, parse_attacks
@@ -152,16 +154,16 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
   x, y = (np.asarray(a) for a in engine.check_images_and_labels(x, y))
   engine.check_eps(eps)
   if y.size == 0:
-    raise ValueError("no images to evaluate: x and y are empty")
+    raise errors.UserError("no images to evaluate: x and y are empty")
   if int(batch_size) != batch_size or batch_size < 1:
-    raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    raise errors.UserError(f"batch_size={batch_size!r} must be a positive integer")
   indices = np.arange(y.size) if indices is None else np.asarray(indices, np.int64)
   if indices.shape != y.shape:
-    raise ValueError(f"indices {indices.shape} must give one global index per image {y.shape}")
+    raise errors.UserError(f"indices {indices.shape} must give one global index per image {y.shape}")
   budget = budget or AttackBudget()
   specs, notes = parse_attacks(attacks, eps=eps, has_cas=_has_cas_heads(apply_fn, x))
   if source_fn is None and any(s.method.startswith("transfer") for s in specs):
-    raise ValueError("transfer attacks need the source model: pass source_fn= (or set "
+    raise errors.UserError("transfer attacks need the source model: pass source_fn= (or set "
                      "config.eval.transfer_checkpoint)")
   model_fns = tuple(engine.as_partial(f) for f in (apply_fn, source_fn, random_apply_fn))
   draws = budget.verdict_draws if random_apply_fn is not None else 0
@@ -338,6 +340,9 @@ def evaluate_workdir(config, workdir: str) -> Dict[str, report_lib.Report]:
           progress=evaluation.get("progress", True),
           random_apply_fn=baselines.bind_random(model, variables) if randomized else None)
       by_step[step] = report
+    report.provenance = provenance.for_report(
+        config, None if evaluation.get("torch_checkpoint") else workdir)
+    report.provenance_line = provenance.summary_line(report.provenance)
     reports[label] = report
     if not writes:
       continue

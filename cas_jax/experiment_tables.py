@@ -2,14 +2,18 @@
 
     write_outputs(result, workdir, plot_beta=True)   # result: experiments.run_experiment's dict
 
-A result holds one row per (setting, checkpoint) with every attack's accuracy, the worst case,
-the paper's figures where known and the setting's training and evaluation times.
+A result holds one row per (setting, checkpoint) with every attack's accuracy (the mean over
+seeds, each seed kept in row["per_seed"]), the per-image verdicts of every seed, the worst
+case, the paper's figures where known and the setting's training and evaluation times.
+Each row with a twin is compared with it by cas_jax/statistics.py (paired bootstrap CI and
+exact McNemar per seed) under every attack and the worst case.
 """
 import json
 import os
-from typing import Dict, List
+from typing import Dict, Iterator, List, Tuple
 
 from cas_jax import report as report_lib
+from cas_jax import statistics
 
 PAPER_ATTACKS = ("fgsm", "pgd20", "cw")  # the paper's white-box columns, in its order
 WORST = report_lib.WORST_CASE
@@ -28,15 +32,19 @@ def _points(row: dict, name: str) -> float:
   return 100 * row["accuracy"][name]
 
 
-def twin_comparisons(rows: List[dict]) -> List[str]:
-  """One line per row with a twin (a CAS row's: the row without CAS): its gain per attack."""
+def twin_pairs(rows: List[dict]) -> Iterator[Tuple[dict, dict, List[str]]]:
+  """(row, its twin at the same checkpoint, the columns both have) of every row with a twin."""
   by_key = {(r["setting"], r["checkpoint"]): r for r in rows}
-  lines = []
   for row in rows:
     twin = by_key.get((row["twin"], row["checkpoint"]))
-    if twin is None:
-      continue
-    shared = [n for n in attack_columns([row]) if n in twin["accuracy"]]
+    if twin is not None:
+      yield row, twin, [n for n in attack_columns([row]) if n in twin["accuracy"]]
+
+
+def twin_comparisons(rows: List[dict]) -> List[str]:
+  """One line per row with a twin (a CAS row's: the row without CAS): its gain per attack."""
+  lines = []
+  for row, twin, shared in twin_pairs(rows):
     gains = {n: _points(row, n) - _points(twin, n) for n in shared}
     paper = [n for n in PAPER_ATTACKS if n in gains]
     better = [n for n in paper if gains[n] > 0]
@@ -48,6 +56,33 @@ def twin_comparisons(rows: List[dict]) -> List[str]:
         f"Better under the paper's attacks ({', '.join(paper) or 'none run'}): {verdict}; "
         f"under the worst case: {'yes' if gains[WORST] > 0 else 'no'}.")
   return lines
+
+
+def twin_statistics(rows: List[dict], resamples: int = statistics.RESAMPLES) -> List[dict]:
+  """statistics.compare of each row against its twin, per shared column (JSON-ready)."""
+  results = []
+  for row, twin, names in twin_pairs(rows):
+    for result in statistics.compare_rows(row, twin, names, resamples=resamples):
+      results.append({"setting": row["setting"], "label": row["label"], "twin": twin["setting"],
+                      "twin_label": twin["label"], "checkpoint": row["checkpoint"], **result})
+  return results
+
+
+def statistics_lines(results: List[dict]) -> List[str]:
+  """The markdown section of the paired statistics: one sentence per row, twin and attack."""
+  if not results:
+    return []
+  lines = ["## Is the difference significant? (paired bootstrap 95% CI, exact McNemar)", "",
+           "Difference of accuracy, row minus twin, on the same images; interval from "
+           "10,000 paired bootstrap resamples of the images (seeds pooled); McNemar: exact "
+           "binomial test on the images only one of the two gets right, per seed. "
+           "Significant at 5% = the interval excludes 0. An attack shown as `<= x` ran only "
+           "on the images earlier attacks left standing: its test compares upper bounds; the "
+           "worst case is exact.", ""]
+  for result in results:
+    lines.append(f"- ({result['checkpoint']} checkpoint) " + statistics.sentence(
+        result["label"], result["twin_label"], result["name"], result))
+  return lines + [""]
 
 
 def markdown(result: dict) -> str:
@@ -63,7 +98,10 @@ def markdown(result: dict) -> str:
       "attacks on CAS models are adaptive (joint loss of the main and CAS heads). The worst "
       "case counts an image as robust only if it is correct and every attack at that eps "
       "failed on it. `<= x`: an upper bound (the attack ran only on the images that earlier "
-      "attacks left standing). Accuracy in %; train: summed epoch times of metrics.jsonl.", "",
+      "attacks left standing). Accuracy in %"
+      + (f", mean ± standard deviation over {result['seeds']} seeds (every seed in the JSON)"
+         if result.get("seeds", 1) > 1 else "")
+      + "; train: summed epoch times of metrics.jsonl (all seeds).", "",
       "| setting | checkpoint | " + " | ".join(c.replace("_", " ") for c in columns)
       + " | epochs | train (s) | eval (s) |",
       "|---|---|" + "---|" * (len(columns) + 3)]
@@ -82,7 +120,10 @@ def markdown(result: dict) -> str:
   lines.append("")
   comparisons = twin_comparisons(rows)
   if comparisons:
-    lines += ["## Each row against its twin (CAS or a baseline against plain training; bfloat16 against float32)", ""] + [f"- {c}" for c in comparisons] + [""]
+    lines += ["## Each row against its twin (CAS or a baseline against plain training; "
+              "bfloat16 against float32)", ""] + [f"- {c}" for c in comparisons] + [""]
+  stats = result.get("statistics")
+  lines += statistics_lines(twin_statistics(rows) if stats is None else stats)
   with_paper = [r for r in rows if r["paper"]]
   if with_paper:
     names = list(with_paper[0]["paper"])
@@ -133,6 +174,7 @@ def write_outputs(result: dict, workdir: str, plot_beta_png: bool = False) -> Di
   os.makedirs(workdir, exist_ok=True)
   base = os.path.join(workdir, result["experiment"])
   paths = {"md": base + ".md", "json": base + ".json"}
+  result.setdefault("statistics", twin_statistics(result["rows"]))
   with open(paths["md"], "w") as f:
     f.write(markdown(result))
   with open(paths["json"], "w") as f:

@@ -7,17 +7,21 @@
 
 A setting is the base config (--config, default the packaged cifar10_at_cas, with every
 --config.x=v override: dataset, width, epochs, data source, eval budgets...) plus the few
-fields the setting changes (the EXPERIMENTS table below). Each trains in W/<setting>/ with
+fields the setting changes (the EXPERIMENTS table below). Each trains in W/<setting>/ (with
+--seeds=K: K times, in W/<setting>/seed<k>/ with config.seed + k) with
 `train.train_and_evaluate` (skipped once the final epoch's checkpoint exists; a stopped run
-resumes from its latest checkpoint), is evaluated by `evaluate.evaluate_workdir` with one
-attack list for all (default: the report's default set plus FGSM, the last checkpoint;
-cached in W/<setting>/experiment_eval.json and reused while the request is unchanged), and
-the driver writes W/NAME.md, W/NAME.json (and W/fig8.png): every attack's accuracy beside the
-per-image worst case, the CAS rows against their plain twins, and the paper's figures where
-the paper text gives them. Settings run one after the other in one process (single host).
+resumes from its latest checkpoint). A folder is reused only when its recorded config.json
+trains the same model; otherwise the driver names the fields that differ and stops before
+any training (--retrain: the old folder is renamed and the setting trained again). Each is
+evaluated by `evaluate.evaluate_workdir` with one attack list for all (default: the report's
+default set plus FGSM, the last checkpoint; cached in <folder>/experiment_eval.json, keyed
+on the whole config and the checkpoints' identity), and the driver writes W/NAME.md,
+W/NAME.json (and W/fig8.png): every attack's accuracy (mean ± std over seeds) beside the
+per-image worst case, each CAS row against its plain twin with a 95% paired-bootstrap
+interval and exact McNemar tests (cas_jax/statistics.py), and the paper's figures where the
+paper text gives them. Settings run one after the other in one process (single host).
 """
 import dataclasses
-import json
 import os
 import shlex
 import sys
@@ -30,15 +34,14 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-from cas_jax import checkpointing
 from cas_jax import cli
 from cas_jax import configs
-from cas_jax import evaluate
+from cas_jax import errors
+from cas_jax import experiment_runs
 from cas_jax import experiment_tables
-from cas_jax import input_pipeline
-from cas_jax import metric_writers
+from cas_jax import models
 from cas_jax import preemption
-from cas_jax import report as report_lib
+from cas_jax import provenance
 from cas_jax import train
 from cas_jax.configs import default
 
@@ -165,6 +168,8 @@ def setting_fields(experiment: Experiment, setting: Setting,
     names = (OBJECTIVE_FIELDS if setting.objective else ()) + (
         MODEL_FIELDS if experiment.model else ())
     fields.update({name: _get(paper, name) for name in names})
+    if experiment.model and not models.accepts(experiment.model, "width"):
+      fields["model.width"] = 0  # the name fixes the width (WRN-34-10): the base's is void
   if setting.cas is not None:
     fields["model.cas_stages"] = "default" if setting.cas else "none"
   fields.update(setting.overrides)
@@ -174,13 +179,13 @@ def setting_fields(experiment: Experiment, setting: Setting,
 def select_settings(name: str, only: Optional[Sequence[str]] = None) -> Tuple[Setting, ...]:
   """The experiment's settings, or those named in `only` (in the table's order)."""
   if name not in EXPERIMENTS:
-    raise ValueError(f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)}")
+    raise errors.UserError(f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)}")
   settings = EXPERIMENTS[name].settings
   if only:
     unknown = set(only) - {s.name for s in settings}
     if unknown:
-      raise ValueError(f"{name} has no setting {', '.join(sorted(unknown))}; valid: "
-                       f"{', '.join(s.name for s in settings)}")
+      raise errors.UserError(f"{name} has no setting {', '.join(sorted(unknown))}; valid: "
+                              f"{', '.join(s.name for s in settings)}")
     settings = tuple(s for s in settings if s.name in only)
   return settings
 
@@ -196,8 +201,8 @@ def setting_config(name: str, setting: Setting, base: ml_collections.ConfigDict,
   fields = setting_fields(EXPERIMENTS[name], setting, base)
   clash = sorted(command_line & set(fields))
   if clash:
-    raise ValueError(f"--config.{clash[0]} is what {name} sets per setting ({setting.name}); "
-                     "drop it (choose rows with --settings=...)")
+    raise errors.UserError(f"--config.{clash[0]} is what {name} sets per setting ({setting.name}); "
+                            "drop it (choose rows with --settings=...)")
   config = base.copy_and_resolve_references()
   changes = {**EVAL_DEFAULTS, "eval.attacks": EXPERIMENTS[name].attacks, **fields}
   config.update_from_flattened_dict({p: v for p, v in changes.items() if p not in command_line})
@@ -210,104 +215,63 @@ def setting_config(name: str, setting: Setting, base: ml_collections.ConfigDict,
 # ----------------------------------------------------------------------------- runs
 
 
-def is_trained(config: ml_collections.ConfigDict, workdir: str) -> bool:
-  """Whether workdir holds the checkpoint of config's final epoch."""
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    return False
-  manager = checkpointing.create_manager(workdir, async_save=False)
-  latest = manager.latest_step()
-  manager.close()
-  if latest is None:
-    return False
-  steps_per_epoch = input_pipeline.create_dataset(config).steps_per_epoch
-  return latest >= config.schedule.num_epochs * steps_per_epoch
-
-
-def _latest_step(workdir: str) -> Optional[int]:
-  manager = checkpointing.create_manager(workdir, async_save=False)
-  step = manager.latest_step()
-  manager.close()
-  return step
-
-
-def _eval_request(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Everything an evaluation depends on, as JSON data (a cached result is reused if equal)."""
-  request = {"eval": config.eval.to_dict(), "data": config.data.to_dict(),
-             "model": config.model.to_dict(), "seed": config.seed, "beta": config.loss.beta,
-             "step": _latest_step(workdir)}
-  return json.loads(json.dumps(request))
-
-
-def evaluate_setting(config: ml_collections.ConfigDict,
-                     workdir: str) -> Dict[str, report_lib.Report]:
-  """{checkpoint label: Report} of workdir, from the cache if it answers the same request."""
-  path = os.path.join(workdir, "experiment_eval.json")
-  request = _eval_request(config, workdir)
-  if os.path.isfile(path):
-    with open(path) as f:
-      cached = json.load(f)
-    if cached["request"] == request:
-      logging.info("Reusing the evaluation in %s", path)
-      return {label: report_lib.Report.from_json(json.dumps(data))
-              for label, data in cached["reports"].items()}
-  reports = evaluate.evaluate_workdir(config, workdir)
-  with open(path, "w") as f:
-    json.dump({"request": request,
-               "reports": {label: json.loads(r.to_json()) for label, r in reports.items()}}, f)
-  return reports
-
-
-def _training_summary(workdir: str) -> Dict[str, float]:
-  """Epochs trained and the summed epoch times of workdir/metrics.jsonl."""
-  epochs, seconds = 0, 0.0
-  path = os.path.join(workdir, metric_writers.METRICS_FILE)
-  if os.path.isfile(path):
-    with open(path) as f:
-      lines = [line for line in f if metric_writers.row_step(line) is not None]  # whole rows
-    for row in map(json.loads, lines):
-      if row.get("epoch") is not None:
-        epochs = max(epochs, int(row["epoch"]))
-        seconds += row.get("epoch_time_s") or 0.0
-  return {"epochs": epochs, "train_seconds": seconds}
-
-
-def _row(setting: Setting, config, fields: dict, label: str, report: report_lib.Report,
-         workdir: str) -> dict:
-  names = [report_lib.NATURAL, *report.attacks, report_lib.WORST_CASE]
-  beta = config.loss.beta if config.model.cas_stages != "none" else 0.0
-  return {"setting": setting.name, "label": setting.label, "checkpoint": label,
-          "twin": setting.twin, "fields": fields, "beta": beta, "workdir": workdir,
-          "num_images": report.num_images, "eps": report.eps,
-          "accuracy": {n: report.accuracy(n) for n in names},
-          "figure": {n: report.figure(n) for n in names},
-          "descriptions": {n: info["description"] for n, info in report.attacks.items()},
-          "paper": dict(setting.paper), "sanity": report.sanity,
-          "eval_seconds": sum(report.seconds.values()), **_training_summary(workdir)}
+def seed_workdirs(workdir: str, setting: Setting, config: ml_collections.ConfigDict,
+                  seeds: int) -> Dict[int, str]:
+  """{seed: folder}: W/<setting> for one seed, W/<setting>/seed<k> (seed + k) for several."""
+  folder = os.path.join(workdir, setting.name)
+  if seeds == 1:
+    return {config.seed: folder}
+  return {config.seed + k: os.path.join(folder, f"seed{k}") for k in range(seeds)}
 
 
 def run_experiment(name: str, base: ml_collections.ConfigDict, workdir: str,
                    command_line: Iterable[str] = (), only: Optional[Sequence[str]] = None,
-                   command: str = "") -> dict:
-  """Train (unless finished) and evaluate every setting of `name`; write W/NAME.md/.json(/.png)."""
+                   command: str = "", seeds: int = 1, retrain: bool = False) -> dict:
+  """Train (unless finished) and evaluate every setting of `name` `seeds` times; write the table.
+
+  A setting's folder that holds a model of another config stops the run before any training
+  (retrain=True: it is renamed and trained again).
+  """
+  if seeds < 1:
+    raise errors.UserError(f"--seeds={seeds}; use an integer >= 1")
   settings = select_settings(name, only)
   command_line = set(command_line)
-  # Every config is built and validated before the first (possibly hours-long) training.
+  # Every config is built, validated and checked against its folder before the first
+  # (possibly hours-long) training.
   setting_configs = {s.name: setting_config(name, s, base, command_line) for s in settings}
+  runs = {}
+  for setting in settings:
+    for seed, folder in seed_workdirs(workdir, setting, setting_configs[setting.name], seeds).items():
+      seeded = setting_configs[setting.name].copy_and_resolve_references()
+      seeded.seed = seed
+      runs.setdefault(setting.name, []).append((seed, seeded, folder))
+  for _, config, folder in (run for group in runs.values() for run in group):
+    experiment_runs.check_reusable(config, folder, retrain)  # after every config is valid
   rows = []
   for setting in settings:
-    config, setting_dir = setting_configs[setting.name], os.path.join(workdir, setting.name)
-    if is_trained(config, setting_dir):
-      logging.info("%s: trained (final checkpoint in %s)", setting.name, setting_dir)
-    else:
-      logging.info("%s: training in %s", setting.name, setting_dir)
-      train.train_and_evaluate(config, setting_dir)
-    for label, report in evaluate_setting(config, setting_dir).items():
-      rows.append(_row(setting, config, setting_fields(EXPERIMENTS[name], setting, base), label,
-                       report, setting_dir))
+    reports: Dict[str, list] = {}
+    for seed, config, folder in runs[setting.name]:
+      if experiment_runs.is_trained(config, folder):
+        logging.info("%s seed %d: trained (final checkpoint in %s)", setting.name, seed, folder)
+      else:
+        logging.info("%s seed %d: training in %s", setting.name, seed, folder)
+        train.train_and_evaluate(config, folder)
+      for label, report in experiment_runs.evaluate_setting(config, folder).items():
+        reports.setdefault(label, []).append(report)
+    config = runs[setting.name][0][1]
+    info = {"setting": setting.name, "label": setting.label, "twin": setting.twin,
+            "fields": setting_fields(EXPERIMENTS[name], setting, base),
+            "beta": config.loss.beta if config.model.cas_stages != "none" else 0.0,
+            "paper": dict(setting.paper)}
+    for label, per_seed in reports.items():
+      rows.append(experiment_runs.setting_row(info, label, per_seed,
+                                              [seed for seed, _, _ in runs[setting.name]],
+                                              [folder for _, _, folder in runs[setting.name]]))
   devices = jax.devices()
   result = {"experiment": name, "title": EXPERIMENTS[name].title, "command": command,
-            "devices": f"{len(devices)} x {devices[0].device_kind}",
-            "overrides": sorted(command_line), "rows": rows}
+            "devices": f"{len(devices)} x {devices[0].device_kind}", "seeds": seeds,
+            "overrides": sorted(command_line), "provenance": provenance.provenance(base),
+            "rows": rows}
   experiment_tables.write_outputs(result, workdir, plot_beta_png=EXPERIMENTS[name].plot_beta)
   return result
 
@@ -325,6 +289,9 @@ def _define_flags():
   flags.DEFINE_string("workdir", None, "Each setting trains in <workdir>/<setting>/.")
   flags.DEFINE_list("settings", None, "Run only these settings of the experiment (row names).")
   flags.DEFINE_bool("dry_run", False, "Print every setting's config changes; train nothing.")
+  flags.DEFINE_integer("seeds", 1, "Train every setting this many times (seed folders).")
+  flags.DEFINE_bool("retrain", False, "Train again a setting whose folder holds another "
+                    "config's model (the old folder is renamed, not deleted).")
   flags.mark_flags_as_required(["workdir"])
 
 
@@ -336,17 +303,16 @@ def main(argv: List[str]) -> None:
   name, overrides = argv[1], config_flags.get_override_values(FLAGS["config"])
   command = shlex.join(["python", "-m", "cas_jax.experiments", *sys.argv[1:]])
   try:
-    if FLAGS.dry_run:
-      for setting in select_settings(name, FLAGS.settings):
-        config = setting_config(name, setting, FLAGS.config, overrides)
-        changes = setting_fields(EXPERIMENTS[name], setting, FLAGS.config)
-        print(f"{setting.name} ({setting.label}): {changes}; {config.schedule.num_epochs} "
-              f"epochs; eval {config.eval.attacks} on {config.eval.checkpoints}")
-      return
-    run_experiment(name, FLAGS.config, FLAGS.workdir, overrides, FLAGS.settings, command=command)
-  except (ValueError, FileNotFoundError) as error:
-    logging.debug("Traceback of the error below:", exc_info=True)
-    sys.exit(f"error: {error}")
+    with errors.exit_on_user_error():  # a bug of ours keeps its traceback
+      if FLAGS.dry_run:
+        for setting in select_settings(name, FLAGS.settings):
+          config = setting_config(name, setting, FLAGS.config, overrides)
+          changes = setting_fields(EXPERIMENTS[name], setting, FLAGS.config)
+          print(f"{setting.name} ({setting.label}): {changes}; {config.schedule.num_epochs} "
+                f"epochs; eval {config.eval.attacks} on {config.eval.checkpoints}")
+        return
+      run_experiment(name, FLAGS.config, FLAGS.workdir, overrides, FLAGS.settings,
+                     command=command, seeds=FLAGS.seeds, retrain=FLAGS.retrain)
   except preemption.Stopped as stopped:  # the setting in training saved its checkpoint
     print(f"{stopped}; rerun the same command to resume: {command}", file=sys.stderr)
     sys.exit(stopped.exit_status)

@@ -26,6 +26,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from cas_jax import errors
+
 Arrays = Tuple[np.ndarray, np.ndarray]  # (images uint8 (N, H, W, C), labels int32 (N,))
 Batch = Dict[str, np.ndarray]
 
@@ -75,7 +77,7 @@ def _read_cifar_pickle(path: str, label_key: str) -> Arrays:
 def load_cifar_dir(path: str, dataset: str = "cifar10") -> Tuple[Arrays, Arrays]:
   """(train, test) arrays from the official CIFAR-10/100 python-pickle folder at `path`."""
   if dataset not in _CIFAR_FILES:
-    raise ValueError(f"source='cifar_dir' reads cifar10 or cifar100, not dataset={dataset!r}")
+    raise errors.UserError(f"source='cifar_dir' reads cifar10 or cifar100, not dataset={dataset!r}")
   if not path:
     raise _cifar_missing(path, dataset, "source='cifar_dir' needs a folder")
   if not os.path.isdir(path):
@@ -93,9 +95,9 @@ def load_cifar_dir(path: str, dataset: str = "cifar10") -> Tuple[Arrays, Arrays]
       try:
         parts.append(_read_cifar_pickle(file_path, label_key))
       except (EOFError, pickle.UnpicklingError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(
-            f"{file_path} is damaged or not a CIFAR python pickle ({type(error).__name__}); "
-            f"download and extract {_CIFAR_URLS[dataset]} again") from None
+        raise errors.UserError(
+                   f"{file_path} is damaged or not a CIFAR python pickle ({type(error).__name__}); "
+                   f"download and extract {_CIFAR_URLS[dataset]} again") from None
     splits.append((np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])))
   return splits[0], splits[1]
 
@@ -199,8 +201,8 @@ class Dataset:
 
   def __post_init__(self):
     if self.steps_per_epoch == 0:
-      raise ValueError(f"batch_size={self.batch_size} is larger than the {self.num_train} "
-                       "training images; lower --config.batch_size.")
+      raise errors.UserError(f"batch_size={self.batch_size} is larger than the {self.num_train} "
+                              "training images; lower --config.batch_size.")
     self._host_slice(self.batch_size, "batch_size")
     self._host_slice(self.eval_batch_size, "eval_batch_size")
 
@@ -219,13 +221,13 @@ class Dataset:
   def _host_slice(self, global_size: int, name: str) -> slice:
     """This process's contiguous part of a global batch of `global_size` examples."""
     if global_size <= 0 or global_size % self.process_count:
-      raise ValueError(f"{name}={global_size} must be a positive multiple of the "
-                       f"{self.process_count} processes.")
+      raise errors.UserError(f"{name}={global_size} must be a positive multiple of the "
+                              f"{self.process_count} processes.")
     host_size = global_size // self.process_count
     if host_size % self.local_device_count:
-      raise ValueError(f"{name}={global_size} gives {host_size} examples per process, not "
-                       f"divisible by its {self.local_device_count} local devices; use a "
-                       f"multiple of {self.process_count * self.local_device_count}.")
+      raise errors.UserError(f"{name}={global_size} gives {host_size} examples per process, not "
+                              f"divisible by its {self.local_device_count} local devices; use a "
+                              f"multiple of {self.process_count * self.local_device_count}.")
     return slice(self.process_index * host_size, (self.process_index + 1) * host_size)
 
   def epoch_draws(self, epoch: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -278,7 +280,8 @@ def _image_shape(image_size) -> Tuple[int, int, int]:
   if len(shape) == 2:
     shape += (3,)
   if len(shape) != 3:
-    raise ValueError(f"data.image_size={image_size!r}: give an int or (height, width, channels)")
+    raise errors.UserError(
+        f"data.image_size={image_size!r}: give an int or (height, width, channels)")
   return shape
 
 
@@ -294,7 +297,7 @@ def create_dataset(config, *, process_index: Optional[int] = None,
   get = lambda name, default: default if data.get(name, None) is None else data.get(name)
   source, name = get("source", "tfds"), get("dataset", "cifar10")
   if source not in SOURCES:
-    raise ValueError(f"config.data.source={source!r}; valid: {', '.join(SOURCES)}")
+    raise errors.UserError(f"config.data.source={source!r}; valid: {', '.join(SOURCES)}")
   num_train, num_test = get("num_train", 0), get("num_test", 0)
   if source == "synthetic":
     num_classes = get("num_classes", 10)
@@ -303,7 +306,7 @@ def create_dataset(config, *, process_index: Optional[int] = None,
                                  _image_shape(data.get("image_size", None)))
   else:
     if name not in NUM_CLASSES:
-      raise ValueError(f"config.data.dataset={name!r}; valid: {', '.join(NUM_CLASSES)}")
+      raise errors.UserError(f"config.data.dataset={name!r}; valid: {', '.join(NUM_CLASSES)}")
     num_classes = NUM_CLASSES[name]
     if source == "cifar_dir":
       train, test = load_cifar_dir(get("cifar_dir", ""), name)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cas_jax import errors
 from cas_jax import models
 
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
@@ -164,10 +165,10 @@ def from_torch_state_dict(name: str, state_dict: Mapping[str, Any], num_classes:
     if mismatched:
       problems.append(f"shape mismatches: {_listed(mismatched)}")
     shown = ", ".join(f"{k}={v!r}" for k, v in options.items())
-    raise ValueError(
-        f"state_dict does not match {name} (num_classes={num_classes}"
-        f"{', ' + shown if shown else ''}): {'; '.join(problems)}. Pass the options (width, "
-        "depth, widen_factor, cas_stages) the checkpoint was trained with.")
+    raise errors.UserError(
+               f"state_dict does not match {name} (num_classes={num_classes}"
+               f"{', ' + shown if shown else ''}): {'; '.join(problems)}. Pass the options (width, "
+               "depth, widen_factor, cas_stages) the checkpoint was trained with.")
   treedef = jax.tree_util.tree_structure(abstract)
   return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(a) for a in leaves])
 
@@ -194,6 +195,6 @@ def load_torch_checkpoint(name: str, path: str, num_classes: int = 10,
       checkpoint = checkpoint[wrapper]
       break
   if not isinstance(checkpoint, Mapping):
-    raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state_dict; save "
-                     "model.state_dict() (a whole pickled module is not supported).")
+    raise errors.UserError(f"{path} holds a {type(checkpoint).__name__}, not a state_dict; save "
+                            "model.state_dict() (a whole pickled module is not supported).")
   return from_torch_state_dict(name, checkpoint, num_classes=num_classes, **options)

@@ -15,6 +15,7 @@ from absl import logging
 import flax.linen as nn
 
 from cas_jax import checkpointing
+from cas_jax import errors
 from cas_jax import interop
 from cas_jax import models
 
@@ -60,8 +61,8 @@ def checkpoint_names(value: Any) -> List[str]:
   """The checkpoints named by config.eval.checkpoints ('last', 'best' or 'last,best')."""
   which = [w.strip() for w in str(value).split(",") if w.strip()]
   if not which or set(which) - set(CHECKPOINT_CHOICES):
-    raise ValueError(f"config.eval.checkpoints={value!r}; use a comma-separated subset of "
-                     f"{', '.join(CHECKPOINT_CHOICES)}, e.g. 'last,best'")
+    raise errors.UserError(f"config.eval.checkpoints={value!r}; use a comma-separated subset of "
+                            f"{', '.join(CHECKPOINT_CHOICES)}, e.g. 'last,best'")
   return which
 
 

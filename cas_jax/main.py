@@ -29,7 +29,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  """Dispatch to training or evaluation; configuration mistakes end with one error line."""
+  """Dispatch to training or evaluation; the user's mistakes (errors.UserError) end in one line."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if FLAGS.verbosity <= 0:  # --verbosity=1 shows every library's INFO lines
@@ -44,18 +44,20 @@ def main(argv):
   # Imported here so that --help stays fast.
   from cas_jax import train  # pylint: disable=g-import-not-at-top
   from cas_jax import preemption  # pylint: disable=g-import-not-at-top
+  from cas_jax import errors  # pylint: disable=g-import-not-at-top
+  from cas_jax import models  # pylint: disable=g-import-not-at-top
   try:
-    if FLAGS.mode == "train":
-      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    elif FLAGS.mode == "analyze":
-      from cas_jax import analysis  # pylint: disable=g-import-not-at-top
-      analysis.analyze_workdir(FLAGS.config, FLAGS.workdir)
-    else:
-      from cas_jax import evaluate  # pylint: disable=g-import-not-at-top
-      evaluate.evaluate_workdir(FLAGS.config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError) as error:
-    logging.debug("Traceback of the error below:", exc_info=True)  # shown with --verbosity=1
-    sys.exit(f"error: {error}")
+    with errors.exit_on_user_error():  # a bug of ours (any other error) keeps its traceback
+      # The network's name and options, before any data is read (training checks them too).
+      models.from_config(FLAGS.config, FLAGS.config.data.num_classes)
+      if FLAGS.mode == "train":
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+      elif FLAGS.mode == "analyze":
+        from cas_jax import analysis  # pylint: disable=g-import-not-at-top
+        analysis.analyze_workdir(FLAGS.config, FLAGS.workdir)
+      else:
+        from cas_jax import evaluate  # pylint: disable=g-import-not-at-top
+        evaluate.evaluate_workdir(FLAGS.config, FLAGS.workdir)
   except preemption.Stopped as stopped:
     # Exit status 128 + signal number, as if the signal had ended the process: schedulers
     # then see a preempted job (to requeue), not a finished one.

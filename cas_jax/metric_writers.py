@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from tensorboardX import SummaryWriter
 
+from cas_jax import errors
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -26,8 +28,9 @@ def check_workdir(workdir: str) -> None:
     with tempfile.TemporaryFile(dir=workdir):
       pass
   except OSError as error:
-    raise ValueError(f"cannot write to --workdir={workdir} ({error.strerror or error}); pass a "
-                     "folder you can write to") from None
+    raise errors.UserError(
+        f"cannot write to --workdir={workdir} ({error.strerror or error}); pass a "
+        "folder you can write to") from None
 
 
 def row_step(line: str) -> Optional[int]:

@@ -56,6 +56,10 @@ class Report:
   # attack -> (N,) bool: attacked, but left standing by a stage it shares with another attack
   # that had broken the image first (FAB-T and Square of aa and aa-joint): an upper bound there.
   cut_short: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  # What produced the report: versions, commit, devices, the config and the training runs
+  # (cas_jax/provenance.py: for_report); summary_line(...) is printed under the title.
+  provenance: Dict[str, object] = dataclasses.field(default_factory=dict)
+  provenance_line: str = ""
 
   @property
   def num_images(self) -> int:
@@ -114,6 +118,8 @@ class Report:
   def markdown(self) -> str:
     """The title, the table, the sanity report under it, then notes and timings."""
     lines = [f"# {self.title}", ""]
+    if self.provenance_line:
+      lines += [self.provenance_line, ""]
     if self.draws:
       lines += [f"Randomized model: every verdict is the majority over {self.draws} fresh draws "
                 "(an image counts as correct when more than half of them classify it "
@@ -144,8 +150,9 @@ class Report:
         "seconds": self.seconds, "draws": self.draws, "natural_mean": self.natural_mean,
         "costs": self.costs,
         "cut_short": {name: as_list(v) for name, v in self.cut_short.items()},
+        "provenance": self.provenance, "provenance_line": self.provenance_line,
     }
-    return json.dumps(data, indent=1)
+    return json.dumps(data, indent=1, default=str)
 
   @classmethod
   def from_json(cls, text: str) -> "Report":
@@ -158,7 +165,9 @@ class Report:
                attacks=data["attacks"], sanity=data["sanity"], notes=data["notes"],
                seconds=data["seconds"], title=data["title"], draws=data.get("draws", 0),
                natural_mean=data.get("natural_mean"), costs=data.get("costs", {}),
-               cut_short={k: as_array(v) for k, v in data.get("cut_short", {}).items()})
+               cut_short={k: as_array(v) for k, v in data.get("cut_short", {}).items()},
+               provenance=data.get("provenance", {}),
+               provenance_line=data.get("provenance_line", ""))
 
 
 def assemble_costs(unit_costs: Dict[str, dict], steps, natural_rows: int) -> Dict[str, dict]:

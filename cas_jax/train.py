@@ -10,7 +10,7 @@ every device (a 1-D mesh, batch sharded on "data"), evaluates, logs and checkpoi
 import functools
 import math
 import time
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from absl import logging
 import jax
@@ -22,20 +22,20 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import tqdm
 
 from cas_jax import checkpointing
+from cas_jax import errors
 from cas_jax import evaluate
 from cas_jax import input_pipeline
 from cas_jax import losses
 from cas_jax import metric_writers
 from cas_jax import models
 from cas_jax import preemption
+from cas_jax import provenance
 from cas_jax.models import baselines
 from cas_jax.attacks import engine
 
 OBJECTIVES = ("natural", "at", "trades", "mart")
 BATCH_NORM_MODES = ("running", "batch")
 FINITE = "state_finite"  # train_step's flag: every parameter and statistic is finite
-# fold_in tag of the SAP networks' draws (separate from the attacks' per-example streams).
-_SAP_TAG = 0x5A9
 DTYPES = models.DTYPES
 
 
@@ -45,10 +45,10 @@ class TrainState(train_state.TrainState):
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raise one ValueError naming the fix for a config that cannot train."""
+  """Raise one UserError naming the fix for a config that cannot train."""
   def check(ok, message):
     if not ok:
-      raise ValueError(message)
+      raise errors.UserError(message)
   for name, value, low in [
       ("batch_size", config.batch_size, 1), ("eval_batch_size", config.eval_batch_size, 1),
       ("schedule.num_epochs", config.schedule.num_epochs, 1),
@@ -81,11 +81,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"{config.loss.objective!r}")
   check(config.model.dtype in DTYPES,
         f"model.dtype={config.model.dtype!r}; valid: {', '.join(DTYPES)}")
+  models.from_config(config, config.data.num_classes)  # name, width, CAS stages: before any data
   for name in ("attack", "eval"):
     try:
       engine.check_eps(config[name].eps)
-    except ValueError as error:
-      raise ValueError(f"config.{name}.{error}") from None
+    except ValueError as error:  # engine (cas_jax/attacks) raises plain ValueErrors
+      raise errors.UserError(f"config.{name}.{error}") from None
   devices = jax.device_count()
   for name in ("batch_size", "eval_batch_size"):
     check(config[name] % devices == 0,
@@ -143,13 +144,25 @@ def attack_model_fn(state: TrainState, batch_norm: str = "running", sap_key=None
                                   mutable=["batch_stats"], rngs=rngs)[0]
 
 
+def step_keys(rng: jax.Array, step) -> Dict[str, jax.Array]:
+  """The step's three independent streams: the attack's, and the SAP draws of the attack and update.
+
+  The attack folds its key with each example's index 0..n-1, so no other stream may be a
+  fold_in of that same key: split(k)[i] IS fold_in(k, i) under JAX's partitionable threefry.
+  """
+  attack, sap_attack, sap_update = jax.random.split(jax.random.fold_in(rng, step), 3)
+  return {"attack": attack, "sap_attack": sap_attack, "sap_update": sap_update}
+
+
 def craft_training_adversaries(state: TrainState, x: jax.Array, y: jax.Array, key: jax.Array,
-                               config: ml_collections.ConfigDict) -> jax.Array:
+                               config: ml_collections.ConfigDict,
+                               sap_key: Optional[jax.Array] = None) -> jax.Array:
   """The objective's training adversaries (joint CE for AT / MART, joint KL for TRADES).
 
-  A SAP network is attacked through one draw (the whole attack sees the same pruning).
+  key: the per-example start keys' parent; sap_key: the one draw a SAP network is attacked
+  through (the whole attack sees the same pruning; needed by SAP networks only).
   """
-  model_fn = attack_model_fn(state, config.attack.batch_norm, jax.random.fold_in(key, _SAP_TAG))
+  model_fn = attack_model_fn(state, config.attack.batch_norm, sap_key)
   beta = config.loss.beta
   if config.loss.objective == "trades":
     nat_logits, nat_cas = jax.lax.stop_gradient(model_fn(x))
@@ -175,13 +188,13 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
   """
   x, y = batch["image"], batch["label"]
   objective, beta, lam = config.loss.objective, config.loss.beta, config.loss.lam
-  step_key = jax.random.fold_in(rng, state.step)
+  keys = step_keys(rng, state.step)
   x_adv = None
   if objective != "natural":
-    x_adv = craft_training_adversaries(state, x, y, step_key, config)
+    x_adv = craft_training_adversaries(state, x, y, keys["attack"], config, keys["sap_attack"])
   with_pcl = config.get("baseline", "none") == "pcl"
   collections = ["batch_stats", "pcl"] if with_pcl else ["batch_stats"]
-  sap_rngs = {"sap": jax.random.fold_in(step_key, _SAP_TAG + 1)}
+  sap_rngs = {"sap": keys["sap_update"]}
 
   def forward(params, batch_stats, images):
     (logits, cas_logits), updates = state.apply_fn(
@@ -216,18 +229,26 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
   return state, metrics
 
 
-class Diverged(ValueError):
-  """Training produced a non-finite loss, parameter or statistic."""
+def _ranking(eval_metrics) -> Optional[Dict[str, float]]:
+  """The accuracies a checkpoint is saved with (checkpointing ranks "best" by them), or None."""
+  return {k: v for k, v in (eval_metrics or {}).items() if k.endswith("acc")} or None
+
+
+class Diverged(errors.UserError):
+  """Training produced a non-finite loss, parameter or statistic (the fix: a lower lr)."""
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Train (resuming from workdir's newest restorable checkpoint), evaluate, checkpoint, log.
 
+  workdir gets config.json and provenance.json (cas_jax/provenance.py); a resume with a config
+  that would train another model is refused unless config.allow_config_change is set.
   On SIGTERM / SIGINT the step in flight ends and is checkpointed and logged, then
   preemption.Stopped is raised; a non-finite state raises Diverged before it is checkpointed.
   """
   metric_writers.check_workdir(workdir)
   validate_config(config)
+  config_changes = provenance.check_resume(workdir, config)  # before any data is loaded
   # --- Mesh: one data axis over every device of every host.
   mesh = input_pipeline.data_mesh()
   replicated = NamedSharding(mesh, P())
@@ -246,6 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   start_step = int(state.step)
   if start_step:
     logging.info("Resumed from step %d in %s", start_step, workdir)
+  provenance.record_run(workdir, config, start_step, config_changes)
 
   # --- Compiled steps.
   p_train_step = jax.jit(functools.partial(train_step, config=config,
@@ -276,14 +298,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     checked_step = step
     return host
 
-  def stop_here(signum, epoch_start=None, images=0):
+  def stop_here(signum, epoch_start=None, images=0, eval_metrics=None):
     """Checkpoint the current step (and the partial epoch's row), then raise Stopped."""
     if epoch_start is not None:
       elapsed = time.time() - epoch_start
       writer.write_scalars(step, {"epoch": step / steps_per_epoch, "epoch_time_s": elapsed,
                                   "train_images_per_s": images / elapsed})
-    checkpointing.save(manager, state)
+    checkpointing.save(manager, state, metrics=_ranking(eval_metrics))
     raise preemption.Stopped(step, signum)
+
+  def eval_due(epoch: int) -> bool:
+    return (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 >= num_epochs
+
+  def evaluate_epoch(epoch: int, summary: Dict[str, float], train_metrics) -> Dict[str, float]:
+    """Evaluate after `epoch` (0-indexed) if it is due; log its summary; the accuracies."""
+    eval_metrics = {}
+    if eval_due(epoch):
+      # A SAP network is checked on its expectation (SAP off); --mode=eval attacks its draws.
+      eval_metrics = evaluate.natural_and_pgd_accuracy(
+          evaluate.bind_model(baselines.expectation_model(model),
+                              {"params": state.params, "batch_stats": state.batch_stats}),
+          dataset, config, key=eval_key, mesh=mesh)
+    summary = {"epoch": epoch + 1, **summary, **eval_metrics}
+    writer.write_scalars(step, summary)
+    logging.info("epoch %d/%d step %d: %s", epoch + 1, num_epochs, step, " ".join(
+        f"{k}={v:.4g}" for k, v in {**train_metrics, **summary}.items() if k != "epoch"))
+    return eval_metrics
+
+  # A stop on an epoch's last step saved it before its evaluation: evaluate and rank it now.
+  done = start_step // steps_per_epoch - 1  # the last epoch trained in full
+  if (start_step and start_step % steps_per_epoch == 0 and eval_due(done)
+      and start_step in manager.all_steps() and manager.metrics(start_step) is None):
+    checkpointing.add_metrics(manager, start_step, _ranking(evaluate_epoch(done, {}, {})))
 
   signals = preemption.StopSignals().install()
   try:
@@ -314,27 +360,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           checkpointing.save(manager, state)
       progress.close()
       epoch_time = time.time() - epoch_start
-      eval_metrics = {}
+      eval_metrics = evaluate_epoch(epoch, {
+          "epoch_time_s": epoch_time,
+          "train_images_per_s": (steps_per_epoch - first) * config.batch_size / epoch_time},
+          train_metrics)
       last = epoch + 1 == num_epochs
-      if (epoch + 1) % config.eval.every_epochs == 0 or last:
-        # A SAP network is checked on its expectation (SAP off); --mode=eval attacks its draws.
-        eval_metrics = evaluate.natural_and_pgd_accuracy(
-            evaluate.bind_model(baselines.expectation_model(model),
-                                {"params": state.params, "batch_stats": state.batch_stats}),
-            dataset, config, key=eval_key, mesh=mesh)
-      summary = {"epoch": epoch + 1, "epoch_time_s": epoch_time,
-                 "train_images_per_s": (steps_per_epoch - first) * config.batch_size / epoch_time,
-                 **eval_metrics}
-      writer.write_scalars(step, summary)
-      logging.info("epoch %d/%d step %d: %s", epoch + 1, num_epochs, step, " ".join(
-          f"{k}={v:.4g}" for k, v in {**train_metrics, **summary}.items() if k != "epoch"))
       if ((epoch + 1) % config.ckpt.every_epochs == 0 or last
           or (every_steps > 0 and step % every_steps == 0)):
-        checkpointing.save(manager, state, metrics={k: v for k, v in eval_metrics.items()
-                                                    if k.endswith("acc")} or None)
+        checkpointing.save(manager, state, metrics=_ranking(eval_metrics))
       signum = signals.requested(manager, step)
       if signum and not last:  # the signal came during the evaluation
-        stop_here(signum)
+        stop_here(signum, eval_metrics=eval_metrics)
   finally:
     signals.restore()
     manager.wait_until_finished()

@@ -89,7 +89,7 @@ def test_unrestorable_newest_checkpoint_is_skipped_and_renamed(tmp_path, caplog,
 def test_no_restorable_checkpoint_is_an_error_and_renames_nothing(tmp_path):
   manager = checkpointing.create_manager(str(tmp_path), async_save=False)
   checkpointing.save(manager, state_at(1, size=3))
-  with pytest.raises(ValueError, match="restores into this config's train state"):
+  with pytest.raises(ValueError, match="is whole but does not fit this config's train state"):
     checkpointing.restore_or_init(manager, state_at(0, size=5))  # e.g. another width
   assert manager.all_steps() == [1]
   assert os.listdir(os.path.join(tmp_path, "checkpoints")) == ["1"]
@@ -121,3 +121,79 @@ def test_restore_variables_reads_params_and_batch_stats_and_checks_shapes(tmp_pa
   with pytest.raises(FileNotFoundError, match="train first"):
     checkpointing.restore_variables(str(tmp_path / "none"), template)
   assert not os.path.exists(tmp_path / "none")
+
+
+def test_metrics_added_after_the_save_rank_the_checkpoint_across_managers(tmp_path):
+  manager = checkpointing.create_manager(str(tmp_path), async_save=False)
+  checkpointing.save(manager, state_at(1), {"pgd_acc": 0.3})
+  checkpointing.save(manager, state_at(2))  # saved on a stop, before its evaluation
+  assert checkpointing.best_step(manager) == 1
+  checkpointing.add_metrics(manager, 2, {"pgd_acc": 0.5, "natural_acc": 0.8})
+  assert checkpointing.best_step(manager) == 2
+  again = checkpointing.create_manager(str(tmp_path), async_save=False)
+  assert again.metrics(2) == {"pgd_acc": 0.5, "natural_acc": 0.8}
+  assert checkpointing.best_step(again) == 2
+  np.testing.assert_array_equal(checkpointing.restore(again, state_at(0), 2).weights,
+                                np.full((3,), 2.0))  # the arrays are untouched
+
+
+class TransientError(OSError):
+  pass
+
+
+@pytest.mark.parametrize("failure", [
+    MemoryError("out of memory while restoring"),
+    ValueError("RESOURCE_EXHAUSTED: Out of memory allocating 4 GiB"),
+    ValueError("UNAVAILABLE: Error reading local file: Input/output error"),
+    TransientError(5, "Input/output error"),
+])
+def test_a_restore_failing_without_damage_stops_with_its_cause_and_renames_nothing(
+    tmp_path, monkeypatch, failure):
+  manager = checkpointing.create_manager(str(tmp_path), async_save=False)
+  for step in (1, 2):
+    checkpointing.save(manager, state_at(step))
+  restore = checkpointing.restore
+
+  def fail_on_the_newest(manager, state, step=None):
+    if step == 2:
+      raise failure
+    return restore(manager, state, step)
+
+  monkeypatch.setattr(checkpointing, "restore", fail_on_the_newest)
+  with pytest.raises(checkpointing.RestoreError, match="step 2 .* could not be read") as raised:
+    checkpointing.restore_or_init(checkpointing.create_manager(str(tmp_path)), state_at(0))
+  assert raised.value.__cause__ is failure
+  assert sorted(os.listdir(os.path.join(tmp_path, "checkpoints"))) == ["1", "2"]
+
+
+def test_hosts_that_disagree_on_damage_stop_and_rename_nothing(tmp_path, monkeypatch):
+  manager = checkpointing.create_manager(str(tmp_path), async_save=False)
+  for step in (1, 2):
+    checkpointing.save(manager, state_at(step))
+  remove_metadata(os.path.join(tmp_path, "checkpoints", "2"))  # damaged on this host only
+  # The hosts see the same steps (a list) but not the same verdict on step 2 (a bool).
+  monkeypatch.setattr(checkpointing, "_hosts_agree", lambda value: isinstance(value, list))
+  with pytest.raises(checkpointing.RestoreError, match="the hosts disagree on whether it is"):
+    checkpointing.restore_or_init(checkpointing.create_manager(str(tmp_path)), state_at(0))
+  assert sorted(os.listdir(os.path.join(tmp_path, "checkpoints"))) == ["1", "2"]
+  monkeypatch.setattr(checkpointing, "_hosts_agree", lambda value: False)
+  with pytest.raises(checkpointing.RestoreError, match="the hosts see different checkpoints"):
+    checkpointing.restore_or_init(checkpointing.create_manager(str(tmp_path)), state_at(0))
+  assert sorted(os.listdir(os.path.join(tmp_path, "checkpoints"))) == ["1", "2"]
+
+
+def test_restore_variables_tells_an_io_failure_from_a_network_that_does_not_fit(
+    tmp_path, monkeypatch):
+  manager = checkpointing.create_manager(str(tmp_path), async_save=False)
+  manager.save(7, args=ocp.args.StandardSave({"params": {"w": jnp.ones(3)},
+                                              "batch_stats": {"m": jnp.ones(3)}}))
+  manager.wait_until_finished()
+  template = {"params": {"w": jax.ShapeDtypeStruct((3,), jnp.float32)},
+              "batch_stats": {"m": jax.ShapeDtypeStruct((3,), jnp.float32)}}
+
+  def unavailable(self, step, args=None):
+    raise ValueError("UNAVAILABLE: Error reading local file: Input/output error")
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", unavailable)
+  with pytest.raises(checkpointing.RestoreError, match="step 7 .* could not be read"):
+    checkpointing.restore_variables(str(tmp_path), template)

@@ -6,10 +6,17 @@ import os
 
 import pytest
 
+import numpy as np
+
+from cas_jax import checkpointing
+from cas_jax import errors
 from cas_jax import evaluate
+from cas_jax import experiment_runs
 from cas_jax import experiment_tables
 from cas_jax import experiments
+from cas_jax import provenance
 from cas_jax import train
+from tests import test_checkpointing
 
 # Tiny sizes on top of configs/smoke.py, given as if on the command line.
 TINY = {"data.image_size": 8, "data.synthetic_num_train": 32, "data.synthetic_num_test": 16,
@@ -150,3 +157,104 @@ def test_fig8_trains_evaluates_and_writes_then_resumes_without_work(tmp_path, mo
   again = experiments.run_experiment("fig8", base, workdir, command_line=TINY, only=only)
   assert again["rows"] == result["rows"]
   assert {s: _mtimes(os.path.join(workdir, s)) for s in only} == before
+  # Another optimiser in the same workdir: refused before anything is trained or evaluated.
+  other = smoke_base(**{**TINY, "optim.lr": 0.05})
+  with pytest.raises(errors.UserError, match=r"beta0 was trained with another config \(optim"):
+    experiments.run_experiment("fig8", other, workdir, command_line={*TINY, "optim.lr"},
+                               only=only)
+
+
+@pytest.mark.slow
+def test_seeds_train_every_setting_k_times_and_the_table_shows_mean_and_std(tmp_path):
+  base, workdir = smoke_base(**TINY), str(tmp_path)
+  result = experiments.run_experiment("fig8", base, workdir, command_line=TINY,
+                                      only=["beta0", "beta2"], seeds=2)
+  for row in result["rows"]:
+    assert row["seeds"] == [0, 1] and [s["seed"] for s in row["per_seed"]] == [0, 1]
+    for seed in row["per_seed"]:  # each seed's own report, in its own folder
+      with open(os.path.join(seed["workdir"], "eval", "last_report.json")) as f:
+        assert json.load(f)["accuracy"] == seed["accuracy"]
+      assert json.load(open(os.path.join(seed["workdir"], "config.json")))["seed"] == seed["seed"]
+    values = [100 * s["accuracy"]["pgd2"] for s in row["per_seed"]]
+    assert row["figure"]["pgd2"] == f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
+    assert np.asarray(row["verdicts"]["worst_case"]).shape == (2, 8)
+  assert sorted(os.listdir(tmp_path / "beta2")) == ["seed0", "seed1"]
+  (worst,) = [s for s in result["statistics"] if s["name"] == "worst_case"]
+  assert (worst["setting"], worst["twin"], worst["seeds"], worst["images"]) == (
+      "beta2", "beta0", 2, 8)
+  assert len(worst["mcnemar_p"]) == 2
+  assert "mean ± standard deviation over 2 seeds" in open(tmp_path / "fig8.md").read()
+
+
+def fake_trained(folder, config, step=4):
+  """A folder as training leaves it: config.json and a (tiny) checkpoint at `step`."""
+  manager = checkpointing.create_manager(str(folder), async_save=False)
+  checkpointing.save(manager, test_checkpointing.state_at(step))
+  manager.close()
+  provenance.record_run(str(folder), config, 0)
+
+
+def test_a_setting_is_reused_only_for_the_config_that_trained_it(tmp_path):
+  config, folder = smoke_base(**TINY), tmp_path / "at"
+  experiment_runs.check_reusable(config, str(folder))  # nothing there yet
+  fake_trained(folder, config)
+  experiment_runs.check_reusable(config, str(folder))
+  experiment_runs.check_reusable(smoke_base(**{**TINY, "schedule.num_epochs": 3,
+                                               "eval.attacks": "pgd2"}), str(folder))
+  with pytest.raises(errors.UserError, match=r"another config \(schedule.num_epochs 1 -> 0\)"):
+    experiment_runs.check_reusable(smoke_base(**{**TINY, "schedule.num_epochs": 0}), str(folder))
+  other = smoke_base(**{**TINY, "optim.lr": 0.05})
+  with pytest.raises(errors.UserError, match=r"was trained with another config \(optim\.lr "
+                     r"0\.1 -> 0\.05\); rerun with --retrain .* or use a new --workdir"):
+    experiment_runs.check_reusable(other, str(folder))
+  experiment_runs.check_reusable(other, str(folder), retrain=True)
+  assert not folder.exists() and (tmp_path / "at.replaced" / "config.json").is_file()
+  fake_trained(folder, config)
+  os.remove(folder / "config.json")  # trained before configs were recorded
+  with pytest.raises(errors.UserError, match="no config.json"):
+    experiment_runs.check_reusable(config, str(folder))
+
+
+def test_the_evaluation_cache_keys_on_the_config_budgets_and_checkpoint(tmp_path):
+  config = smoke_base(**TINY)
+  fake_trained(tmp_path, config)
+  request = experiment_runs.eval_request(config, str(tmp_path))
+  assert request == experiment_runs.eval_request(config, str(tmp_path))
+  for key, value in [("optim.lr", 0.05), ("loss.objective", "trades"), ("eval.attacks", "pgd2"),
+                     ("eval.apgd_steps", 3), ("attack.steps", 4)]:
+    assert experiment_runs.eval_request(smoke_base(**{**TINY, key: value}),
+                                        str(tmp_path)) != request, key
+  manager = checkpointing.create_manager(str(tmp_path), async_save=False)
+  manager.delete(4)
+  manager.close()
+  fake_trained(tmp_path, config)  # the same step, trained again
+  assert experiment_runs.eval_request(config, str(tmp_path)) != request
+
+
+def _with_verdicts(row, verdicts):
+  row["verdicts"] = {n: [list(map(int, v))] for n, v in verdicts.items()}
+  row["accuracy"] = {n: float(np.mean(v)) for n, v in verdicts.items()}
+  return row
+
+
+def test_each_cas_row_gets_paired_statistics_in_words_and_in_the_json(tmp_path):
+  rng = np.random.default_rng(0)
+  plain = rng.random(200) < 0.5
+  cas = plain & (rng.random(200) < 0.6)  # CAS loses 40% of the plain model's robust images
+  at = _with_verdicts(_row("at", "AT", "", {}), {"natural": plain | True, "pgd20": plain,
+                                                "worst_case": plain})
+  at_cas = _with_verdicts(_row("at_cas", "AT+CAS", "at", {}), {
+      "natural": plain | True, "pgd20": cas, "worst_case": cas})
+  result = {"experiment": "t", "title": "T", "rows": [at, at_cas]}
+  experiment_tables.write_outputs(result, str(tmp_path))
+  written = json.load(open(tmp_path / "t.json"))["statistics"]
+  assert [(s["setting"], s["twin"], s["name"]) for s in written] == [
+      ("at_cas", "at", "natural"), ("at_cas", "at", "pgd20"), ("at_cas", "at", "worst_case")]
+  worst = written[-1]
+  assert worst["difference"] == pytest.approx(np.mean(cas) - np.mean(plain))
+  assert worst["ci_high"] < 0 and worst["significant"] and worst["mcnemar_p"][0] < 0.05
+  assert written[0]["difference"] == 0 and not written[0]["significant"]
+  markdown = open(tmp_path / "t.md").read()
+  assert "(last checkpoint) AT+CAS vs AT, worst case: " in markdown
+  assert "**significant at 5%**: AT+CAS is lower than AT" in markdown
+  assert "AT+CAS vs AT, natural: +0.0 points" in markdown and "**not significant" in markdown

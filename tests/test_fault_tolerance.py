@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from cas_jax import checkpointing
+from cas_jax import errors
 from cas_jax import input_pipeline
 from cas_jax import metric_writers
 from cas_jax import preemption
@@ -114,6 +115,47 @@ def test_sigint_finishes_the_step_in_flight_and_saves_it(tmp_path, monkeypatch):
   chex.assert_trees_all_equal(saved["batch_stats"], by_hand.batch_stats)
 
 
+def terminate_at(step_seen):
+  """A MetricWriter.write_scalars that sends SIGTERM after the training row of `step_seen`."""
+  write = metric_writers.MetricWriter.write_scalars
+
+  def write_then_terminate(self, step, scalars):
+    write(self, step, scalars)
+    if step == step_seen and "train_loss" in scalars:  # the loop sees it after the next step
+      os.kill(os.getpid(), signal.SIGTERM)
+  return write_then_terminate
+
+
+@pytest.mark.slow
+def test_a_stop_on_an_epochs_last_step_is_evaluated_and_ranked_after_the_resume(
+    tmp_path, monkeypatch):
+  config = small_config(**{"loss.objective": "natural", "schedule.num_epochs": 2})
+  monkeypatch.setattr(metric_writers.MetricWriter, "write_scalars", terminate_at(3))
+  with pytest.raises(preemption.Stopped) as stopped:
+    train.train_and_evaluate(config, str(tmp_path))
+  monkeypatch.undo()
+  assert stopped.value.step == 4  # the last step of epoch 1, saved before its evaluation
+  assert not any("pgd_acc" in row for row in read_rows(tmp_path))
+  train.train_and_evaluate(config, str(tmp_path))
+  evaluated = {row["epoch"]: row for row in read_rows(tmp_path) if "pgd_acc" in row}
+  assert sorted(evaluated) == [1, 2] and evaluated[1]["step"] == 4
+  manager = checkpointing.create_manager(str(tmp_path), async_save=False)
+  assert manager.all_steps() == [4, 8]
+  for epoch, step in ((1, 4), (2, 8)):  # each checkpoint ranked by its own evaluation
+    assert manager.metrics(step)["pgd_acc"] == pytest.approx(evaluated[epoch]["pgd_acc"])
+  best = max((4, 8), key=lambda s: (manager.metrics(s)["pgd_acc"], s == 4))
+  assert checkpointing.best_step(manager) == best
+
+
+def test_an_unknown_model_is_refused_before_the_dataset_is_loaded(tmp_path, monkeypatch):
+  monkeypatch.setattr(input_pipeline, "create_dataset", lambda config: pytest.fail("loaded"))
+  with pytest.raises(errors.UserError, match="unknown model 'resnet50'; valid: resnet18"):
+    train.train_and_evaluate(small_config(**{"model.name": "resnet50"}), str(tmp_path))
+  for mode in ("eval", "analyze"):  # main.py checks it for every mode
+    with pytest.raises(SystemExit, match="^error: unknown model 'resnet50'; valid: resnet18"):
+      run_main_in_process(monkeypatch, tmp_path, mode, **{"model.name": "resnet50"})
+
+
 def test_divergence_stops_without_a_non_finite_checkpoint(tmp_path):
   config = small_config(**{"optim.lr": 1e6, "log_every_steps": 4, "ckpt.every_steps": 1,
                            "loss.objective": "natural"})
@@ -191,6 +233,36 @@ def test_metrics_file_drops_rows_after_the_resume_step_and_stays_json(tmp_path):
   writer.close()
   assert read_rows(tmp_path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0},
                                  {"step": 3, "loss": 30.0}]
+
+
+def run_main_in_process(monkeypatch, workdir, mode="train", **overrides):
+  """main.py's main() in this process, its flags set as the command line would set them."""
+  import main as main_module  # pylint: disable=g-import-not-at-top  (defines main.py's flags)
+  flags = main_module.FLAGS
+  flags(["main.py", "--config=configs/smoke.py", f"--workdir={workdir}", f"--mode={mode}"])
+  for key, value in overrides.items():  # on the config this parse just loaded
+    *parents, name = key.split(".")
+    node = flags.config
+    for parent in parents:
+      node = node[parent]
+    monkeypatch.setitem(node, name, value)
+  return main_module.main(["main.py"])
+
+
+def test_only_the_users_mistakes_end_in_one_line_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+  def shape_bug(config, workdir):  # JAX's own shape check: a ValueError, but not the user's
+    jax.numpy.broadcast_to(jax.numpy.ones(3), (2,))
+
+  monkeypatch.setattr(train, "train_and_evaluate", shape_bug)
+  with pytest.raises(ValueError, match="Incompatible types for broadcasting"):
+    run_main_in_process(monkeypatch, tmp_path)
+  monkeypatch.setattr(train, "train_and_evaluate", lambda config, workdir: train.validate_config(
+      small_config(**{"batch_size": 0})))
+  with pytest.raises(SystemExit, match="^error: batch_size=0; use an integer >= 1$"):
+    run_main_in_process(monkeypatch, tmp_path)
+  with pytest.raises(KeyError):
+    with errors.exit_on_user_error():
+      raise KeyError("a bug")
 
 
 # ----------------------------------------------------------------------------- subprocesses

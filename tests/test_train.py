@@ -112,7 +112,8 @@ def test_attack_with_batch_statistics_leaves_the_running_averages_to_the_objecti
 
   @jax.jit
   def one_training_pass(state, x, y):
-    x_adv = train.craft_training_adversaries(state, x, y, jax.random.fold_in(key, 0), config)
+    x_adv = train.craft_training_adversaries(state, x, y, train.step_keys(key, 0)["attack"],
+                                             config)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     return state.apply_fn(variables, x_adv, labels=y, train=True,
                           mutable=["batch_stats"])[1]["batch_stats"]
@@ -202,7 +203,10 @@ def test_end_to_end_writes_metrics_and_checkpoints(tmp_path):
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   epochs = [l for l in lines if "epoch" in l]
   assert [l["epoch"] for l in epochs] == [1, 2]
-  assert all(0.0 <= l["pgd_acc"] <= l["natural_acc"] + 1e-9 for l in epochs)
+  # Not pgd_acc <= natural_acc: the in-training check counts images correct under PGD whether
+  # or not they are correct on x (evaluate.natural_and_pgd_accuracy), and the joint loss can
+  # turn a wrong image right on a near-random network (seen: 0.0625 natural, 0.125 PGD).
+  assert all(0.0 <= l[k] <= 1.0 for l in epochs for k in ("pgd_acc", "natural_acc"))
   assert any("train_loss" in l for l in lines)
   assert os.listdir(tmp_path / "tensorboard")
   manager = checkpointing.create_manager(str(tmp_path))

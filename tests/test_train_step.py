@@ -1,7 +1,8 @@
 """train_step by value: one step against a computation written out here, independently.
 
 The hand computation uses only `model.apply` and jax.grad: per-example random starts (the
-step's key folded with the step, then with each example's index), PGD steps (gradient
+key folded with the step, split in three, the first of them folded with each example's
+index; the other two are the SAP draws), PGD steps (gradient
 sign, projection onto the eps-ball and [0, 1]) on the joint loss of the network in
 evaluation mode (running BatchNorm averages, CAS masks of the predicted classes), the
 objective in training mode (label masks, batch statistics, running averages updated), and
@@ -17,6 +18,7 @@ import optax
 import pytest
 
 from cas_jax import train
+from cas_jax.attacks import engine
 from tests import test_train
 
 RNG = jax.random.PRNGKey(7)
@@ -38,7 +40,7 @@ def _heads_mean(values):
 
 def _start(x, step, config):
   """x plus each example's own noise: uniform in the eps-ball (AT) or 0.001 N(0, 1) (TRADES)."""
-  key = jax.random.fold_in(RNG, step)
+  key = jax.random.split(jax.random.fold_in(RNG, step), 3)[0]
   noise = []
   for i in range(x.shape[0]):
     k = jax.random.fold_in(key, i)
@@ -157,5 +159,18 @@ def test_trades_start_is_x_plus_small_gaussian_noise_per_example():
   batch = test_train.random_batch(config)
   x = batch["image"].at[0].set(0.0)  # its negative noise is clipped at 0
   x_adv = jax.jit(lambda s, x, y: train.craft_training_adversaries(
-      s, x, y, jax.random.fold_in(RNG, STEP), config))(state, x, batch["label"])
+      s, x, y, jax.random.split(jax.random.fold_in(RNG, STEP), 3)[0], config))(state, x,
+                                                                                 batch["label"])
   chex.assert_trees_all_close(x_adv, _start(x, STEP, config), atol=1e-7)
+
+
+def test_sap_draws_are_never_an_examples_start_key():
+  """A batch of 4,096 (above the 1,449 where the old 0x5A9 tag collided): every stream distinct."""
+  keys = train.step_keys(RNG, STEP)
+  starts = engine.index_keys(keys["attack"], jnp.arange(4096))
+  seen = {tuple(np.asarray(jax.random.key_data(k)).ravel()) for k in starts}
+  assert len(seen) == 4096
+  for name in ("sap_attack", "sap_update"):
+    assert tuple(np.asarray(jax.random.key_data(keys[name])).ravel()) not in seen, name
+  assert not np.array_equal(jax.random.key_data(keys["sap_attack"]),
+                            jax.random.key_data(keys["sap_update"]))

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cas_jax import errors
 from cas_jax import losses
 from cas_jax.attacks import cascade
 from cas_jax.attacks import engine
@@ -60,7 +61,7 @@ def checkpoints(steps: int) -> tuple:
 def apgd_loss(name: str, beta: float = 2.0):
   """The per-example loss `(outputs, y, targets) -> (N,)` that APGD ascends under `name`."""
   if name not in APGD_LOSSES:
-    raise ValueError(f"unknown APGD loss {name!r}; valid: {', '.join(APGD_LOSSES)}")
+    raise errors.UserError(f"unknown APGD loss {name!r}; valid: {', '.join(APGD_LOSSES)}")
   if name == "targeted_dlr":
     return lambda outputs, y, t: losses.targeted_dlr(engine.split_outputs(outputs)[0], y, t)
   if name == "joint_targeted_dlr":
@@ -166,7 +167,7 @@ def ranked_targets(logits: Array, rank: int) -> Array:
   """The class with the rank-th largest logit of each row (rank 1 = the prediction)."""
   num_classes = logits.shape[-1]
   if not 2 <= rank <= num_classes:
-    raise ValueError(f"target rank {rank} is invalid for {num_classes} classes; valid: "
+    raise errors.UserError(f"target rank {rank} is invalid for {num_classes} classes; valid: "
                      f"2..{num_classes} (rank 2 = the runner-up class)")
   return jnp.argsort(logits, axis=-1)[:, -rank]
 
@@ -199,9 +200,9 @@ def round_passes(steps: int, eot=None, targeted: bool = False):
 def check_budget(steps: int, restarts: int = 1, eot=None) -> None:
   """One ValueError line for a step, restart or EOT count below 1."""
   if steps < 1 or restarts < 1:
-    raise ValueError(f"steps={steps} and restarts={restarts} must both be >= 1")
+    raise errors.UserError(f"steps={steps} and restarts={restarts} must both be >= 1")
   if eot is not None and eot < 1:
-    raise ValueError(f"eot={eot}: use None for a deterministic model or a number of draws >= 1")
+    raise errors.UserError(f"eot={eot}: use None for a deterministic model or a number of draws >= 1")
 
 
 def apgd(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, steps: int = 100,

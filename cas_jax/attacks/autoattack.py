@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cas_jax import errors
 from cas_jax.attacks import cascade
 from cas_jax.attacks import engine
 from cas_jax.attacks.apgd import apgd_round, check_budget
@@ -57,7 +58,7 @@ Judge = Callable[[Array, Array, Array], tuple]
 def target_ranks(target_classes: int, num_classes: int) -> range:
   """The ranks APGD-T and FAB-T target: 2 .. min(target_classes, num_classes - 1) + 1."""
   if target_classes < 1:
-    raise ValueError(f"target_classes={target_classes} must be >= 1 (AutoAttack uses 9)")
+    raise errors.UserError(f"target_classes={target_classes} must be >= 1 (AutoAttack uses 9)")
   return range(2, min(target_classes, num_classes - 1) + 2)
 
 
@@ -138,15 +139,15 @@ def _predict_judge(model_fn, randomized: bool) -> Judge:
 def check_stages(version: str, loss: str, names: Sequence[str]) -> None:
   """One ValueError line for an unknown version, loss mode or stage list."""
   if version not in VERSIONS:
-    raise ValueError(f"unknown version {version!r}; valid: {', '.join(VERSIONS)}")
+    raise errors.UserError(f"unknown version {version!r}; valid: {', '.join(VERSIONS)}")
   if loss not in LOSS_MODES:
-    raise ValueError(f"unknown loss {loss!r}; valid: 'main' (every attack on the main logits) "
+    raise errors.UserError(f"unknown loss {loss!r}; valid: 'main' (every attack on the main logits) "
                      "or 'joint' (APGD on the joint losses of the main and CAS heads)")
   unknown = [a for a in names if a not in ATTACKS]
   if unknown or not names:
-    raise ValueError(f"unknown attacks {unknown or names}; valid: {', '.join(ATTACKS)}")
+    raise errors.UserError(f"unknown attacks {unknown or names}; valid: {', '.join(ATTACKS)}")
   if version == "rand" and set(names) - set(VERSIONS["rand"]):
-    raise ValueError(f"version='rand' runs gradient attacks with EOT only: "
+    raise errors.UserError(f"version='rand' runs gradient attacks with EOT only: "
                      f"{', '.join(VERSIONS['rand'])}; got {', '.join(names)}")
 
 

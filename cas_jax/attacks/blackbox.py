@@ -10,6 +10,7 @@ candidate projected into the eps-ball, and stops as soon as the projected mean i
 import jax
 import jax.numpy as jnp
 
+from cas_jax import errors
 from cas_jax import losses
 from cas_jax.attacks import engine
 from cas_jax.attacks import white_box
@@ -29,7 +30,7 @@ def transfer(source_model_fn, x: Array, y: Array, *, attack: str = "pgd", eps=8 
   """Adversarial examples crafted on a source model (PGD-20 on CE, or CW-inf), for a target."""
   x, y = engine.check_images_and_labels(x, y)
   if attack not in TRANSFER_ATTACKS:
-    raise ValueError(f"unknown transfer attack {attack!r}; valid: {', '.join(TRANSFER_ATTACKS)}")
+    raise errors.UserError(f"unknown transfer attack {attack!r}; valid: {', '.join(TRANSFER_ATTACKS)}")
   if attack == "pgd":
     return white_box.pgd(source_model_fn, x, y, eps=eps, steps=steps, key=key,
                          step_size=step_size, loss=loss or "ce", beta=beta)
@@ -64,7 +65,7 @@ def n_attack(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, populatio
   x, y = engine.check_images_and_labels(x, y)
   engine.check_eps(eps)
   if population < 2:
-    raise ValueError(f"population={population} must be >= 2 (NES standardises the losses)")
+    raise errors.UserError(f"population={population} must be >= 2 (NES standardises the losses)")
   x_adv, _ = n_attack_run(model_fn, x, y, eps, key, population=population, sigma=sigma, lr=lr,
                           max_iters=max_iters)
   return x_adv

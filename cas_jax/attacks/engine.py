@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cas_jax import errors
+
 Array = jax.Array
 LossFn = Callable[[Array], Array]
 StepRule = Callable[[Array, Array, Any], Array]
@@ -45,7 +47,7 @@ def project(x_adv: Array, x: Array, eps) -> Array:
 def check_eps(eps) -> None:
   """Raise one clear ValueError when a (Python) eps is outside (0, 1]."""
   if isinstance(eps, (int, float)) and not 0.0 < eps <= 1.0:
-    raise ValueError(f"eps={eps} is outside (0, 1]; images are in [0, 1], e.g. eps=8/255.")
+    raise errors.UserError(f"eps={eps} is outside (0, 1]; images are in [0, 1], e.g. eps=8/255.")
 
 
 def check_images(x) -> Array:
@@ -59,7 +61,7 @@ def check_images(x) -> Array:
     values = np.asarray(x) if isinstance(x, np.ndarray) else x
   x = jnp.asarray(x)
   if x.ndim != 4:
-    raise ValueError(f"images must be NHWC of rank 4 (N, H, W, C), got shape {x.shape}; add the "
+    raise errors.UserError(f"images must be NHWC of rank 4 (N, H, W, C), got shape {x.shape}; add the "
                      "missing axes (x[None] for one image, x[..., None] for one channel) or "
                      "reshape flat inputs to (N, H, W, C) and flatten inside the model function")
   if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -67,7 +69,7 @@ def check_images(x) -> Array:
   if values is not None and x.size:
     low, high = float(values.min()), float(values.max())
     if not 0.0 <= low <= high <= 1.0:
-      raise ValueError(f"images must lie in [0, 1], got values in [{low:g}, {high:g}]; scale "
+      raise errors.UserError(f"images must lie in [0, 1], got values in [{low:g}, {high:g}]; scale "
                        "them (e.g. x / 255 for 8-bit pixels) and undo any normalisation, which "
                        "belongs inside the model function")
   return x
@@ -78,10 +80,10 @@ def check_images_and_labels(x, y) -> Tuple[Array, Array]:
   x = check_images(x)
   y = jnp.asarray(y)
   if y.ndim != 1 or y.shape[0] != x.shape[0]:
-    raise ValueError(f"labels must have shape (N,) = ({x.shape[0]},), one per image, got "
+    raise errors.UserError(f"labels must have shape (N,) = ({x.shape[0]},), one per image, got "
                      f"{y.shape}; pass class indices (argmax of one-hot labels), as many as images")
   if not jnp.issubdtype(y.dtype, jnp.integer):
-    raise ValueError(f"labels must be integer class indices, got dtype {y.dtype}; convert them "
+    raise errors.UserError(f"labels must be integer class indices, got dtype {y.dtype}; convert them "
                      "with y.astype(int)")
   return x, y
 
@@ -95,7 +97,7 @@ def example_keys(key: Array, n: int) -> Array:
   is_typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
   if key.ndim == (1 if is_typed else 2):
     if key.shape[0] != n:
-      raise ValueError(f"got {key.shape[0]} per-example keys for a batch of {n} examples")
+      raise errors.UserError(f"got {key.shape[0]} per-example keys for a batch of {n} examples")
     return key
   return index_keys(key, jnp.arange(n))
 
@@ -126,7 +128,7 @@ def random_start(key: Array, x: Array, eps, start: str = "uniform", sigma: float
   elif start == "none":
     x0 = x
   else:
-    raise ValueError(f"unknown start {start!r}; valid: {', '.join(STARTS)}")
+    raise errors.UserError(f"unknown start {start!r}; valid: {', '.join(STARTS)}")
   return project(x0, x, eps)
 
 

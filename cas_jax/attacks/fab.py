@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 import numpy as np
 
+from cas_jax import errors
 from cas_jax.attacks import cascade
 from cas_jax.attacks import engine
 from cas_jax.attacks.apgd import ranked_targets
@@ -136,7 +137,7 @@ def fab(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, steps: int = 1
   x, y = engine.check_images_and_labels(x, y)
   engine.check_eps(eps)
   if steps < 1 or restarts < 1:
-    raise ValueError(f"steps={steps} and restarts={restarts} must both be >= 1")
+    raise errors.UserError(f"steps={steps} and restarts={restarts} must both be >= 1")
   ranks = (target_ranks,) if isinstance(target_ranks, int) else tuple(target_ranks)
   keys = engine.example_keys(key, x.shape[0])
   clean_logits = predict(model_fn, x, keys)

@@ -13,6 +13,7 @@ x_adv + N(0, noise_std^2), averaging the gradient over nearby points.
 """
 import jax
 
+from cas_jax import errors
 from cas_jax.attacks import engine
 from cas_jax.attacks.white_box import attack_loss
 
@@ -31,7 +32,7 @@ def eot_pgd(random_model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 20
   x, y = engine.check_images_and_labels(x, y)
   engine.check_eps(eps)
   if draws < 1:
-    raise ValueError(f"draws={draws} must be a positive number of random draws per step")
+    raise errors.UserError(f"draws={draws} must be a positive number of random draws per step")
   loss_fn = attack_loss(loss, beta)
   step_size = eps / 10 if step_size is None else step_size
   keys = engine.example_keys(key, x.shape[0])

@@ -14,6 +14,7 @@ batch), so an image's result does not depend on its batch. Images are NHWC.
 import jax
 import jax.numpy as jnp
 
+from cas_jax import errors
 from cas_jax import losses
 from cas_jax.attacks import engine
 from cas_jax.attacks.engine import jit_with_model, predict
@@ -120,7 +121,7 @@ def square(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, queries: in
   x, y = engine.check_images_and_labels(x, y)
   engine.check_eps(eps)
   if queries < 1 or not 0.0 < p_init <= 1.0:
-    raise ValueError(f"queries={queries} must be >= 1 and p_init={p_init} in (0, 1]")
+    raise errors.UserError(f"queries={queries} must be >= 1 and p_init={p_init} in (0, 1]")
   keys = engine.example_keys(key, x.shape[0])
   if active is None:
     active = jnp.argmax(predict(model_fn, x, keys), -1) == y

@@ -18,6 +18,7 @@ from typing import Callable, Union
 import jax
 import jax.numpy as jnp
 
+from cas_jax import errors
 from cas_jax import losses
 from cas_jax.attacks import engine
 
@@ -29,7 +30,7 @@ ATTACK_LOSSES = ("ce", "cw", "dlr", "joint_ce", "joint_cw", "joint_dlr", "cas_ce
 
 def _cas_ce(cas_logits, labels: Array) -> Array:
   if not cas_logits:
-    raise ValueError("loss 'cas_ce' attacks the CAS heads, but the model function returns no "
+    raise errors.UserError("loss 'cas_ce' attacks the CAS heads, but the model function returns no "
                      "CAS logits; use 'ce' for a plain network.")
   return sum(losses.cross_entropy(c, labels) for c in cas_logits) / len(cas_logits)
 
@@ -48,7 +49,7 @@ def attack_loss(name: Union[str, AttackLoss], beta: float = 2.0) -> AttackLoss:
       "cas_ce": lambda logits, cas, y: _cas_ce(cas, y),
   }
   if name not in per_name:
-    raise ValueError(f"unknown attack loss {name!r}; valid: {', '.join(ATTACK_LOSSES)} "
+    raise errors.UserError(f"unknown attack loss {name!r}; valid: {', '.join(ATTACK_LOSSES)} "
                      "or a callable (outputs, y) -> (N,)")
   fn = per_name[name]
   return lambda outputs, y: fn(*engine.split_outputs(outputs), y)
@@ -135,9 +136,9 @@ def margin_decomposition(model_fn, x: Array, y: Array, *, eps=8 / 255, steps: in
   engine.check_eps(eps)
   change_point = steps // 2 if change_point is None else change_point
   if not 0 <= change_point <= steps:
-    raise ValueError(f"change_point={change_point} must lie in [0, steps={steps}]")
+    raise errors.UserError(f"change_point={change_point} must lie in [0, steps={steps}]")
   if restarts < 1:
-    raise ValueError(f"restarts={restarts} must be >= 1 (each restart is two runs)")
+    raise errors.UserError(f"restarts={restarts} must be >= 1 (each restart is two runs)")
   first_step_size = 2 * eps if first_step_size is None else first_step_size
   step_size = eps / 4 if step_size is None else step_size
   keys = engine.example_keys(key, x.shape[0])

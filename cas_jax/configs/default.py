@@ -114,6 +114,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.ckpt.async_save = True
 
   config.log_every_steps = 50
+  # Resume a workdir whose recorded config.json differs in a field that changes the trained
+  # model (recorded in provenance.json); raising schedule.num_epochs needs no flag.
+  config.allow_config_change = False
   return config
 
 

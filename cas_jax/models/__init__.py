@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from cas_jax import errors
 from cas_jax.models import baselines, cas, resnet, vgg, wrn
 from cas_jax.models.cas import CAS
 from cas_jax.models.resnet import ResNet, ResNet18, ResNet34
@@ -52,6 +53,11 @@ _OPTIONS = {
 }
 
 
+def accepts(name: str, option: str) -> bool:
+  """Whether create(name, ...) takes the keyword `option` (e.g. wrn34_10 takes no width)."""
+  return option in _OPTIONS.get(name, ())
+
+
 def _positive_int(value: Any, what: str) -> int:
   """`value` as an int; ValueError unless it is a positive integer."""
   try:
@@ -61,7 +67,7 @@ def _positive_int(value: Any, what: str) -> int:
   except TypeError:
     number = 0
   if number < 1:
-    raise ValueError(f"{what}={value!r} invalid; choose a positive integer.")
+    raise errors.UserError(f"{what}={value!r} invalid; choose a positive integer.")
   return number
 
 
@@ -72,8 +78,9 @@ def _floating_dtype(value: Any) -> Any:
   except TypeError:
     dtype = None
   if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(f"dtype={value!r} invalid; choose a floating dtype such as jnp.float32 or "
-                     "jnp.bfloat16.")
+    raise errors.UserError(
+        f"dtype={value!r} invalid; choose a floating dtype such as jnp.float32 or "
+        "jnp.bfloat16.")
   return dtype
 
 
@@ -81,12 +88,12 @@ def _checked_options(name: str, options: Dict[str, Any]) -> Dict[str, Any]:
   """Validated, normalised options for model `name`."""
   unknown = sorted(set(options) - set(_OPTIONS[name]))
   if options.get("baseline", "none") != "none" and not name.startswith("resnet"):
-    raise ValueError(f"baseline={options['baseline']!r}: the Table 1 baselines are built for "
-                     "resnet18 and resnet34 only; use one of them or baseline='none'")
+    raise errors.UserError(f"baseline={options['baseline']!r}: the Table 1 baselines are built for "
+                            "resnet18 and resnet34 only; use one of them or baseline='none'")
   if unknown:
     hint = " (use 'wrn' to choose depth/widen_factor)" if name == "wrn34_10" else ""
-    raise ValueError(f"unknown option(s) {', '.join(unknown)} for {name}; valid: "
-                     f"{', '.join(_OPTIONS[name])}{hint}")
+    raise errors.UserError(f"unknown option(s) {', '.join(unknown)} for {name}; valid: "
+                            f"{', '.join(_OPTIONS[name])}{hint}")
   checked = dict(options)
   for key in ("width", "depth", "widen_factor"):
     if key in checked:
@@ -95,7 +102,8 @@ def _checked_options(name: str, options: Dict[str, Any]) -> Dict[str, Any]:
     checked["dtype"] = _floating_dtype(checked["dtype"])
   _check_baseline(checked)
   if "cas_suppress" in checked and not isinstance(checked["cas_suppress"], bool):
-    raise ValueError(f"cas_suppress={checked['cas_suppress']!r} invalid; choose True or False.")
+    raise errors.UserError(
+        f"cas_suppress={checked['cas_suppress']!r} invalid; choose True or False.")
   if "cas_stages" in checked:
     if name.startswith("resnet"):
       checked["cas_stages"] = resnet.check_cas_stages(checked["cas_stages"], name)
@@ -112,11 +120,11 @@ def _check_baseline(options: Dict[str, Any]) -> None:
   """ValueError naming the fix for a bad baseline option (kept in place otherwise)."""
   baseline = options.get("baseline", "none")
   if baseline not in baselines.BASELINES:
-    raise ValueError(f"baseline={baseline!r}; valid: {', '.join(baselines.BASELINES)}")
+    raise errors.UserError(f"baseline={baseline!r}; valid: {', '.join(baselines.BASELINES)}")
   if not 0.0 < options.get("kwta_ratio", 0.2) <= 1.0:
-    raise ValueError(f"kwta_ratio={options['kwta_ratio']!r} must lie in (0, 1], e.g. 0.2")
+    raise errors.UserError(f"kwta_ratio={options['kwta_ratio']!r} must lie in (0, 1], e.g. 0.2")
   if not options.get("sap_ratio", 1.0) > 0.0:
-    raise ValueError(f"sap_ratio={options['sap_ratio']!r} must be > 0, e.g. 1.0")
+    raise errors.UserError(f"sap_ratio={options['sap_ratio']!r} must be > 0, e.g. 1.0")
   if "pcl_dim" in options:
     options["pcl_dim"] = _positive_int(options["pcl_dim"], "pcl_dim")
 
@@ -124,7 +132,7 @@ def _check_baseline(options: Dict[str, Any]) -> None:
 def create(name: str, num_classes: int = 10, **options) -> nn.Module:
   """The network `name` (one of NAMES) with `num_classes` outputs and CAS heads."""
   if name not in NAMES:
-    raise ValueError(f"unknown model {name!r}; valid: {', '.join(NAMES)}")
+    raise errors.UserError(f"unknown model {name!r}; valid: {', '.join(NAMES)}")
   num_classes = _positive_int(num_classes, "num_classes")
   options = _checked_options(name, options)
   if name == "resnet18":
@@ -150,8 +158,8 @@ def options_from_config(model_config) -> Dict[str, Any]:
     try:
       options["cas_stages"] = tuple(int(s) for s in stages.strip("()").split(",") if s.strip())
     except ValueError:
-      raise ValueError(f"model.cas_stages={stages!r}; use 'default', 'none' or stage numbers "
-                       "such as '3,4'") from None
+      raise errors.UserError(f"model.cas_stages={stages!r}; use 'default', 'none' or stage numbers "
+                              "such as '3,4'") from None
   return options
 
 
@@ -176,6 +184,7 @@ def variable_shapes(model: nn.Module, image_shape: Tuple[int, ...]) -> Dict[str,
   return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
 
 
-__all__ = ["NAMES", "DTYPES", "baselines", "baseline_options", "create", "from_config", "options_from_config", "variable_shapes",
+__all__ = ["NAMES", "DTYPES", "accepts", "baselines", "baseline_options", "create", "from_config",
+           "options_from_config", "variable_shapes",
            "CAS", "ResNet", "ResNet18", "ResNet34", "WideResNet", "VGG16",
            "cas", "resnet", "vgg", "wrn"]

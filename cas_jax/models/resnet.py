@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from cas_jax import errors
 from cas_jax.models import baselines
 from cas_jax.models import cas as cas_lib
 from cas_jax.models import conv
@@ -31,8 +32,9 @@ def check_cas_stages(cas_stages, model_name: str = "resnet") -> Tuple[int, ...]:
     stages = None
   if (stages is None or len(set(stages)) != len(stages)
       or any(isinstance(s, bool) or s not in STAGES for s in stages)):
-    raise ValueError(f"cas_stages {cas_stages!r} invalid for {model_name}; choose any subset of "
-                     f"{STAGES}, e.g. (4,) (the paper's placement) or () for a plain network.")
+    raise errors.UserError(
+        f"cas_stages {cas_stages!r} invalid for {model_name}; choose any subset of "
+        f"{STAGES}, e.g. (4,) (the paper's placement) or () for a plain network.")
   return tuple(sorted(int(s) for s in stages))
 
 

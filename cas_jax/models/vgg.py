@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from cas_jax import errors
 from cas_jax.models import cas as cas_lib
 from cas_jax.models import conv
 
@@ -31,8 +32,9 @@ def check_cas_stages(cas_stages, model_name: str = "vgg16") -> Optional[tuple]:
     return None
   if isinstance(cas_stages, (tuple, list)) and not cas_stages:
     return ()
-  raise ValueError(f"cas_stages {cas_stages!r} invalid for {model_name}; choose None (the "
-                   "official placement: after each of the last three conv layers) or () (no CAS).")
+  raise errors.UserError(
+      f"cas_stages {cas_stages!r} invalid for {model_name}; choose None (the "
+      "official placement: after each of the last three conv layers) or () (no CAS).")
 
 
 def _dense(features: int, fan_in: int, dtype, name: str) -> nn.Dense:

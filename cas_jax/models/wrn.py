@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from cas_jax import errors
 from cas_jax.models import cas as cas_lib
 from cas_jax.models import conv
 
@@ -32,18 +33,20 @@ def check_cas_stages(cas_stages, model_name: str = "wrn") -> Optional[tuple]:
     return None
   if isinstance(cas_stages, (tuple, list)) and not cas_stages:
     return ()
-  raise ValueError(f"cas_stages {cas_stages!r} invalid for {model_name}; choose None (the "
-                   "official placement: last block of group 3 + after the final bn-ReLU) or () "
-                   "(no CAS).")
+  raise errors.UserError(
+      f"cas_stages {cas_stages!r} invalid for {model_name}; choose None (the "
+      "official placement: last block of group 3 + after the final bn-ReLU) or () "
+      "(no CAS).")
 
 
 def check_depth_and_width(depth, widen_factor) -> None:
   """ValueError unless depth = 6n + 4 (n >= 1) and widen_factor is a positive integer."""
   if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
-    raise ValueError(f"depth {depth!r} invalid for wrn; choose 6n + 4 with n >= 1 "
-                     "(10, 16, 22, 28, 34, ...).")
+    raise errors.UserError(f"depth {depth!r} invalid for wrn; choose 6n + 4 with n >= 1 "
+                            "(10, 16, 22, 28, 34, ...).")
   if isinstance(widen_factor, bool) or not isinstance(widen_factor, int) or widen_factor < 1:
-    raise ValueError(f"widen_factor {widen_factor!r} invalid for wrn; choose a positive integer.")
+    raise errors.UserError(
+        f"widen_factor {widen_factor!r} invalid for wrn; choose a positive integer.")
 
 
 def _conv(features: int, size: int, strides: int, dtype, name: str) -> nn.Conv:

@@ -1,0 +1,181 @@
+"""The runs of an experiment (cas_jax/experiments.py): reuse, train, evaluate (cached), one row.
+
+    check_reusable(config, workdir, retrain=False)    # UserError if W holds another config's model
+    reports = evaluate_setting(config, workdir)        # cached in W/experiment_eval.json
+    row = setting_row(setting_info, configs, reports_per_seed, workdirs)
+
+A setting's folder is reused only when its recorded config (config.json, written by
+train.train_and_evaluate) trains the same model as the requested one; raising
+schedule.num_epochs continues it. The evaluation cache keys on the whole config (attacks and
+budgets included) and on the identity of the workdir's checkpoints.
+"""
+import hashlib
+import json
+import os
+from typing import Any, Dict, List, Optional
+
+from absl import logging
+import ml_collections
+import numpy as np
+
+from cas_jax import checkpointing
+from cas_jax import errors
+from cas_jax import evaluate
+from cas_jax import input_pipeline
+from cas_jax import metric_writers
+from cas_jax import provenance
+from cas_jax import report as report_lib
+
+EVAL_CACHE = "experiment_eval.json"
+
+
+def _has_checkpoints(workdir: str) -> bool:
+  folder = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
+
+
+def _set_aside(workdir: str) -> str:
+  """Rename workdir to <workdir>.replaced[.k] (never deleted); the new path."""
+  target, k = workdir + ".replaced", 1
+  while os.path.exists(target):
+    target, k = f"{workdir}.replaced.{k}", k + 1
+  os.rename(workdir, target)
+  return target
+
+
+def check_reusable(config: ml_collections.ConfigDict, workdir: str, retrain: bool = False,
+                   flag: str = "--retrain") -> None:
+  """UserError unless workdir is empty or holds a model of `config` (retrain: set it aside).
+
+  A recorded schedule.num_epochs below the requested one is fine (training continues).
+  """
+  if not _has_checkpoints(workdir):
+    return
+  recorded = provenance.read_config(workdir)
+  # More epochs continue the run; fewer would evaluate a model trained longer than asked.
+  changes = {} if recorded is None else {
+      f: (a, b) for f, (a, b) in provenance.differences(recorded, config).items()
+      if f not in provenance.EXTENDABLE or b < a}
+  if recorded is not None and not changes:
+    return
+  why = ("holds checkpoints but no config.json (trained before configs were recorded)"
+         if recorded is None
+         else f"was trained with another config ({provenance.describe(changes)})")
+  if retrain:
+    logging.warning("%s %s; kept as %s, training it again", workdir, why, _set_aside(workdir))
+    return
+  raise errors.UserError(f"{workdir} {why}; rerun with {flag} to train it again (the old "
+                         "folder is kept, renamed), or use a new --workdir")
+
+
+def is_trained(config: ml_collections.ConfigDict, workdir: str) -> bool:
+  """Whether workdir holds the checkpoint of config's final epoch."""
+  if not _has_checkpoints(workdir):
+    return False
+  latest = _latest_step(workdir)
+  if latest is None:
+    return False
+  steps_per_epoch = input_pipeline.create_dataset(config).steps_per_epoch
+  return latest >= config.schedule.num_epochs * steps_per_epoch
+
+
+def _latest_step(workdir: str) -> Optional[int]:
+  manager = checkpointing.create_manager(workdir, async_save=False)
+  step = manager.latest_step()
+  manager.close()
+  return step
+
+
+def checkpoint_identity(workdir: str) -> Dict[str, Any]:
+  """The saved steps, the best one, and a digest of each step's commit metadata."""
+  manager = checkpointing.create_manager(workdir, async_save=False)
+  steps, best = manager.all_steps(), checkpointing.best_step(manager)
+  manager.close()
+  digests = {str(step): _digest(os.path.join(workdir, "checkpoints", str(step),
+                                             "_CHECKPOINT_METADATA")) for step in steps}
+  return {"latest": max(steps) if steps else None, "best": best, "digests": digests}
+
+
+def _digest(path: str) -> Optional[str]:
+  if not os.path.isfile(path):
+    return None
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def eval_request(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Everything an evaluation depends on, as JSON data (a cached result is reused if equal)."""
+  return json.loads(json.dumps({"config": config.to_dict(),
+                                "checkpoints": checkpoint_identity(workdir)}))
+
+
+def evaluate_setting(config: ml_collections.ConfigDict,
+                     workdir: str) -> Dict[str, report_lib.Report]:
+  """{checkpoint label: Report} of workdir, from the cache if it answers the same request."""
+  path = os.path.join(workdir, EVAL_CACHE)
+  request = eval_request(config, workdir)
+  if os.path.isfile(path):
+    with open(path) as f:
+      cached = json.load(f)
+    if cached["request"] == request:
+      logging.info("Reusing the evaluation in %s", path)
+      return {label: report_lib.Report.from_json(json.dumps(data))
+              for label, data in cached["reports"].items()}
+  reports = evaluate.evaluate_workdir(config, workdir)
+  with open(path, "w") as f:
+    json.dump({"request": request,
+               "reports": {label: json.loads(r.to_json()) for label, r in reports.items()}}, f)
+  return reports
+
+
+def training_summary(workdir: str) -> Dict[str, float]:
+  """Epochs trained and the summed epoch times of workdir/metrics.jsonl."""
+  epochs, seconds = 0, 0.0
+  path = os.path.join(workdir, metric_writers.METRICS_FILE)
+  if os.path.isfile(path):
+    with open(path) as f:
+      lines = [line for line in f if metric_writers.row_step(line) is not None]  # whole rows
+    for row in map(json.loads, lines):
+      if row.get("epoch") is not None:
+        epochs = max(epochs, int(row["epoch"]))
+        seconds += row.get("epoch_time_s") or 0.0
+  return {"epochs": epochs, "train_seconds": seconds}
+
+
+def _figure(reports: List[report_lib.Report], name: str) -> str:
+  """One seed: the report's figure; several: 'mean ± std' (std over seeds, ddof 1)."""
+  if len(reports) == 1:
+    return reports[0].figure(name)
+  values = np.array([100 * r.accuracy(name) for r in reports])
+  bound = "<= " if any(r.figure(name).startswith("<=") for r in reports) else ""
+  return f"{bound}{values.mean():.1f} ± {values.std(ddof=1):.1f}"
+
+
+def setting_row(info: Dict[str, Any], label: str, reports: List[report_lib.Report],
+                seeds: List[int], workdirs: List[str]) -> dict:
+  """One table row of a setting's checkpoint `label` over its seeds (every seed kept)."""
+  first = reports[0]
+  names = [report_lib.NATURAL, *first.attacks, report_lib.WORST_CASE]
+  names = [n for n in names if all(n in r.verdicts for r in reports)]
+  per_seed = []
+  for seed, report, workdir in zip(seeds, reports, workdirs):
+    per_seed.append({"seed": seed, "workdir": workdir,
+                     "accuracy": {n: report.accuracy(n) for n in names},
+                     "eval_seconds": sum(report.seconds.values()), **training_summary(workdir)})
+  accuracy = {n: float(np.mean([s["accuracy"][n] for s in per_seed])) for n in names}
+  spread = {n: float(np.std([s["accuracy"][n] for s in per_seed], ddof=1))
+            if len(per_seed) > 1 else 0.0 for n in names}
+  return {**info, "checkpoint": label, "seeds": seeds, "workdir": os.path.dirname(workdirs[0])
+          if len(workdirs) > 1 else workdirs[0],
+          "num_images": first.num_images, "eps": first.eps,
+          "accuracy": accuracy, "accuracy_std": spread,
+          "figure": {n: _figure(reports, n) for n in names},
+          "descriptions": {n: d["description"] for n, d in first.attacks.items()},
+          "sanity": [f"seed {seed}: {w}" if len(seeds) > 1 else w
+                     for seed, r in zip(seeds, reports) for w in r.sanity],
+          "per_seed": per_seed,
+          "verdicts": {n: [np.asarray(r.verdicts[n], int).tolist() for r in reports]
+                       for n in names},
+          "eval_seconds": sum(s["eval_seconds"] for s in per_seed),
+          "epochs": min(s["epochs"] for s in per_seed),
+          "train_seconds": sum(s["train_seconds"] for s in per_seed)}
