@@ -262,6 +262,9 @@ def test_end_to_end_train_then_evaluate_workdir(tmp_path, capsys):
     assert all(len(v) == 16 for v in data["verdicts"].values())
     markdown = (tmp_path / "eval" / f"{label}_report.md").read_text()
     assert "| **worst case**" in markdown and "## Sanity report" in markdown
+    assert "Provenance: cas_jax" in markdown and "## Cost" in markdown
+    assert data["provenance"]["versions"]["jax"] == jax.__version__
+    assert data["provenance"]["training_runs"]  # the workdir's training run is named
   printed = capsys.readouterr().out
   assert "| aa-joint: AutoAttack standard, joint losses |" in printed
 

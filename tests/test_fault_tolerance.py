@@ -237,7 +237,7 @@ def test_metrics_file_drops_rows_after_the_resume_step_and_stays_json(tmp_path):
 
 def run_main_in_process(monkeypatch, workdir, mode="train", **overrides):
   """main.py's main() in this process, its flags set as the command line would set them."""
-  import main as main_module  # pylint: disable=g-import-not-at-top  (defines main.py's flags)
+  from cas_jax import main as main_module  # pylint: disable=g-import-not-at-top  (its flags)
   flags = main_module.FLAGS
   flags(["main.py", "--config=configs/smoke.py", f"--workdir={workdir}", f"--mode={mode}"])
   for key, value in overrides.items():  # on the config this parse just loaded
