@@ -7,6 +7,8 @@ Small budgets throughout; the same model functions are reused so that compilatio
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import chex
 import jax
@@ -245,16 +247,14 @@ def test_missing_checkpoint_names_the_fix(tmp_path):
   assert not os.path.exists(tmp_path / "checkpoints")
 
 
-def test_end_to_end_train_then_evaluate_workdir(tmp_path, capsys):
-  config = tiny_config()
-  config.schedule.num_epochs = 1
-  train.train_and_evaluate(config, str(tmp_path))
-  config.eval.report_images = 16
-  config.eval.attacks = "default"
-  config.eval.apgd_steps, config.eval.fab_steps = 3, 3
-  config.eval.square_queries, config.eval.target_classes = 10, 2
-  reports = evaluate.evaluate_workdir(config, str(tmp_path))
-  assert set(reports) == {"last", "best"}  # one epoch: the same checkpoint, evaluated once
+def test_end_to_end_train_then_evaluate_workdir(tmp_path):
+  result = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__),
+                                                        "eval_workdir_check.py"), str(tmp_path)],
+                          env=fake_devices.environment(1), capture_output=True, text=True,
+                          timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  # One epoch: last and best are the same checkpoint, evaluated once and written twice.
+  assert "labels: best,last" in result.stdout
   names = ["natural", "pgd20", "cw", "aa", "aa-joint", "worst_case"]
   for label in ("last", "best"):
     data = json.loads((tmp_path / "eval" / f"{label}_report.json").read_text())
@@ -265,8 +265,7 @@ def test_end_to_end_train_then_evaluate_workdir(tmp_path, capsys):
     assert "Provenance: cas_jax" in markdown and "## Cost" in markdown
     assert data["provenance"]["versions"]["jax"] == jax.__version__
     assert data["provenance"]["training_runs"]  # the workdir's training run is named
-  printed = capsys.readouterr().out
-  assert "| aa-joint: AutoAttack standard, joint losses |" in printed
+  assert "| aa-joint: AutoAttack standard, joint losses |" in result.stdout
 
 
 def test_evaluates_a_pytorch_checkpoint_of_the_authors_layout(tmp_path):
