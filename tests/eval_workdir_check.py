@@ -3,8 +3,9 @@ WORKDIR, then evaluate the workdir with the default attacks (small budgets).
 
     python tests/eval_workdir_check.py WORKDIR
 
-(A fresh process: in a long-lived pytest-xdist worker that had run many other tests, XLA:CPU
-has crashed while compiling this evaluation; a new process has not. See docs/implementation.md.)
+(A fresh process: this test compiles a whole training step and every AutoAttack unit of a
+network, many memory mappings that a long-lived pytest-xdist worker need not keep; see
+docs/implementation.md, "Many compilations in one process".)
 """
 import sys
 
