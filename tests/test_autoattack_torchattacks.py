@@ -46,18 +46,7 @@ def reference_setup():
 @pytest.mark.slow
 def test_standard_autoattack_matches_torchattacks(reference_setup):
   torch, torchattacks, images, labels, source = reference_setup
-  torch.manual_seed(0)
-  net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 64), torch.nn.ReLU(),
-                            torch.nn.Linear(64, 10))
-  optimizer = torch.optim.Adam(net.parameters(), 3e-3)
-  x_train, y_train = torch.tensor(images[:5000]), torch.tensor(labels[:5000])
-  for _ in range(30):
-    for batch in torch.randperm(5000).split(256):
-      loss = torch.nn.functional.cross_entropy(net(x_train[batch]), y_train[batch])
-      optimizer.zero_grad()
-      loss.backward()
-      optimizer.step()
-  net.eval()
+  net, jax_net = _train_torch_mlp(torch, images, labels, epochs=30, batch_size=256)
   with torch.no_grad():
     correct = (net(torch.tensor(images)).argmax(1).numpy() == labels)
   chosen = np.flatnonzero(correct)[:600]
@@ -75,9 +64,6 @@ def test_standard_autoattack_matches_torchattacks(reference_setup):
   with torch.no_grad():
     theirs = np.mean(net(x_reference).argmax(1).numpy() == y)
 
-  w1, b1, w2, b2 = [jnp.asarray(p.detach().numpy()) for p in net.parameters()]
-  jax_net = lambda z: jax.nn.relu(
-      jnp.transpose(z, (0, 3, 1, 2)).reshape(z.shape[0], -1) @ w1.T + b1) @ w2.T + b2
   x_nhwc = jnp.asarray(np.transpose(x, (0, 2, 3, 1)))
   x_adv, robust = autoattack(jax_net, x_nhwc, jnp.asarray(y), eps=eps, key=KEY,
                              return_per_attack=True)
@@ -184,7 +170,7 @@ def test_autoattack_on_a_cas_model_is_at_least_as_strong_as_torchattacks(referen
   assert not np.any(~theirs.any(0) & ours.all(0))
 
 
-def _train_torch_mlp(torch, images, labels, epochs=5):
+def _train_torch_mlp(torch, images, labels, epochs=5, batch_size=128):
   """A one-hidden-layer network trained briefly, and the same network in JAX (NHWC)."""
   torch.manual_seed(0)
   net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 64), torch.nn.ReLU(),
@@ -192,7 +178,7 @@ def _train_torch_mlp(torch, images, labels, epochs=5):
   optimizer = torch.optim.Adam(net.parameters(), 3e-3)
   x_train, y_train = torch.tensor(images[:5000]), torch.tensor(labels[:5000])
   for _ in range(epochs):
-    for batch in torch.randperm(5000).split(128):
+    for batch in torch.randperm(5000).split(batch_size):
       loss = torch.nn.functional.cross_entropy(net(x_train[batch]), y_train[batch])
       optimizer.zero_grad()
       loss.backward()

@@ -172,8 +172,6 @@ def autoattack(model_fn, x: Array, y: Array, *, eps=8 / 255, version: str = "sta
   robust, _ = judge(x, y, keys)
   num_classes = jax.eval_shape(lambda z, k: predict(model_fn, z, k, randomized), x[:1],
                                keys[:1]).shape[-1]
-  if randomized:
-    model_fn = engine.as_partial(model_fn)
   options = dict(eps=eps, keys=keys, judge=judge, loss=loss, beta=beta, apgd_steps=apgd_steps,
                  fab_steps=fab_steps, square_queries=square_queries,
                  ranks=target_ranks(target_classes, num_classes),
