@@ -290,12 +290,14 @@ def budget_from_config(evaluation) -> AttackBudget:
                          for name, default in vars(defaults).items()})
 
 
-def evaluate_workdir(config, workdir: str) -> Dict[str, report_lib.Report]:
+def evaluate_workdir(config, workdir: str,
+                     out_dir: Optional[str] = None) -> Dict[str, report_lib.Report]:
   """Evaluate config.eval.checkpoints of workdir (or config.eval.torch_checkpoint); write reports.
 
-  Writes workdir/eval/<checkpoint>_report.md and .json and prints each markdown report. Each
-  report records its progress in workdir/eval/state/<checkpoint>/: the same command after an
-  interruption resumes it, and a finished one is replayed without attacking anything again.
+  Writes out_dir (default workdir/eval)/<checkpoint>_report.md and .json and prints each
+  markdown report. Each report records its progress in out_dir/state/<checkpoint>/: the same
+  command after an interruption resumes it, and a finished one is replayed without attacking
+  anything again.
   """
   evaluation = config.eval
   parse_attacks(evaluation.attacks, eps=evaluation.eps, has_cas=True)  # fail fast on typos
@@ -315,7 +317,7 @@ def evaluate_workdir(config, workdir: str) -> Dict[str, report_lib.Report]:
             if needs_source else None)
   source_fn = bind_model(source.model, source.variables) if source else None
   key = jax.random.fold_in(jax.random.key(config.seed), 1)
-  out_dir = os.path.join(workdir, "eval")
+  out_dir = out_dir or os.path.join(workdir, "eval")
   writes = jax.process_index() == 0  # every process evaluates; the first one writes
   if writes:
     os.makedirs(out_dir, exist_ok=True)

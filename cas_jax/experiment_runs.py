@@ -1,7 +1,8 @@
 """The runs of an experiment (cas_jax/experiments.py): reuse, train, evaluate (cached), one row.
 
     check_reusable(config, workdir, retrain=False)    # UserError if W holds another config's model
-    reports = evaluate_setting(config, workdir)        # cached in W/experiment_eval.json
+    check_trained(config, workdir, train_command)       # evaluation-only experiments
+    reports = evaluate_setting(config, workdir, name)  # cached in W/eval/<name>/
     row = setting_row(setting_info, configs, reports_per_seed, workdirs)
 
 A setting's folder is reused only when its recorded config (config.json, written by
@@ -51,21 +52,34 @@ def check_reusable(config: ml_collections.ConfigDict, workdir: str, retrain: boo
   """
   if not _has_checkpoints(workdir):
     return
-  recorded = provenance.read_config(workdir)
-  # More epochs continue the run; fewer would evaluate a model trained longer than asked.
-  changes = {} if recorded is None else {
-      f: (a, b) for f, (a, b) in provenance.differences(recorded, config).items()
-      if f not in provenance.EXTENDABLE or b < a}
-  if recorded is not None and not changes:
+  why = _other_model(config, workdir)
+  if why is None:
     return
-  why = ("holds checkpoints but no config.json (trained before configs were recorded)"
-         if recorded is None
-         else f"was trained with another config ({provenance.describe(changes)})")
   if retrain:
     logging.warning("%s %s; kept as %s, training it again", workdir, why, _set_aside(workdir))
     return
   raise errors.UserError(f"{workdir} {why}; rerun with {flag} to train it again (the old "
                          "folder is kept, renamed), or use a new --workdir")
+
+
+def _other_model(config: ml_collections.ConfigDict, workdir: str) -> Optional[str]:
+  """Why workdir's checkpoints are not a model of `config` (in words), or None if they are."""
+  recorded = provenance.read_config(workdir)
+  if recorded is None:
+    return "holds checkpoints but no config.json (trained before configs were recorded)"
+  # More epochs continue the run; fewer would evaluate a model trained longer than asked.
+  changes = {f: (a, b) for f, (a, b) in provenance.differences(recorded, config).items()
+             if f not in provenance.EXTENDABLE or b < a}
+  return f"was trained with another config ({provenance.describe(changes)})" if changes else None
+
+
+def check_trained(config: ml_collections.ConfigDict, workdir: str, train_command: str) -> None:
+  """UserError unless workdir holds config's model at its final epoch (evaluation-only runs)."""
+  why = (_other_model(config, workdir) if is_trained(config, workdir)
+         else "holds no finished training of this setting")
+  if why is not None:
+    raise errors.UserError(f"{workdir} {why}; this experiment trains nothing: first run "
+                            f"{train_command}")
 
 
 def is_trained(config: ml_collections.ConfigDict, workdir: str) -> bool:
@@ -104,42 +118,67 @@ def _digest(path: str) -> Optional[str]:
 
 
 def eval_request(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Everything an evaluation depends on, as JSON data (a cached result is reused if equal)."""
-  return json.loads(json.dumps({"config": config.to_dict(),
-                                "checkpoints": checkpoint_identity(workdir)}))
+  """Everything an evaluation depends on, as JSON data (a cached result is reused if equal).
+
+  The config (attacks and budgets included), the checkpoints and, for a transfer source that
+  is a workdir, its checkpoints too.
+  """
+  request = {"config": config.to_dict(), "checkpoints": checkpoint_identity(workdir)}
+  source = config.eval.get("transfer_checkpoint", "")
+  if source and os.path.isdir(source):
+    request["transfer_source"] = checkpoint_identity(source)
+  return json.loads(json.dumps(request))
 
 
-def evaluate_setting(config: ml_collections.ConfigDict,
-                     workdir: str) -> Dict[str, report_lib.Report]:
-  """{checkpoint label: Report} of workdir, from the cache if it answers the same request."""
-  path = os.path.join(workdir, EVAL_CACHE)
+def evaluate_setting(config: ml_collections.ConfigDict, workdir: str,
+                     experiment: str) -> Dict[str, report_lib.Report]:
+  """{checkpoint label: Report} of workdir for `experiment`, cached if the request is the same.
+
+  Reports, resume state and cache go to workdir/eval/<experiment>/, so that experiments that
+  share a trained setting (table3, table13, ...) keep each its own evaluation. A cache of the
+  earlier layout (workdir/experiment_eval.json) is still read.
+  """
+  out_dir = os.path.join(workdir, "eval", experiment)
+  path = os.path.join(out_dir, EVAL_CACHE)
   request = eval_request(config, workdir)
-  if os.path.isfile(path):
-    with open(path) as f:
-      cached = json.load(f)
-    if cached["request"] == request:
-      logging.info("Reusing the evaluation in %s", path)
-      return {label: report_lib.Report.from_json(json.dumps(data))
-              for label, data in cached["reports"].items()}
-  reports = evaluate.evaluate_workdir(config, workdir)
+  for cache in (path, os.path.join(workdir, EVAL_CACHE)):
+    if os.path.isfile(cache):
+      with open(cache) as f:
+        cached = json.load(f)
+      if cached["request"] == request:
+        logging.info("Reusing the evaluation in %s", cache)
+        return {label: report_lib.Report.from_json(json.dumps(data))
+                for label, data in cached["reports"].items()}
+  reports = evaluate.evaluate_workdir(config, workdir, out_dir=out_dir)
   with open(path, "w") as f:
     json.dump({"request": request,
                "reports": {label: json.loads(r.to_json()) for label, r in reports.items()}}, f)
   return reports
 
 
+def _metric_rows(workdir: str) -> List[dict]:
+  """The whole rows of workdir/metrics.jsonl (a line cut short by a stop is skipped)."""
+  path = os.path.join(workdir, metric_writers.METRICS_FILE)
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if metric_writers.row_step(line) is not None]
+
+
 def training_summary(workdir: str) -> Dict[str, float]:
   """Epochs trained and the summed epoch times of workdir/metrics.jsonl."""
   epochs, seconds = 0, 0.0
-  path = os.path.join(workdir, metric_writers.METRICS_FILE)
-  if os.path.isfile(path):
-    with open(path) as f:
-      lines = [line for line in f if metric_writers.row_step(line) is not None]  # whole rows
-    for row in map(json.loads, lines):
-      if row.get("epoch") is not None:
-        epochs = max(epochs, int(row["epoch"]))
-        seconds += row.get("epoch_time_s") or 0.0
+  for row in _metric_rows(workdir):
+    if row.get("epoch") is not None:
+      epochs = max(epochs, int(row["epoch"]))
+      seconds += row.get("epoch_time_s") or 0.0
   return {"epochs": epochs, "train_seconds": seconds}
+
+
+def last_metric(workdir: str, name: str) -> Optional[float]:
+  """The last value of metric `name` in workdir/metrics.jsonl (None if none was written)."""
+  values = [row[name] for row in _metric_rows(workdir) if name in row]
+  return float(values[-1]) if values else None
 
 
 def _figure(reports: List[report_lib.Report], name: str) -> str:

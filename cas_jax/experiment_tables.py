@@ -93,6 +93,15 @@ def markdown(result: dict) -> str:
   lines = [f"# {result['experiment']}: {result['title']}", ""]
   if result.get("command"):
     lines += [f"`{result['command']}` on {result['devices']}.", ""]
+  source = result.get("source")
+  if source:
+    accuracy = ("natural accuracy not recorded" if source["natural_accuracy"] is None else
+                f"{100 * source['natural_accuracy']:.1f}% natural accuracy on the first "
+                f"{source['accuracy_images'] or 'all'} test images")
+    lines += [f"Transfer source: {source['label']}, `{source['model']}` width "
+              f"{source['width'] or 'full'}, {source['epochs']} epochs in `{source['workdir']}` "
+              f"({accuracy}); the transfer examples are crafted on it, then shown to each row.",
+              ""]
   lines += [
       f"{first['num_images']} test images, eps {report_lib.format_eps(first['eps'])}; white-box "
       "attacks on CAS models are adaptive (joint loss of the main and CAS heads). The worst "

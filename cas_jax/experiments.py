@@ -14,12 +14,16 @@ resumes from its latest checkpoint). A folder is reused only when its recorded c
 trains the same model; otherwise the driver names the fields that differ and stops before
 any training (--retrain: the old folder is renamed and the setting trained again). Each is
 evaluated by `evaluate.evaluate_workdir` with one attack list for all (default: the report's
-default set plus FGSM, the last checkpoint; cached in <folder>/experiment_eval.json, keyed
-on the whole config and the checkpoints' identity), and the driver writes W/NAME.md,
+default set plus FGSM, the last checkpoint; reports, resume state and cache in
+<folder>/eval/NAME/, the cache keyed on the whole config and the checkpoints' identity), and
+the driver writes W/NAME.md,
 W/NAME.json (and W/fig8.png): every attack's accuracy (mean ± std over seeds) beside the
 per-image worst case, each CAS row against its plain twin with a 95% paired-bootstrap
 interval and exact McNemar tests (cas_jax/statistics.py), and the paper's figures where the
 paper text gives them. Settings run one after the other in one process (single host).
+
+table4, table12 and table13 evaluate table3's trained settings (same --workdir and flags) and
+train nothing; table6 trains its transfer source (a natural ResNet-50) in W/source_resnet50/.
 """
 import dataclasses
 import os
@@ -74,6 +78,11 @@ class Experiment:
   model: Optional[str] = None  # take MODEL_FIELDS from default.setting(..., model)
   plot_beta: bool = False  # draw accuracy against the CAS loss weight beta (fig8)
   attacks: str = EVAL_DEFAULTS["eval.attacks"]  # every setting's attack list, unless overridden
+  # Evaluation only: the settings were trained by this experiment in the same --workdir.
+  reuses: str = ""
+  # Trained once (base seed) in W/<name>/ before the settings: the transfer attacks' source.
+  source: Optional[Setting] = None
+  exact: bool = False  # every attack on every clean-correct image (eval.exact_per_attack)
 
 
 def _paper(natural, fgsm, pgd20, cw):
@@ -104,6 +113,12 @@ def _baseline(name: str, label: str, extra_attacks: str = "") -> Setting:
                  overrides=(("baseline", name),))
 
 
+_TABLE3 = _methods_table({})
+# Table 6's transfer source: a naturally trained ResNet-50 (bottleneck blocks), no CAS.
+_RESNET50_SOURCE = Setting("source_resnet50", "ResNet-50, natural training (transfer source)",
+                           "natural", cas=False,
+                           overrides=(("model.name", "resnet50"), ("baseline", "none")))
+
 EXPERIMENTS = {
     # Paper Table 1: CAS beside the activation-side defenses kWTA, SAP and PCL, all with PGD-AT.
     # Avg-PGD-100 is a Table 1 column; SAP, randomized, is also attacked with EOT and AutoAttack's
@@ -118,7 +133,20 @@ EXPERIMENTS = {
     # "table3" is the paper's Table 5 (white-box robustness, ResNet-18, CIFAR-10);
     # the paper's ResNet-18 figures did not survive in its text, so none are shown.
     "table3": Experiment("AT, TRADES and MART with and without CAS (paper Table 5, ResNet-18)",
-                         _methods_table({})),
+                         _TABLE3),
+    # The next four evaluate table3's settings (the same --workdir and flags): Tables 4, 12 and
+    # 13 train nothing; Table 6 trains its source (and any table3 setting not trained yet).
+    "table4": Experiment("The CAS heads attacked alone, main-head accuracy (paper Table 4)",
+                         tuple(dataclasses.replace(s, twin="") for s in _TABLE3 if s.cas),
+                         attacks="pgd20-main,cas-head20,pgd20", reuses="table3", exact=True),
+    "table6": Experiment("Black-box: transfer from a naturally trained ResNet-50, and N-Attack "
+                         "(paper Table 6)", _TABLE3, source=_RESNET50_SOURCE, exact=True,
+                         attacks="transfer-pgd20,transfer-cw20,n-attack"),
+    "table12": Experiment("The Margin Decomposition attack (paper Table 12)", _TABLE3,
+                          attacks="pgd20,cw,md", reuses="table3", exact=True),
+    "table13": Experiment("PGD-20 at eps 2, 4, 8, 16, 32/255 (paper Table 13; no gradient "
+                          "masking: accuracy falls to 0)", _TABLE3, attacks="sweep",
+                          reuses="table3"),
     "table2": Experiment("CAS ablation: channel suppressing is what helps (paper Table 2)", (
         Setting("no_cas", "no CAS", cas=False),
         Setting("cas_no_suppress", "CAS loss without suppressing", cas=True, twin="no_cas",
@@ -204,7 +232,9 @@ def setting_config(name: str, setting: Setting, base: ml_collections.ConfigDict,
     raise errors.UserError(f"--config.{clash[0]} is what {name} sets per setting ({setting.name}); "
                             "drop it (choose rows with --settings=...)")
   config = base.copy_and_resolve_references()
-  changes = {**EVAL_DEFAULTS, "eval.attacks": EXPERIMENTS[name].attacks, **fields}
+  experiment = EXPERIMENTS[name]
+  changes = {**EVAL_DEFAULTS, "eval.attacks": experiment.attacks,
+             **({"eval.exact_per_attack": True} if experiment.exact else {}), **fields}
   config.update_from_flattened_dict({p: v for p, v in changes.items() if p not in command_line})
   if setting.extra_attacks:
     config.eval.attacks = f"{config.eval.attacks},{setting.extra_attacks}"
@@ -224,43 +254,74 @@ def seed_workdirs(workdir: str, setting: Setting, config: ml_collections.ConfigD
   return {config.seed + k: os.path.join(folder, f"seed{k}") for k in range(seeds)}
 
 
+def _train_unless_done(config: ml_collections.ConfigDict, folder: str, what: str) -> None:
+  if experiment_runs.is_trained(config, folder):
+    logging.info("%s: trained (final checkpoint in %s)", what, folder)
+  else:
+    logging.info("%s: training in %s", what, folder)
+    train.train_and_evaluate(config, folder)
+
+
+def _source_summary(setting: Setting, config: ml_collections.ConfigDict, folder: str) -> dict:
+  """What the table says of a transfer source: its network and its last natural accuracy."""
+  accuracy = experiment_runs.last_metric(folder, "natural_acc")
+  return {"setting": setting.name, "label": setting.label, "workdir": folder,
+          "model": config.model.name, "width": config.model.width,
+          "natural_accuracy": accuracy, "accuracy_images": config.eval.num_images,
+          **experiment_runs.training_summary(folder)}
+
+
 def run_experiment(name: str, base: ml_collections.ConfigDict, workdir: str,
                    command_line: Iterable[str] = (), only: Optional[Sequence[str]] = None,
                    command: str = "", seeds: int = 1, retrain: bool = False) -> dict:
   """Train (unless finished) and evaluate every setting of `name` `seeds` times; write the table.
 
   A setting's folder that holds a model of another config stops the run before any training
-  (retrain=True: it is renamed and trained again).
+  (retrain=True: it is renamed and trained again). An evaluation-only experiment
+  (Experiment.reuses) trains nothing and stops unless every folder holds its finished model.
   """
   if seeds < 1:
     raise errors.UserError(f"--seeds={seeds}; use an integer >= 1")
   settings = select_settings(name, only)
-  command_line = set(command_line)
+  experiment, command_line = EXPERIMENTS[name], set(command_line)
+  if experiment.reuses and retrain:
+    raise errors.UserError(f"{name} trains nothing; drop --retrain (retrain with "
+                            f"cas-jax-experiments {experiment.reuses} --retrain)")
   # Every config is built, validated and checked against its folder before the first
   # (possibly hours-long) training.
   setting_configs = {s.name: setting_config(name, s, base, command_line) for s in settings}
+  source = None
+  if experiment.source:
+    source = (setting_config(name, experiment.source, base, command_line),
+              os.path.join(workdir, experiment.source.name))
+    for config in setting_configs.values():
+      config.eval.transfer_checkpoint = source[1]
   runs = {}
   for setting in settings:
     for seed, folder in seed_workdirs(workdir, setting, setting_configs[setting.name], seeds).items():
       seeded = setting_configs[setting.name].copy_and_resolve_references()
       seeded.seed = seed
       runs.setdefault(setting.name, []).append((seed, seeded, folder))
+  train_command = (f"cas-jax-experiments {experiment.reuses} --workdir={workdir} with the same "
+                   "--config, --config.* and --seeds flags")
   for _, config, folder in (run for group in runs.values() for run in group):
-    experiment_runs.check_reusable(config, folder, retrain)  # after every config is valid
+    if experiment.reuses:
+      experiment_runs.check_trained(config, folder, train_command)
+    else:
+      experiment_runs.check_reusable(config, folder, retrain)  # after every config is valid
+  if source:
+    experiment_runs.check_reusable(*source, retrain)
+    _train_unless_done(*source, f"{experiment.source.name} (transfer source)")
   rows = []
   for setting in settings:
     reports: Dict[str, list] = {}
     for seed, config, folder in runs[setting.name]:
-      if experiment_runs.is_trained(config, folder):
-        logging.info("%s seed %d: trained (final checkpoint in %s)", setting.name, seed, folder)
-      else:
-        logging.info("%s seed %d: training in %s", setting.name, seed, folder)
-        train.train_and_evaluate(config, folder)
-      for label, report in experiment_runs.evaluate_setting(config, folder).items():
+      _train_unless_done(config, folder, f"{setting.name} seed {seed}")
+      for label, report in experiment_runs.evaluate_setting(config, folder, name).items():
         reports.setdefault(label, []).append(report)
     config = runs[setting.name][0][1]
     info = {"setting": setting.name, "label": setting.label, "twin": setting.twin,
-            "fields": setting_fields(EXPERIMENTS[name], setting, base),
+            "fields": setting_fields(experiment, setting, base),
             "beta": config.loss.beta if config.model.cas_stages != "none" else 0.0,
             "paper": dict(setting.paper)}
     for label, per_seed in reports.items():
@@ -268,11 +329,13 @@ def run_experiment(name: str, base: ml_collections.ConfigDict, workdir: str,
                                               [seed for seed, _, _ in runs[setting.name]],
                                               [folder for _, _, folder in runs[setting.name]]))
   devices = jax.devices()
-  result = {"experiment": name, "title": EXPERIMENTS[name].title, "command": command,
+  result = {"experiment": name, "title": experiment.title, "command": command,
             "devices": f"{len(devices)} x {devices[0].device_kind}", "seeds": seeds,
             "overrides": sorted(command_line), "provenance": provenance.provenance(base),
             "rows": rows}
-  experiment_tables.write_outputs(result, workdir, plot_beta_png=EXPERIMENTS[name].plot_beta)
+  if source:
+    result["source"] = _source_summary(experiment.source, *source)
+  experiment_tables.write_outputs(result, workdir, plot_beta_png=experiment.plot_beta)
   return result
 
 

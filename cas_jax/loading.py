@@ -13,11 +13,13 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from absl import logging
 import flax.linen as nn
+import ml_collections
 
 from cas_jax import checkpointing
 from cas_jax import errors
 from cas_jax import interop
 from cas_jax import models
+from cas_jax import provenance
 
 CHECKPOINT_CHOICES = ("last", "best")
 
@@ -95,7 +97,8 @@ def load_transfer_source(config, num_classes: int,
   """The transfer attacks' source (config.eval.transfer_checkpoint), or None when unset.
 
   A .pth is the network config.eval.transfer_model (default: config.model.name) at its own
-  default width and CAS placement; a workdir is built like the evaluated model.
+  default width and CAS placement; a workdir is the network its config.json records (e.g. the
+  naturally trained ResNet-50 of Table 6), or, without one, the evaluated model's.
   """
   path = config.eval.get("transfer_checkpoint", "")
   if not path:
@@ -106,4 +109,9 @@ def load_transfer_source(config, num_classes: int,
     source_config.model.width = 0
     source_config.model.cas_stages = "default"
     source_config.baseline = "none"
+  else:
+    recorded = provenance.read_config(path)
+    if recorded is not None:
+      source_config.model = ml_collections.ConfigDict(recorded["model"])
+      source_config.baseline = recorded.get("baseline", "none")
   return load(source_config, path, num_classes, image_shape)

@@ -242,7 +242,7 @@ def test_pcl_network_sows_both_branches_and_train_step_adds_the_term_after_warm_
 def test_baseline_options_are_validated():
   with pytest.raises(ValueError, match="baseline='dropout'"):
     models.create("resnet18", baseline="dropout")
-  with pytest.raises(ValueError, match="resnet18 and resnet34 only"):
+  with pytest.raises(ValueError, match="for the ResNets only"):
     models.create("vgg16", baseline="kwta")
   with pytest.raises(ValueError, match="kwta_ratio"):
     models.create("resnet18", baseline="kwta", kwta_ratio=1.5)

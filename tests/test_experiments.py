@@ -143,7 +143,7 @@ def test_fig8_trains_evaluates_and_writes_then_resumes_without_work(tmp_path, mo
   assert [(r["setting"], r["beta"]) for r in written["rows"]] == [("beta0", 0.0), ("beta2", 2.0)]
   markdown = open(os.path.join(workdir, "fig8.md")).read()
   for row in written["rows"]:  # the table holds what each setting's own eval report says
-    with open(os.path.join(workdir, row["setting"], "eval", "last_report.json")) as f:
+    with open(os.path.join(workdir, row["setting"], "eval", "fig8", "last_report.json")) as f:
       report = json.load(f)
     assert row["accuracy"] == report["accuracy"] and row["num_images"] == 8
     assert set(report["accuracy"]) == {"natural", "fgsm", "pgd2", "worst_case"}
@@ -172,7 +172,7 @@ def test_seeds_train_every_setting_k_times_and_the_table_shows_mean_and_std(tmp_
   for row in result["rows"]:
     assert row["seeds"] == [0, 1] and [s["seed"] for s in row["per_seed"]] == [0, 1]
     for seed in row["per_seed"]:  # each seed's own report, in its own folder
-      with open(os.path.join(seed["workdir"], "eval", "last_report.json")) as f:
+      with open(os.path.join(seed["workdir"], "eval", "fig8", "last_report.json")) as f:
         assert json.load(f)["accuracy"] == seed["accuracy"]
       assert json.load(open(os.path.join(seed["workdir"], "config.json")))["seed"] == seed["seed"]
     values = [100 * s["accuracy"]["pgd2"] for s in row["per_seed"]]

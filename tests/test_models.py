@@ -152,6 +152,9 @@ def _abstract(model, n=2):
     ("resnet18", dict(width=4, cas_stages=()), {}),
     ("resnet34", dict(width=4, cas_stages=(3, 4)),
      {**{f"layer3_{b}": 16 for b in range(6)}, **{f"layer4_{b}": 32 for b in range(3)}}),
+    # Bottlenecks: stage s outputs 4 * width * 2**(s - 1) channels.
+    ("resnet50", dict(width=4), {f"layer4_{b}": 128 for b in range(3)}),
+    ("resnet50", dict(width=4, cas_stages=(2,)), {f"layer2_{b}": 32 for b in range(4)}),
     ("wrn", dict(depth=10, widen_factor=1), {"block3_0": 32, "extra_cas": 64}),
     ("wrn", dict(depth=16, widen_factor=2), {"block3_1": 128, "extra_cas": 128}),
     ("wrn", dict(depth=10, widen_factor=1, cas_stages=()), {}),
@@ -176,8 +179,10 @@ def test_full_width_parameter_counts_match_torch():
   def count(name):
     variables, _ = _abstract(models.create(name))
     return sum(a.size for a in jax.tree.leaves(variables["params"]))
-  # torch's ResNet-18 / WRN-34-10 / VGG16-BN counts, plus (K * 10 + 10) per CAS head.
+  # torch's ResNet-18 / WRN-34-10 / VGG16-BN counts, plus (K * 10 + 10) per CAS head;
+  # ResNet-50: the CIFAR Bottleneck network of kuangliu/pytorch-cifar (23,520,842).
   assert count("resnet18") == 11_173_962 + 2 * (512 * 10 + 10)
+  assert count("resnet50") == 23_520_842 + 3 * (2048 * 10 + 10)
   assert count("wrn34_10") == 46_160_474 + 2 * (640 * 10 + 10)
   cas = jax.eval_shape(lambda: models.create("vgg16", cas_stages=()).init(
       jax.random.key(0), jnp.zeros((2, 32, 32, 3))))
@@ -276,7 +281,8 @@ def test_wrn_cas_reads_bn1_relu_and_masks_only_the_residual_branch():
 
 
 @pytest.mark.parametrize("name, options, message", [
-    ("resnet50", {}, "unknown model 'resnet50'; valid: resnet18, resnet34, wrn34_10, wrn, vgg16"),
+    ("resnet101", {}, "unknown model 'resnet101'; valid: resnet18, resnet34, resnet50, "
+                      "wrn34_10, wrn, vgg16"),
     ("resnet18", dict(cas_stages=(5,)), r"cas_stages \(5,\) invalid for resnet18; choose any "
                                         r"subset of \(1, 2, 3, 4\)"),
     ("resnet18", dict(cas_stages=(4, 4)), "invalid for resnet18"),

@@ -1,4 +1,4 @@
-"""Flax CAS networks: CIFAR ResNet-18/34, WideResNet, VGG16-BN, built by name.
+"""Flax CAS networks: CIFAR ResNet-18/34/50, WideResNet, VGG16-BN, built by name.
 
     from cas_jax import models
     model = models.create("resnet18", num_classes=10)           # CAS after both stage-4 blocks
@@ -35,11 +35,11 @@ from flax import linen as nn
 from cas_jax import errors
 from cas_jax.models import baselines, cas, resnet, vgg, wrn
 from cas_jax.models.cas import CAS
-from cas_jax.models.resnet import ResNet, ResNet18, ResNet34
+from cas_jax.models.resnet import ResNet, ResNet18, ResNet34, ResNet50
 from cas_jax.models.vgg import VGG16
 from cas_jax.models.wrn import WideResNet
 
-NAMES = ("resnet18", "resnet34", "wrn34_10", "wrn", "vgg16")
+NAMES = ("resnet18", "resnet34", "resnet50", "wrn34_10", "wrn", "vgg16")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 _COMMON_OPTIONS = ("cas_stages", "cas_suppress", "dtype")
@@ -47,6 +47,7 @@ _BASELINE_OPTIONS = ("baseline", "kwta_ratio", "sap_ratio", "sap_deterministic",
 _OPTIONS = {
     "resnet18": ("width",) + _COMMON_OPTIONS + _BASELINE_OPTIONS,
     "resnet34": ("width",) + _COMMON_OPTIONS + _BASELINE_OPTIONS,
+    "resnet50": ("width",) + _COMMON_OPTIONS + _BASELINE_OPTIONS,
     "wrn34_10": _COMMON_OPTIONS,
     "wrn": ("depth", "widen_factor") + _COMMON_OPTIONS,
     "vgg16": ("width",) + _COMMON_OPTIONS,
@@ -89,7 +90,7 @@ def _checked_options(name: str, options: Dict[str, Any]) -> Dict[str, Any]:
   unknown = sorted(set(options) - set(_OPTIONS[name]))
   if options.get("baseline", "none") != "none" and not name.startswith("resnet"):
     raise errors.UserError(f"baseline={options['baseline']!r}: the Table 1 baselines are built for "
-                            "resnet18 and resnet34 only; use one of them or baseline='none'")
+                            "the ResNets only; use one of them or baseline='none'")
   if unknown:
     hint = " (use 'wrn' to choose depth/widen_factor)" if name == "wrn34_10" else ""
     raise errors.UserError(f"unknown option(s) {', '.join(unknown)} for {name}; valid: "
@@ -139,6 +140,8 @@ def create(name: str, num_classes: int = 10, **options) -> nn.Module:
     return ResNet18(num_classes=num_classes, **options)
   if name == "resnet34":
     return ResNet34(num_classes=num_classes, **options)
+  if name == "resnet50":
+    return ResNet50(num_classes=num_classes, **options)
   if name == "wrn34_10":
     return WideResNet(depth=34, widen_factor=10, num_classes=num_classes, **options)
   if name == "wrn":
@@ -186,5 +189,5 @@ def variable_shapes(model: nn.Module, image_shape: Tuple[int, ...]) -> Dict[str,
 
 __all__ = ["NAMES", "DTYPES", "accepts", "baselines", "baseline_options", "create", "from_config",
            "options_from_config", "variable_shapes",
-           "CAS", "ResNet", "ResNet18", "ResNet34", "WideResNet", "VGG16",
+           "CAS", "ResNet", "ResNet18", "ResNet34", "ResNet50", "WideResNet", "VGG16",
            "cas", "resnet", "vgg", "wrn"]

@@ -1,11 +1,12 @@
-"""CIFAR ResNet-18/34 (BasicBlocks) with CAS modules after the blocks of chosen stages.
+"""CIFAR ResNet-18/34 (BasicBlocks) and ResNet-50 (Bottlenecks), CAS after chosen stages' blocks.
 
     model = ResNet18(num_classes=10, cas_stages=(4,))   # the paper's placement, S = 2
     variables = model.init(key, x, train=False)
     logits, cas_logits = model.apply(variables, x, train=False)
 
 Layout of the official PyTorch code: 3x3 stem (stride 1, no max-pool), stages of widths
-(w, 2w, 4w, 8w), global mean pool, linear. A CAS module follows the final ReLU of every block of
+(w, 2w, 4w, 8w) (ResNet-50: bottleneck blocks 1x1-3x3-1x1, stride on the 3x3, outputs 4x those
+widths; kuangliu/pytorch-cifar's layout), global mean pool, linear. A CAS module follows the final ReLU of every block of
 each stage in `cas_stages` (params `layer{stage}_{block}/cas/fc`). Inits are torch's defaults.
 """
 import functools
@@ -45,8 +46,8 @@ def _conv3x3(features: int, strides: int, dtype, name: str) -> nn.Conv:
                  conv_general_dilated=conv.conv_general_dilated)
 
 
-class BasicBlock(nn.Module):
-  """conv-BN-ReLU-conv-BN + shortcut, ReLU; then, if `with_cas`, a CAS module."""
+class _Block(nn.Module):
+  """What both residual blocks share: their fields and the CAS module after the final ReLU."""
   features: int
   strides: int
   num_classes: int
@@ -55,21 +56,21 @@ class BasicBlock(nn.Module):
   dtype: cas_lib.Dtype = jnp.float32
   activation: Callable[[], nn.Module] = baselines.Activation
 
-  @nn.compact
-  def __call__(self, x: Array, labels: Optional[Array], train: bool,
-               bn_train: bool) -> Tuple[Array, Tuple[Array, ...]]:
-    norm = functools.partial(cas_lib.BatchNorm, use_running_average=not bn_train, dtype=self.dtype)
-    y = norm(name="bn1")(_conv3x3(self.features, self.strides, self.dtype, "conv1")(x))
-    y = self.activation()(y)
-    y = norm(name="bn2")(_conv3x3(self.features, 1, self.dtype, "conv2")(y))
-    shortcut = x
-    if self.strides != 1 or x.shape[-1] != self.features:
-      shortcut = nn.Conv(self.features, (1, 1), (self.strides, self.strides), use_bias=False,
-                         kernel_init=cas_lib.torch_kernel_init, dtype=self.dtype,
-                         conv_general_dilated=conv.conv_general_dilated,
-                         name="shortcut_conv")(x)
-      shortcut = norm(name="shortcut_bn")(shortcut)
-    y = self.activation()(y + shortcut)
+  def norm(self, bn_train: bool) -> Callable[..., nn.Module]:
+    """BatchNorm with batch statistics when bn_train, running averages otherwise."""
+    return functools.partial(cas_lib.BatchNorm, use_running_average=not bn_train, dtype=self.dtype)
+
+  def shortcut(self, x: Array, features: int, norm) -> Array:
+    """x itself, or a 1x1 strided projection + BN when the block changes shape."""
+    if self.strides == 1 and x.shape[-1] == features:
+      return x
+    y = nn.Conv(features, (1, 1), (self.strides, self.strides), use_bias=False,
+                kernel_init=cas_lib.torch_kernel_init, dtype=self.dtype,
+                conv_general_dilated=conv.conv_general_dilated, name="shortcut_conv")(x)
+    return norm(name="shortcut_bn")(y)
+
+  def cas(self, y: Array, labels: Optional[Array], train: bool) -> Tuple[Array, Tuple[Array, ...]]:
+    """The block's output and its CAS logits (none without a CAS module)."""
     if not self.with_cas:
       return y, ()
     y, cas_logits = cas_lib.CAS(self.num_classes, suppress=self.cas_suppress, dtype=self.dtype,
@@ -77,9 +78,44 @@ class BasicBlock(nn.Module):
     return y, (cas_logits,)
 
 
+class BasicBlock(_Block):
+  """conv-BN-ReLU-conv-BN + shortcut, ReLU; then, if `with_cas`, a CAS module."""
+
+  @nn.compact
+  def __call__(self, x: Array, labels: Optional[Array], train: bool,
+               bn_train: bool) -> Tuple[Array, Tuple[Array, ...]]:
+    norm = self.norm(bn_train)
+    y = norm(name="bn1")(_conv3x3(self.features, self.strides, self.dtype, "conv1")(x))
+    y = self.activation()(y)
+    y = norm(name="bn2")(_conv3x3(self.features, 1, self.dtype, "conv2")(y))
+    return self.cas(self.activation()(y + self.shortcut(x, self.features, norm)), labels, train)
+
+
+def _conv1x1(features: int, dtype, name: str) -> nn.Conv:
+  return nn.Conv(features, (1, 1), use_bias=False, kernel_init=cas_lib.torch_kernel_init,
+                 dtype=dtype, conv_general_dilated=conv.conv_general_dilated, name=name)
+
+
+class Bottleneck(_Block):
+  """1x1-BN-ReLU, 3x3 (strided)-BN-ReLU, 1x1 (4x features)-BN + shortcut, ReLU; then CAS."""
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x: Array, labels: Optional[Array], train: bool,
+               bn_train: bool) -> Tuple[Array, Tuple[Array, ...]]:
+    norm = self.norm(bn_train)
+    y = self.activation()(norm(name="bn1")(_conv1x1(self.features, self.dtype, "conv1")(x)))
+    y = self.activation()(norm(name="bn2")(
+        _conv3x3(self.features, self.strides, self.dtype, "conv2")(y)))
+    out = self.features * self.expansion
+    y = norm(name="bn3")(_conv1x1(out, self.dtype, "conv3")(y))
+    return self.cas(self.activation()(y + self.shortcut(x, out, norm)), labels, train)
+
+
 class ResNet(nn.Module):
-  """CIFAR ResNet with BasicBlocks; `__call__` returns (logits, cas_logits tuple)."""
+  """CIFAR ResNet (BasicBlocks or Bottlenecks); `__call__` returns (logits, cas_logits tuple)."""
   stage_sizes: Sequence[int]
+  block: Callable[..., nn.Module] = BasicBlock
   num_classes: int = 10
   width: int = 64
   cas_stages: Sequence[int] = (4,)
@@ -107,7 +143,7 @@ class ResNet(nn.Module):
     for stage, num_blocks in enumerate(self.stage_sizes, start=1):
       for index in range(num_blocks):
         strides = 2 if stage > 1 and index == 0 else 1
-        block = BasicBlock(self.width * 2**(stage - 1), strides=strides,
+        block = self.block(self.width * 2**(stage - 1), strides=strides,
                            num_classes=self.num_classes, with_cas=stage in cas_stages,
                            cas_suppress=self.cas_suppress, dtype=self.dtype,
                            activation=activation, name=f"layer{stage}_{index}")
@@ -127,3 +163,4 @@ class ResNet(nn.Module):
 
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2))
 ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))
+ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=Bottleneck)
