@@ -5,16 +5,18 @@
     analysis.channel_magnitude(f)                            # (C,) mean |f| (Fig. 1)
     analysis.channel_frequency(f[y == 0], threshold=0.01)    # (C,) activation counts (Fig. 2)
     analysis.tsne(f)                                         # (N, 2) embedding (Fig. 9)
+    analysis.class_separation(f, y)                          # silhouette by true class
 
     python main.py --config=configs/cifar_subset.py --workdir=W --mode=analyze \
       --config.analysis.compare=W2 --config.analysis.compare_cas_stages=none
 
 `analyze_workdir` writes W/analysis/: Fig. 1 (magnitude.png/.json), Fig. 2 with Fig. 10's
 thresholds (frequency_class<k>.png/.json), Fig. 9 (tsne.png/.npz), the features
-(features.npz) and summary.md, for natural test images and their adaptive PGD adversaries.
+(features.npz) and summary.md/.json, for natural test images and their adaptive PGD adversaries.
 """
 import functools
 import os
+import re
 import time
 from typing import Any, Dict, List
 
@@ -44,6 +46,19 @@ def channel_frequency(features, threshold: float = 0.01) -> np.ndarray:
   features = np.asarray(features, np.float64)
   largest = features.max(axis=1, keepdims=True)
   return np.sum(features > threshold * largest, axis=0).astype(np.int64)
+
+
+def class_separation(features, labels) -> float:
+  """Silhouette score of the features grouped by true class, Euclidean (-1..1; Fig. 9's claim).
+
+  High when each class is compact and far from the others: the paper's t-SNE claim for CAS,
+  measured on the features themselves rather than on their 2-D embedding.
+  """
+  from sklearn.metrics import silhouette_score  # pylint: disable=g-import-not-at-top
+  labels = np.asarray(labels)
+  if len(np.unique(labels)) < 2:
+    return float("nan")  # undefined for one class
+  return float(silhouette_score(np.asarray(features, np.float64), labels, metric="euclidean"))
 
 
 def tsne(features, *, perplexity: float = 30.0, max_iter: int = 1000, seed: int = 0) -> np.ndarray:
@@ -125,7 +140,10 @@ def _load(config, source: str, cas_stages: str, num_classes: int, image_shape) -
   if cas_stages:
     config.model.cas_stages = cas_stages
   loaded = loading.load(config, source, num_classes, image_shape)
-  label = loaded.label if loaded.step is None else os.path.basename(os.path.normpath(source))
+  label = loaded.label
+  if loaded.step is not None:  # a workdir: its name (with its setting's, for a seed folder)
+    parent, name = os.path.split(os.path.normpath(source))
+    label = f"{os.path.basename(parent)}/{name}" if re.fullmatch(r"seed\d+", name) else name
   return {"label": label, "model": loaded.model, "variables": loaded.variables,
           "where": f"{config.model.name} (width {config.model.width or 'full'}, CAS stages "
                    f"{config.model.cas_stages}), {loaded.where}"}
@@ -150,6 +168,7 @@ def analyze_model(model, variables, x, y, config, key) -> Dict[str, Any]:
         "features": feats, "accuracy": float(np.mean(predicted == y)),
         "magnitude": channel_magnitude(feats),
         "frequency": {str(t): channel_frequency(in_class, t) for t in settings.thresholds},
+        "separation": class_separation(feats, y),
         "tsne": tsne(feats[:tsne_count], perplexity=settings.tsne_perplexity,
                      max_iter=settings.tsne_max_iter, seed=config.seed)}
     logging.info("%s: accuracy %.3f, features and t-SNE done", kind, result[kind]["accuracy"])

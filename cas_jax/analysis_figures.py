@@ -119,12 +119,14 @@ def _summary(results: Results, config, count: int, dataset_name: str, frequency:
       f"adaptive for CAS models), eps {report_lib.format_eps(evaluation.eps)}, {steps}, "
       f"uniform random start, evaluation mode",
       "- Features: the input of the final classifier (after CAS suppression)", "",
-      "| model | natural acc (%) | PGD acc (%) | mean magnitude, natural | adversarial |",
-      "|---|---|---|---|---|"]
+      "| model | natural acc (%) | PGD acc (%) | mean magnitude, natural | adversarial | "
+      "class separation, natural | adversarial |",
+      "|---|---|---|---|---|---|---|"]
   for label, r in results.items():
     nat, adv = r["natural"], r["adversarial"]
     lines.append(f"| {label} | {100 * nat['accuracy']:.1f} | {100 * adv['accuracy']:.1f} | "
-                 f"{nat['magnitude'].mean():.4g} | {adv['magnitude'].mean():.4g} |")
+                 f"{nat['magnitude'].mean():.4g} | {adv['magnitude'].mean():.4g} | "
+                 f"{nat['separation']:.3f} | {adv['separation']:.3f} |")
   lines += ["", f"Activation frequency on class {settings.class_index} (mean over channels of "
             "the fraction of the class's images activating the channel; gap = mean |adversarial "
             "- natural|):", "", "| model | threshold | natural | adversarial | gap |",
@@ -135,7 +137,10 @@ def _summary(results: Results, config, count: int, dataset_name: str, frequency:
       nat, adv = (r[k]["frequency"][str(t)] / class_count for k in KINDS)
       lines.append(f"| {label} | {t:g} | {nat.mean():.3f} | {adv.mean():.3f} | "
                    f"{np.abs(adv - nat).mean():.3f} |")
-  lines += ["", "Files: `magnitude.png`/`.json` (Fig. 1), "
+  lines += ["", "Class separation: the silhouette score of the features grouped by true class "
+            "(-1..1, higher: classes more compact and further apart; Fig. 9's claim, measured "
+            "on the features, not on the t-SNE embedding).",
+            "", "Files: `magnitude.png`/`.json` (Fig. 1), "
             f"`{frequency}.png`/`.json` (Fig. 2 at the thresholds of Fig. 10), "
             "`tsne.png`/`.npz` (Fig. 9, first "
             f"{len(next(iter(results.values()))['natural']['tsne'])} images), `features.npz`.", ""]
@@ -153,3 +158,22 @@ def write_all(out_dir: str, results: Results, config, count: int, dataset_name: 
            **features)
   with open(os.path.join(out_dir, "summary.md"), "w") as f:
     f.write(_summary(results, config, count, dataset_name, frequency))
+  _write_json(os.path.join(out_dir, "summary.json"), summary_numbers(results, config))
+
+
+def summary_numbers(results: Results, config) -> Dict[str, Any]:
+  """summary.md's numbers per model and kind: accuracy, mean magnitude, frequency, separation."""
+  settings = config.analysis
+  models = {}
+  for label, r in results.items():
+    class_count = max(1, int(np.sum(r["labels"] == settings.class_index)))
+    models[label] = {"where": r["where"], **{kind: {
+        "accuracy": r[kind]["accuracy"], "mean_magnitude": float(r[kind]["magnitude"].mean()),
+        "mean_frequency": {str(t): float(r[kind]["frequency"][str(t)].mean() / class_count)
+                           for t in settings.thresholds},
+        "separation": r[kind]["separation"]} for kind in KINDS}}
+    for t in settings.thresholds:  # the natural/adversarial frequency gap of summary.md
+      nat, adv = (r[k]["frequency"][str(t)] / class_count for k in KINDS)
+      models[label].setdefault("frequency_gap", {})[str(t)] = float(np.abs(adv - nat).mean())
+  return {"class_index": settings.class_index, "images": len(next(iter(results.values()))["labels"]),
+          "models": models}

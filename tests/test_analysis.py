@@ -35,6 +35,16 @@ def test_channel_frequency_counts_values_above_a_fraction_of_each_rows_maximum()
                                 [1, 1, 1, 1])
 
 
+def test_class_separation_is_the_silhouette_computed_by_hand():
+  features, labels = np.array([[0.0], [1.0], [10.0], [11.0]]), [0, 0, 1, 1]
+  # s = 1 - a / b: a = mean distance within the class, b = to the other class.
+  by_hand = np.mean([1 - 1 / 10.5, 1 - 1 / 9.5, 1 - 1 / 9.5, 1 - 1 / 10.5])
+  assert analysis.class_separation(features, labels) == pytest.approx(by_hand)
+  mixed = np.array([[0.0], [10.0], [1.0], [11.0]])  # each class spans both clusters
+  assert analysis.class_separation(mixed, labels) < 0 < analysis.class_separation(features, labels)
+  assert np.isnan(analysis.class_separation(features, [0, 0, 0, 0]))
+
+
 def test_tsne_keeps_two_separated_clusters_apart():
   rng = np.random.default_rng(0)
   points = np.concatenate([rng.normal(0, 1, (20, 8)), rng.normal(30, 1, (20, 8))])
@@ -135,7 +145,7 @@ def test_analyze_writes_every_file_with_the_values_of_the_functions(tmp_path):
   out = os.path.join(workdir, "analysis")
   assert sorted(os.listdir(out)) == sorted([
       "magnitude.png", "magnitude.json", "frequency_class3.png", "frequency_class3.json",
-      "tsne.png", "tsne.npz", "features.npz", "summary.md"])
+      "tsne.png", "tsne.npz", "features.npz", "summary.md", "summary.json"])
   x = dataset.test_images[:36].astype(np.float32) / 255
   y = dataset.test_labels[:36]
   key = jax.random.fold_in(jax.random.key(config.seed), 2)
@@ -157,6 +167,12 @@ def test_analyze_writes_every_file_with_the_values_of_the_functions(tmp_path):
       for t in (0.005, 0.01, 0.05):
         np.testing.assert_array_equal(frequency["models"][label][str(t)][kind],
                                       analysis.channel_frequency(feats[y == 3], t))
+  numbers = json.load(open(os.path.join(out, "summary.json")))["models"]
+  for kind, feats in expected.items():
+    assert numbers["cas"][kind]["separation"] == pytest.approx(
+        analysis.class_separation(feats, y), abs=1e-5)
+    assert numbers["twin"][kind]["mean_magnitude"] == pytest.approx(
+        analysis.channel_magnitude(feats).mean(), rel=1e-5)
   tsne = np.load(os.path.join(out, "tsne.npz"))
   assert tsne["cas/natural"].shape == (30, 2) and tsne["twin/adversarial"].shape == (30, 2)
   np.testing.assert_array_equal(tsne["labels"], y[:30])
