@@ -149,11 +149,11 @@ def test_a_stop_on_an_epochs_last_step_is_evaluated_and_ranked_after_the_resume(
 
 def test_an_unknown_model_is_refused_before_the_dataset_is_loaded(tmp_path, monkeypatch):
   monkeypatch.setattr(input_pipeline, "create_dataset", lambda config: pytest.fail("loaded"))
-  with pytest.raises(errors.UserError, match="unknown model 'resnet50'; valid: resnet18"):
-    train.train_and_evaluate(small_config(**{"model.name": "resnet50"}), str(tmp_path))
+  with pytest.raises(errors.UserError, match="unknown model 'resnet101'; valid: resnet18"):
+    train.train_and_evaluate(small_config(**{"model.name": "resnet101"}), str(tmp_path))
   for mode in ("eval", "analyze"):  # main.py checks it for every mode
-    with pytest.raises(SystemExit, match="^error: unknown model 'resnet50'; valid: resnet18"):
-      run_main_in_process(monkeypatch, tmp_path, mode, **{"model.name": "resnet50"})
+    with pytest.raises(SystemExit, match="^error: unknown model 'resnet101'; valid: resnet18"):
+      run_main_in_process(monkeypatch, tmp_path, mode, **{"model.name": "resnet101"})
 
 
 def test_divergence_stops_without_a_non_finite_checkpoint(tmp_path):

@@ -222,7 +222,7 @@ def test_eight_devices_compute_what_one_device_computes():
 
 
 @pytest.mark.parametrize("override,message", [
-    ("--config.model.name=resnet50", "error: unknown model 'resnet50'; valid: resnet18"),
+    ("--config.model.name=resnet101", "error: unknown model 'resnet101'; valid: resnet18"),
     ("--config.attack.eps=3.0", "error: config.attack.eps=3.0 is outside (0, 1]"),
     ("--config.data.source=cifar_dir", "error: "),
 ])
