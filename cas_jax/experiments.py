@@ -373,6 +373,12 @@ def main(argv: List[str]) -> None:
           changes = setting_fields(EXPERIMENTS[name], setting, FLAGS.config)
           print(f"{setting.name} ({setting.label}): {changes}; {config.schedule.num_epochs} "
                 f"epochs; eval {config.eval.attacks} on {config.eval.checkpoints}")
+        experiment = EXPERIMENTS[name]
+        if experiment.source:
+          changes = setting_fields(experiment, experiment.source, FLAGS.config)
+          print(f"{experiment.source.name} ({experiment.source.label}), trained first: {changes}")
+        if experiment.reuses:
+          print(f"Evaluation only: the models {experiment.reuses} trained in --workdir.")
         return
       run_experiment(name, FLAGS.config, FLAGS.workdir, overrides, FLAGS.settings,
                      command=command, seeds=FLAGS.seeds, retrain=FLAGS.retrain)
