@@ -51,10 +51,12 @@ def twin_comparisons(rows: List[dict]) -> List[str]:
     verdict = ("all" if len(better) == len(paper) else "none" if not better
                else ", ".join(better) + " only")
     words = ", ".join(f"{n.replace('_', ' ')} {gains[n]:+.1f}" for n in shared)
+    paper_words = (f"Better under the paper's attacks ({', '.join(paper)}): {verdict}; "
+                   if paper else "")
     lines.append(
         f"{row['label']} vs {twin['label']} ({row['checkpoint']} checkpoint): {words} points. "
-        f"Better under the paper's attacks ({', '.join(paper) or 'none run'}): {verdict}; "
-        f"under the worst case: {'yes' if gains[WORST] > 0 else 'no'}.")
+        f"{paper_words}{'under' if paper else 'Better under'} the worst case: "
+        f"{'yes' if gains[WORST] > 0 else 'no'}.")
   return lines
 
 

@@ -121,6 +121,11 @@ def test_cas_rows_are_compared_with_their_twins_in_points():
   (line,) = experiment_tables.twin_comparisons([plain, cas])
   assert "natural +10.0, fgsm -5.0, pgd20 +10.0, worst case -10.0 points" in line
   assert "(fgsm, pgd20): pgd20 only; under the worst case: no." in line
+  sweep = [_row(r["setting"], r["label"], r["twin"], {"natural": 0.5, "pgd20@2": a,
+                                                      "worst_case": a})
+           for r, a in ((plain, 0.2), (cas, 0.3))]
+  (line,) = experiment_tables.twin_comparisons(sweep)  # none of the paper's attacks ran
+  assert line.endswith("worst case +10.0 points. Better under the worst case: yes.")
   cas["paper"] = {"natural": 82.61, "pgd20": 42.73}
   markdown = experiment_tables.markdown({"experiment": "t", "title": "T", "rows": [plain, cas]})
   assert "| AT+CAS | last | 60.0 | 25.0 | 30.0 | 10.0 | **10.0** | 1 | 0 | 0 |" in markdown
