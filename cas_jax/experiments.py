@@ -291,6 +291,9 @@ def run_experiment(name: str, base: ml_collections.ConfigDict, workdir: str,
   # (possibly hours-long) training.
   setting_configs = {s.name: setting_config(name, s, base, command_line) for s in settings}
   source = None
+  if experiment.source and "eval.transfer_checkpoint" in command_line:
+    raise errors.UserError(f"{name} trains its own transfer source; drop "
+                            "--config.eval.transfer_checkpoint (or use another experiment)")
   if experiment.source:
     source = (setting_config(name, experiment.source, base, command_line),
               os.path.join(workdir, experiment.source.name))

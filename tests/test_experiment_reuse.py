@@ -102,5 +102,8 @@ def test_evaluation_only_tables_reuse_table3_and_table6_trains_its_source(tmp_pa
                 p: t for p, t in trained[setting].items() if "/eval" not in p}
   for name in ("table3", "table6", "table13", "table4"):
     assert os.path.isfile(tmp_path / f"{name}.md")
+  with pytest.raises(errors.UserError, match="table6 trains its own transfer source; drop "):
+    experiments.run_experiment("table6", test_experiments.smoke_base(**TINY), str(tmp_path),
+                               command_line={*TINY, "eval.transfer_checkpoint"}, only=ONLY)
   with pytest.raises(errors.UserError, match="table13 trains nothing; drop --retrain"):
     _run("table13", tmp_path, retrain=True)
