@@ -78,10 +78,8 @@ class Experiment:
   model: Optional[str] = None  # take MODEL_FIELDS from default.setting(..., model)
   plot_beta: bool = False  # draw accuracy against the CAS loss weight beta (fig8)
   attacks: str = EVAL_DEFAULTS["eval.attacks"]  # every setting's attack list, unless overridden
-  # Evaluation only: the settings were trained by this experiment in the same --workdir.
-  reuses: str = ""
-  # Trained once (base seed) in W/<name>/ before the settings: the transfer attacks' source.
-  source: Optional[Setting] = None
+  reuses: str = ""  # evaluation only: these settings, trained by that experiment in --workdir
+  source: Optional[Setting] = None  # trained once (base seed) in W/<name>/: transfer source
   exact: bool = False  # every attack on every clean-correct image (eval.exact_per_attack)
 
 
@@ -322,6 +320,8 @@ def run_experiment(name: str, base: ml_collections.ConfigDict, workdir: str,
       _train_unless_done(config, folder, f"{setting.name} seed {seed}")
       for label, report in experiment_runs.evaluate_setting(config, folder, name).items():
         reports.setdefault(label, []).append(report)
+      # XLA:CPU programs hold memory mappings; many models passed vm.max_map_count (docs).
+      jax.clear_caches()
     config = runs[setting.name][0][1]
     info = {"setting": setting.name, "label": setting.label, "twin": setting.twin,
             "fields": setting_fields(experiment, setting, base),

@@ -3,6 +3,7 @@ import glob
 import json
 import os
 
+import jax
 import pytest
 
 from cas_jax import errors
@@ -84,7 +85,10 @@ def test_evaluation_only_tables_reuse_table3_and_table6_trains_its_source(tmp_pa
   # Tables 13 and 4 train nothing and leave table3's and table6's evaluations as they were.
   monkeypatch.setattr(train, "train_and_evaluate", pytest.fail)
   before = {s: _mtimes(tmp_path / s / "eval") for s in ONLY}
+  cleared = []
+  monkeypatch.setattr(jax, "clear_caches", lambda: cleared.append(1))
   sweep = _run("table13", tmp_path)
+  assert len(cleared) == len(ONLY)  # compiled programs freed after every model
   for row in sweep["rows"]:
     names = [f"pgd20@{e}" for e in (2, 4, 8, 16, 32)]
     assert set(names) <= set(row["accuracy"])
