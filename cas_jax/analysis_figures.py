@@ -106,7 +106,8 @@ def write_tsne(out_dir: str, results: Results) -> None:
   np.savez(os.path.join(out_dir, "tsne.npz"), **arrays)
 
 
-def _summary(results: Results, config, count: int, dataset_name: str, frequency: str) -> str:
+def _summary(results: Results, numbers: Dict[str, Any], config, count: int, dataset_name: str,
+             frequency: str) -> str:
   evaluation, settings = config.eval, config.analysis
   steps = f"step {evaluation.step_size:.4g}" if evaluation.step_size else "step eps/10"
   lines = [
@@ -122,21 +123,20 @@ def _summary(results: Results, config, count: int, dataset_name: str, frequency:
       "| model | natural acc (%) | PGD acc (%) | mean magnitude, natural | adversarial | "
       "class separation, natural | adversarial |",
       "|---|---|---|---|---|---|---|"]
-  for label, r in results.items():
-    nat, adv = r["natural"], r["adversarial"]
+  for label, model in numbers["models"].items():
+    nat, adv = model["natural"], model["adversarial"]
     lines.append(f"| {label} | {100 * nat['accuracy']:.1f} | {100 * adv['accuracy']:.1f} | "
-                 f"{nat['magnitude'].mean():.4g} | {adv['magnitude'].mean():.4g} | "
+                 f"{nat['mean_magnitude']:.4g} | {adv['mean_magnitude']:.4g} | "
                  f"{nat['separation']:.3f} | {adv['separation']:.3f} |")
   lines += ["", f"Activation frequency on class {settings.class_index} (mean over channels of "
             "the fraction of the class's images activating the channel; gap = mean |adversarial "
             "- natural|):", "", "| model | threshold | natural | adversarial | gap |",
             "|---|---|---|---|---|"]
-  for label, r in results.items():
-    class_count = max(1, int(np.sum(r["labels"] == settings.class_index)))
+  for label, model in numbers["models"].items():
     for t in settings.thresholds:
-      nat, adv = (r[k]["frequency"][str(t)] / class_count for k in KINDS)
-      lines.append(f"| {label} | {t:g} | {nat.mean():.3f} | {adv.mean():.3f} | "
-                   f"{np.abs(adv - nat).mean():.3f} |")
+      nat, adv = (model[k]["mean_frequency"][str(t)] for k in KINDS)
+      lines.append(f"| {label} | {t:g} | {nat:.3f} | {adv:.3f} | "
+                   f"{model['frequency_gap'][str(t)]:.3f} |")
   lines += ["", "Class separation: the silhouette score of the features grouped by true class "
             "(-1..1, higher: classes more compact and further apart; Fig. 9's claim, measured "
             "on the features, not on the t-SNE embedding).",
@@ -156,9 +156,10 @@ def write_all(out_dir: str, results: Results, config, count: int, dataset_name: 
   features = {f"{label}/{k}": r[k]["features"] for label, r in results.items() for k in KINDS}
   np.savez(os.path.join(out_dir, "features.npz"), labels=next(iter(results.values()))["labels"],
            **features)
+  numbers = summary_numbers(results, config)
   with open(os.path.join(out_dir, "summary.md"), "w") as f:
-    f.write(_summary(results, config, count, dataset_name, frequency))
-  _write_json(os.path.join(out_dir, "summary.json"), summary_numbers(results, config))
+    f.write(_summary(results, numbers, config, count, dataset_name, frequency))
+  _write_json(os.path.join(out_dir, "summary.json"), numbers)
 
 
 def summary_numbers(results: Results, config) -> Dict[str, Any]:
@@ -175,5 +176,5 @@ def summary_numbers(results: Results, config) -> Dict[str, Any]:
     for t in settings.thresholds:  # the natural/adversarial frequency gap of summary.md
       nat, adv = (r[k]["frequency"][str(t)] / class_count for k in KINDS)
       models[label].setdefault("frequency_gap", {})[str(t)] = float(np.abs(adv - nat).mean())
-  return {"class_index": settings.class_index, "images": len(next(iter(results.values()))["labels"]),
-          "models": models}
+  images = len(next(iter(results.values()))["labels"])
+  return {"class_index": settings.class_index, "images": images, "models": models}

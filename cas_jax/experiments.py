@@ -317,7 +317,8 @@ def run_experiment(name: str, base: ml_collections.ConfigDict, workdir: str,
   for setting in settings:
     reports: Dict[str, list] = {}
     for seed, config, folder in runs[setting.name]:
-      _train_unless_done(config, folder, f"{setting.name} seed {seed}")
+      if not experiment.reuses:  # an evaluation-only run checked its folders above
+        _train_unless_done(config, folder, f"{setting.name} seed {seed}")
       for label, report in experiment_runs.evaluate_setting(config, folder, name).items():
         reports.setdefault(label, []).append(report)
       # XLA:CPU programs hold memory mappings; many models passed vm.max_map_count (docs).

@@ -1,4 +1,4 @@
-"""Tables 4, 6, 12 and 13: evaluation-only drivers on table3's trained settings, Table 6's source."""
+"""Tables 4, 6, 12, 13: evaluation-only drivers on table3's trained settings; Table 6's source."""
 import glob
 import json
 import os

@@ -6,8 +6,9 @@
 
 Layout of the official PyTorch code: 3x3 stem (stride 1, no max-pool), stages of widths
 (w, 2w, 4w, 8w) (ResNet-50: bottleneck blocks 1x1-3x3-1x1, stride on the 3x3, outputs 4x those
-widths; kuangliu/pytorch-cifar's layout), global mean pool, linear. A CAS module follows the final ReLU of every block of
-each stage in `cas_stages` (params `layer{stage}_{block}/cas/fc`). Inits are torch's defaults.
+widths; kuangliu/pytorch-cifar's layout), global mean pool, linear. A CAS module follows the
+final ReLU of every block of each stage in `cas_stages` (params `layer{stage}_{block}/cas/fc`).
+Inits are torch's defaults.
 """
 import functools
 from typing import Callable, Optional, Sequence, Tuple
@@ -46,6 +47,12 @@ def _conv3x3(features: int, strides: int, dtype, name: str) -> nn.Conv:
                  conv_general_dilated=conv.conv_general_dilated)
 
 
+def _conv1x1(features: int, dtype, name: str, strides: int = 1) -> nn.Conv:
+  return nn.Conv(features, (1, 1), (strides, strides), use_bias=False,
+                 kernel_init=cas_lib.torch_kernel_init, dtype=dtype, name=name,
+                 conv_general_dilated=conv.conv_general_dilated)
+
+
 class _Block(nn.Module):
   """What both residual blocks share: their fields and the CAS module after the final ReLU."""
   features: int
@@ -64,9 +71,7 @@ class _Block(nn.Module):
     """x itself, or a 1x1 strided projection + BN when the block changes shape."""
     if self.strides == 1 and x.shape[-1] == features:
       return x
-    y = nn.Conv(features, (1, 1), (self.strides, self.strides), use_bias=False,
-                kernel_init=cas_lib.torch_kernel_init, dtype=self.dtype,
-                conv_general_dilated=conv.conv_general_dilated, name="shortcut_conv")(x)
+    y = _conv1x1(features, self.dtype, "shortcut_conv", self.strides)(x)
     return norm(name="shortcut_bn")(y)
 
   def cas(self, y: Array, labels: Optional[Array], train: bool) -> Tuple[Array, Tuple[Array, ...]]:
@@ -89,11 +94,6 @@ class BasicBlock(_Block):
     y = self.activation()(y)
     y = norm(name="bn2")(_conv3x3(self.features, 1, self.dtype, "conv2")(y))
     return self.cas(self.activation()(y + self.shortcut(x, self.features, norm)), labels, train)
-
-
-def _conv1x1(features: int, dtype, name: str) -> nn.Conv:
-  return nn.Conv(features, (1, 1), use_bias=False, kernel_init=cas_lib.torch_kernel_init,
-                 dtype=dtype, conv_general_dilated=conv.conv_general_dilated, name=name)
 
 
 class Bottleneck(_Block):
