@@ -18,7 +18,7 @@ import shutil
 import ml_collections
 import numpy as np
 
-from cas_jax import analysis
+from cas_jax.analysis import channels as analysis
 from cas_jax import provenance
 from cas_jax.configs import default
 

@@ -32,10 +32,10 @@ from ml_collections import config_flags
 import torch
 
 from cas_jax import attacks
-from cas_jax import evaluate
+from cas_jax.evaluation import evaluate
 from cas_jax import input_pipeline
-from cas_jax import interop
-from cas_jax import loading
+from cas_jax.models import interop
+from cas_jax.models import loading
 from cas_jax import models
 from tests.test_interop import build_torch_network
 

@@ -21,10 +21,10 @@ import numpy as np
 from ml_collections import config_flags
 
 from benchmarks import common
-from cas_jax import evaluate
-from cas_jax import report as report_lib
+from cas_jax.evaluation import evaluate
+from cas_jax.evaluation import report as report_lib
 from cas_jax import input_pipeline
-from cas_jax import loading
+from cas_jax.models import loading
 from cas_jax import models
 
 FLAGS = flags.FLAGS

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cas_jax import evaluate
-from cas_jax.attack_registry import AttackBudget
+from cas_jax.evaluation import evaluate
+from cas_jax.evaluation.attack_registry import AttackBudget
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("images", 128, "Test images (8x8 CIFAR-10, or synthetic without the data).")

@@ -14,7 +14,7 @@ from ml_collections import config_flags
 
 from benchmarks import common
 from cas_jax import input_pipeline
-from cas_jax import train
+from cas_jax.training import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A config file from configs/.")

@@ -1,7 +1,7 @@
 """What the command-line tools share: config names or files, one-line errors, signals, logging.
 
 `cas-jax` (cas_jax/main.py, the checkout's main.py) and `cas-jax-experiments`
-(cas_jax/experiments.py) run through `run(main)`.
+(cas_jax/experiments/driver.py) run through `run(main)`.
 """
 import logging as python_logging
 import os

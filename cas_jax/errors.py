@@ -3,7 +3,7 @@
     from cas_jax import errors
     raise errors.UserError("batch_size=0; use an integer >= 1")
 
-    with errors.exit_on_user_error():   # main.py, cas_jax/experiments.py
+    with errors.exit_on_user_error():   # main.py, cas_jax/experiments/driver.py
       train.train_and_evaluate(config, workdir)
 
 Raise UserError from an input check (a config field, a flag, a file the user named) with a

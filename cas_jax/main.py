@@ -42,7 +42,7 @@ def main(argv):
   logging.info("JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(),
                jax.process_count())
   # Imported here so that --help stays fast.
-  from cas_jax import train  # pylint: disable=g-import-not-at-top
+  from cas_jax.training import train  # pylint: disable=g-import-not-at-top
   from cas_jax import preemption  # pylint: disable=g-import-not-at-top
   from cas_jax import errors  # pylint: disable=g-import-not-at-top
   from cas_jax import models  # pylint: disable=g-import-not-at-top
@@ -53,10 +53,10 @@ def main(argv):
       if FLAGS.mode == "train":
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
       elif FLAGS.mode == "analyze":
-        from cas_jax import analysis  # pylint: disable=g-import-not-at-top
+        from cas_jax.analysis import channels as analysis  # pylint: disable=g-import-not-at-top
         analysis.analyze_workdir(FLAGS.config, FLAGS.workdir)
       else:
-        from cas_jax import evaluate  # pylint: disable=g-import-not-at-top
+        from cas_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
         evaluate.evaluate_workdir(FLAGS.config, FLAGS.workdir)
   except preemption.Stopped as stopped:
     # Exit status 128 + signal number, as if the signal had ended the process: schedulers

@@ -11,7 +11,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cas_jax import input_pipeline
-from cas_jax import train
+from cas_jax.training import train
 from tests import fake_devices
 from tests import test_train
 

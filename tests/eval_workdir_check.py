@@ -9,8 +9,8 @@ docs/implementation.md, "Many compilations in one process".)
 """
 import sys
 
-from cas_jax import evaluate
-from cas_jax import train
+from cas_jax.evaluation import evaluate
+from cas_jax.training import train
 from test_train import tiny_config
 
 

@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cas_jax import analysis
+from cas_jax.analysis import channels as analysis
 from cas_jax import checkpointing
 from cas_jax import input_pipeline
 from cas_jax import models
-from cas_jax import train
+from cas_jax.training import train
 from test_train import tiny_config
 
 # ----------------------------------------------------------------------------- statistics
@@ -96,7 +96,7 @@ def test_resnet_features_are_the_pooled_output_of_the_last_cas_block():
 def test_features_of_an_imported_torch_model_equal_torchs_classifier_input():
   torch = pytest.importorskip("torch")
   import test_interop  # pylint: disable=g-import-not-at-top  (needs torch)
-  from cas_jax import interop  # pylint: disable=g-import-not-at-top
+  from cas_jax.models import interop  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
   net = test_interop._randomised(test_interop.TorchResNet18(width=4)).eval()
   captured = []
@@ -202,7 +202,7 @@ def test_analyze_without_a_checkpoint_names_the_fix(tmp_path):
 def test_a_pytorch_checkpoint_is_loaded_with_the_configs_architecture(tmp_path):
   torch = pytest.importorskip("torch")
   import test_interop  # pylint: disable=g-import-not-at-top  (needs torch)
-  from cas_jax import interop  # pylint: disable=g-import-not-at-top
+  from cas_jax.models import interop  # pylint: disable=g-import-not-at-top
   net = test_interop.TorchResNet18(width=4)
   path = str(tmp_path / "resnet18_cas.pth")
   torch.save({"state_dict": net.state_dict()}, path)

@@ -168,8 +168,8 @@ def _flipping(x, keys):
 
 
 def _report(attacks, random_apply_fn):
-  from cas_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from cas_jax.attack_registry import AttackBudget  # pylint: disable=g-import-not-at-top
+  from cas_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  from cas_jax.evaluation.attack_registry import AttackBudget  # pylint: disable=g-import-not-at-top
   return evaluate.robustness_report(_linear, _X, _Y, key=jax.random.key(0), eps=0.05,
                                     attacks=attacks,
                                     budget=AttackBudget(eot_draws=5, verdict_draws=5, aa_rand_draws=5,
@@ -217,7 +217,7 @@ def test_prototype_conformity_loss_by_hand():
 
 
 def test_pcl_network_sows_both_branches_and_train_step_adds_the_term_after_warm_up():
-  from cas_jax import train  # pylint: disable=g-import-not-at-top
+  from cas_jax.training import train  # pylint: disable=g-import-not-at-top
   from configs import smoke  # pylint: disable=g-import-not-at-top
   config = smoke.get_config()
   config.baseline, config.loss.objective, config.model.width = "pcl", "natural", 4
@@ -254,8 +254,8 @@ def test_baseline_options_are_validated():
 @pytest.mark.slow
 @pytest.mark.parametrize("baseline", ["kwta", "sap", "pcl"])
 def test_smoke_trains_then_evaluates_each_baseline(baseline, tmp_path):
-  from cas_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from cas_jax import train  # pylint: disable=g-import-not-at-top
+  from cas_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  from cas_jax.training import train  # pylint: disable=g-import-not-at-top
   from configs import smoke  # pylint: disable=g-import-not-at-top
   config = smoke.get_config()
   config.baseline = baseline

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cas_jax import evaluate
-from cas_jax.attack_registry import AttackBudget
+from cas_jax.evaluation import evaluate
+from cas_jax.evaluation.attack_registry import AttackBudget
 from cas_jax.attacks import cascade
 import fake_devices
 
@@ -247,7 +247,7 @@ def test_a_public_attack_compiles_once_for_a_partial_model_whatever_its_weights(
 
 @pytest.mark.slow
 def test_compilations_do_not_grow_with_the_number_of_images():
-  from cas_jax import attack_plan  # pylint: disable=g-import-not-at-top
+  from cas_jax.evaluation import attack_plan  # pylint: disable=g-import-not-at-top
   model = jax.tree_util.Partial(_apply_linear, W)
   before = attack_plan._single_attack._cache_size()  # pylint: disable=protected-access
   for n in (40, 90, 200):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from cas_jax import configs
-from cas_jax import train
+from cas_jax.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = [name for name in configs.names() if name != "default"]

@@ -16,8 +16,8 @@ import jax
 import pytest
 
 from cas_jax import checkpointing
-from cas_jax import evaluate
-from cas_jax import train
+from cas_jax.evaluation import evaluate
+from cas_jax.training import train
 from configs import smoke
 from tests import fake_devices
 

@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cas_jax import evaluate
-from cas_jax import report as report_lib
-from cas_jax import train
-from cas_jax.attack_registry import AttackBudget, attack_names, parse_attack, parse_attacks
+from cas_jax.evaluation import evaluate
+from cas_jax.evaluation import report as report_lib
+from cas_jax.training import train
+from cas_jax.evaluation.attack_registry import AttackBudget, attack_names, parse_attack, parse_attacks
 import fake_devices
 from test_train import tiny_config
 

@@ -7,10 +7,10 @@ import jax
 import pytest
 
 from cas_jax import errors
-from cas_jax import experiment_runs
-from cas_jax import experiments
-from cas_jax import loading
-from cas_jax import train
+from cas_jax.experiments import runs as experiment_runs
+from cas_jax.experiments import driver as experiments
+from cas_jax.models import loading
+from cas_jax.training import train
 from cas_jax.models import resnet
 from tests import test_experiments
 

@@ -10,12 +10,12 @@ import numpy as np
 
 from cas_jax import checkpointing
 from cas_jax import errors
-from cas_jax import evaluate
-from cas_jax import experiment_runs
-from cas_jax import experiment_tables
-from cas_jax import experiments
+from cas_jax.evaluation import evaluate
+from cas_jax.experiments import runs as experiment_runs
+from cas_jax.experiments import tables as experiment_tables
+from cas_jax.experiments import driver as experiments
 from cas_jax import provenance
-from cas_jax import train
+from cas_jax.training import train
 from tests import test_checkpointing
 
 # Tiny sizes on top of configs/smoke.py, given as if on the command line.

@@ -19,9 +19,9 @@ import pytest
 from cas_jax import checkpointing
 from cas_jax import errors
 from cas_jax import input_pipeline
-from cas_jax import metric_writers
+from cas_jax.training import metric_writers
 from cas_jax import preemption
-from cas_jax import train
+from cas_jax.training import train
 from configs import smoke
 from tests.test_input_pipeline import write_fake_cifar10
 

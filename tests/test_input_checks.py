@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from cas_jax import attacks
-from cas_jax import evaluate
-from cas_jax.attack_registry import AttackBudget
+from cas_jax.evaluation import evaluate
+from cas_jax.evaluation.attack_registry import AttackBudget
 from cas_jax.attacks import engine
 
 W = jnp.asarray(np.random.default_rng(0).standard_normal((48, 10)) / 7, jnp.float32)

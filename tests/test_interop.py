@@ -1,4 +1,4 @@
-"""Tests for cas_jax.interop: torch models with the official key layout -> identical Flax outputs.
+"""Tests for cas_jax.models.interop: torch models with the official key layout -> identical Flax outputs.
 
 The torch networks below follow the module structure (and so the state_dict keys) of the
 authors' ResNet-18, WideResNet and VGG16 CAS models, with configurable small widths.
@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cas_jax import interop, models
+from cas_jax import models
+from cas_jax.models import interop
 
 torch = pytest.importorskip("torch")
 tnn = torch.nn

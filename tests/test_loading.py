@@ -9,7 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from cas_jax import checkpointing
-from cas_jax import loading
+from cas_jax.models import loading
 from cas_jax import models
 from configs import smoke
 

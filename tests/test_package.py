@@ -10,7 +10,8 @@ from test_experiments import TINY
 import venv_install
 
 PROBE = """import json, cas_jax
-from cas_jax import attacks, configs, evaluate, models
+from cas_jax import attacks, configs, models
+from cas_jax.evaluation import evaluate
 print(json.dumps({"version": cas_jax.__version__, "file": cas_jax.__file__,
                   "configs": configs.names(), "api": [attacks.pgd.__name__,
                   evaluate.robustness_report.__name__, models.create.__name__]}))"""

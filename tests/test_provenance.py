@@ -8,7 +8,7 @@ import pytest
 from cas_jax import errors
 from cas_jax import input_pipeline
 from cas_jax import provenance
-from cas_jax import train
+from cas_jax.training import train
 from tests.test_fault_tolerance import small_config
 
 

@@ -6,7 +6,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from cas_jax import errors
-from cas_jax import statistics
+from cas_jax.experiments import statistics
 
 
 def exact_mcnemar_by_hand(a_only, b_only):

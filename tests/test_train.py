@@ -13,7 +13,7 @@ import pytest
 
 from cas_jax import checkpointing
 from cas_jax import input_pipeline
-from cas_jax import train
+from cas_jax.training import train
 from configs import default
 from tests import fake_devices
 

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from cas_jax import train
+from cas_jax.training import train
 from cas_jax.attacks import engine
 from tests import test_train
 

@@ -74,9 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.steps = 20
   config.eval.step_size = 0.0  # 0 = eps / 10, the paper's protocol
   config.eval.loss = "joint_ce"  # adaptive: CE + beta * mean CE of the CAS heads
-  # Robustness reports (--mode=eval, cas_jax/evaluate.py), at config.eval.eps.
+  # Robustness reports (--mode=eval, cas_jax/evaluation/evaluate.py), at config.eval.eps.
   config.eval.report_images = 1000  # first test images; 0 = the whole test set
-  config.eval.attacks = "default"  # names of cas_jax/attack_registry.py, comma-separated
+  config.eval.attacks = "default"  # names of cas_jax/evaluation/attack_registry.py, comma-separated
   config.eval.checkpoints = "last,best"  # which workdir checkpoints to evaluate
   config.eval.torch_checkpoint = ""  # a .pth of the authors' layout instead (model.name)
   config.eval.exact_per_attack = False  # True: expensive attacks on every clean-correct image
@@ -96,7 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.aa_rand_draws = 20  # per step of aa-rand (AutoAttack's rand version)
   config.eval.verdict_draws = 10  # fresh draws whose majority judges a randomized model
 
-  # Channel analyses (--mode=analyze, cas_jax/analysis.py): the paper's Figs. 1, 2/10 and 9 on
+  # Channel analyses (--mode=analyze, cas_jax/analysis/channels.py): the paper's Figs. 1, 2/10 and 9 on
   # natural and PGD test examples (the attack of config.eval: adaptive PGD-20, eps 8/255).
   config.analysis = ml_collections.ConfigDict()
   config.analysis.num_images = 1000  # first test images; 0 = the whole test set

@@ -152,7 +152,7 @@ class ResNet(nn.Module):
       if self.baseline == "pcl" and stage == 3:
         baselines.PrototypeBranch(self.num_classes, self.pcl_dim, self.dtype, name="pcl3")(y)
     y = jnp.mean(y, axis=(1, 2))
-    self.sow("intermediates", "features", y)  # the classifier's input (cas_jax.analysis)
+    self.sow("intermediates", "features", y)  # the classifier's input (cas_jax.analysis.channels)
     if self.baseline == "pcl":
       baselines.PrototypeBranch(self.num_classes, 0, self.dtype, name="pcl4")(y)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=cas_lib.torch_kernel_init,

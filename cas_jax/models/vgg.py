@@ -95,7 +95,7 @@ class VGG16(nn.Module):
     for name in ("layer6", "layer7"):
       y = _dense(hidden, y.shape[-1], self.dtype, f"{name}_linear")(y)
       y = nn.relu(norm(name=f"{name}_bn")(y))
-    self.sow("intermediates", "features", y)  # the classifier's input (cas_jax.analysis)
+    self.sow("intermediates", "features", y)  # the classifier's input (cas_jax.analysis.channels)
     logits = _dense(self.num_classes, hidden, self.dtype, "layer8")(y)
     return (logits.astype(jnp.float32),
             tuple(c.astype(jnp.float32) for c in all_cas_logits))

@@ -122,7 +122,7 @@ class WideResNet(nn.Module):
           y, labels, train)
       all_cas_logits += (cas_logits,)
     y = jnp.mean(y, axis=(1, 2))
-    self.sow("intermediates", "features", y)  # the classifier's input (cas_jax.analysis)
+    self.sow("intermediates", "features", y)  # the classifier's input (cas_jax.analysis.channels)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=cas_lib.torch_kernel_init,
                       bias_init=_zeros, name="fc")(y)
     return (logits.astype(jnp.float32),

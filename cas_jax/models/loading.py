@@ -17,7 +17,7 @@ import ml_collections
 
 from cas_jax import checkpointing
 from cas_jax import errors
-from cas_jax import interop
+from cas_jax.models import interop
 from cas_jax import models
 from cas_jax import provenance
 

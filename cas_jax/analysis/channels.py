@@ -1,6 +1,6 @@
 """The paper's channel analyses: penultimate features -> statistics (pure) -> figures and numbers.
 
-    from cas_jax import analysis
+    from cas_jax.analysis import channels as analysis
     f = analysis.features(model, variables, x)               # (N, C) classifier inputs, eval mode
     analysis.channel_magnitude(f)                            # (C,) mean |f| (Fig. 1)
     analysis.channel_frequency(f[y == 0], threshold=0.01)    # (C,) activation counts (Fig. 2)
@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cas_jax import errors
 from cas_jax import input_pipeline
-from cas_jax import loading
+from cas_jax.models import loading
 from cas_jax import models
 from cas_jax.attacks import engine
 from cas_jax.attacks.white_box import pgd
@@ -199,7 +199,7 @@ def analyze_workdir(config, workdir: str) -> Dict[str, Dict[str, Any]]:
   The model is workdir's last checkpoint or config.eval.torch_checkpoint; config.analysis.compare
   (a workdir or .pth) adds a second model to every figure.
   """
-  from cas_jax import analysis_figures  # pylint: disable=g-import-not-at-top
+  from cas_jax.analysis import figures as analysis_figures  # pylint: disable=g-import-not-at-top
   settings = config.analysis
   models.from_config(config, config.data.num_classes)  # a bad model.name before any data
   dataset = input_pipeline.create_dataset(config)

@@ -1,4 +1,4 @@
-"""The runs of an experiment (cas_jax/experiments.py): reuse, train, evaluate (cached), one row.
+"""The runs of an experiment (cas_jax/experiments/driver.py): reuse, train, evaluate (cached), one row.
 
     check_reusable(config, workdir, retrain=False)    # UserError if W holds another config's model
     check_trained(config, workdir, train_command)       # evaluation-only experiments
@@ -21,11 +21,11 @@ import numpy as np
 
 from cas_jax import checkpointing
 from cas_jax import errors
-from cas_jax import evaluate
+from cas_jax.evaluation import evaluate
 from cas_jax import input_pipeline
-from cas_jax import metric_writers
+from cas_jax.training import metric_writers
 from cas_jax import provenance
-from cas_jax import report as report_lib
+from cas_jax.evaluation import report as report_lib
 
 EVAL_CACHE = "experiment_eval.json"
 

@@ -1,9 +1,9 @@
 """One command per paper table: train every setting, evaluate each with the same attacks, write the table.
 
-    cas-jax-experiments table3 --workdir=runs/table3     # or: python -m cas_jax.experiments
-    python -m cas_jax.experiments fig8 --workdir=runs/fig8 --config=configs/cifar_subset.py \
+    cas-jax-experiments table3 --workdir=runs/table3     # or: python -m cas_jax.experiments.driver
+    python -m cas_jax.experiments.driver fig8 --workdir=runs/fig8 --config=configs/cifar_subset.py \
         --config.data.cifar_dir=../shared/data/cifar-10-batches-py --settings=beta0,beta2
-    python -m cas_jax.experiments table2 --workdir=runs/table2 --dry_run   # the settings only
+    python -m cas_jax.experiments.driver table2 --workdir=runs/table2 --dry_run   # the settings only
 
 A setting is the base config (--config, default the packaged cifar10_at_cas, with every
 --config.x=v override: dataset, width, epochs, data source, eval budgets...) plus the few
@@ -19,7 +19,7 @@ default set plus FGSM, the last checkpoint; reports, resume state and cache in
 the driver writes W/NAME.md,
 W/NAME.json (and W/fig8.png): every attack's accuracy (mean ± std over seeds) beside the
 per-image worst case, each CAS row against its plain twin with a 95% paired-bootstrap
-interval and exact McNemar tests (cas_jax/statistics.py), and the paper's figures where the
+interval and exact McNemar tests (cas_jax/experiments/statistics.py), and the paper's figures where the
 paper text gives them. Settings run one after the other in one process (single host).
 
 table4, table12 and table13 evaluate table3's trained settings (same --workdir and flags) and
@@ -41,12 +41,12 @@ from ml_collections import config_flags
 from cas_jax import cli
 from cas_jax import configs
 from cas_jax import errors
-from cas_jax import experiment_runs
-from cas_jax import experiment_tables
+from cas_jax.experiments import runs as experiment_runs
+from cas_jax.experiments import tables as experiment_tables
 from cas_jax import models
 from cas_jax import preemption
 from cas_jax import provenance
-from cas_jax import train
+from cas_jax.training import train
 from cas_jax.configs import default
 
 DEFAULT_CONFIG = "cifar10_at_cas"  # a packaged config's name (cas_jax/configs/) or a file
@@ -368,7 +368,7 @@ def main(argv: List[str]) -> None:
     raise app.UsageError("usage: cas-jax-experiments NAME --workdir=W "
                          f"[--config=...] [--config.x=v ...]; NAME: {', '.join(EXPERIMENTS)}")
   name, overrides = argv[1], config_flags.get_override_values(FLAGS["config"])
-  command = shlex.join(["python", "-m", "cas_jax.experiments", *sys.argv[1:]])
+  command = shlex.join(["python", "-m", "cas_jax.experiments.driver", *sys.argv[1:]])
   try:
     with errors.exit_on_user_error():  # a bug of ours keeps its traceback
       if FLAGS.dry_run:
@@ -392,7 +392,7 @@ def main(argv: List[str]) -> None:
 
 
 def run() -> None:
-  """The `cas-jax-experiments` console script (also `python -m cas_jax.experiments`)."""
+  """The `cas-jax-experiments` console script (also `python -m cas_jax.experiments.driver`)."""
   _define_flags()
   cli.run(main)
 

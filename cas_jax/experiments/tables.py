@@ -1,19 +1,19 @@
-"""The outputs of an experiment (cas_jax/experiments.py): W/NAME.md, W/NAME.json and the beta plot.
+"""The outputs of an experiment (cas_jax/experiments/driver.py): W/NAME.md, W/NAME.json and the beta plot.
 
     write_outputs(result, workdir, plot_beta=True)   # result: experiments.run_experiment's dict
 
 A result holds one row per (setting, checkpoint) with every attack's accuracy (the mean over
 seeds, each seed kept in row["per_seed"]), the per-image verdicts of every seed, the worst
 case, the paper's figures where known and the setting's training and evaluation times.
-Each row with a twin is compared with it by cas_jax/statistics.py (paired bootstrap CI and
+Each row with a twin is compared with it by cas_jax/experiments/statistics.py (paired bootstrap CI and
 exact McNemar per seed) under every attack and the worst case.
 """
 import json
 import os
 from typing import Dict, Iterator, List, Tuple
 
-from cas_jax import report as report_lib
-from cas_jax import statistics
+from cas_jax.evaluation import report as report_lib
+from cas_jax.experiments import statistics
 
 PAPER_ATTACKS = ("fgsm", "pgd20", "cw")  # the paper's white-box columns, in its order
 WORST = report_lib.WORST_CASE

@@ -1,6 +1,6 @@
 """Robustness evaluation: named attacks, the per-image worst case over them, and workdir reports.
 
-    from cas_jax import evaluate
+    from cas_jax.evaluation import evaluate
     report = evaluate.robustness_report(apply_fn, x, y, eps=8/255, key=jax.random.key(0))
     print(report.markdown())           # table with the worst case, sanity report under it
     report = evaluate.robustness_report(apply_fn, x, y, key=key, attacks="pgd100,aa-joint,sweep")
@@ -36,14 +36,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cas_jax import attack_plan
+from cas_jax.evaluation import attack_plan
 from cas_jax import errors
 from cas_jax import input_pipeline
-from cas_jax import loading
+from cas_jax.models import loading
 from cas_jax import provenance
 from cas_jax.models import baselines
-from cas_jax import report as report_lib
-from cas_jax.attack_registry import AttackBudget, attack_names, parse_attacks
+from cas_jax.evaluation import report as report_lib
+from cas_jax.evaluation.attack_registry import AttackBudget, attack_names, parse_attacks
 from cas_jax.attacks.autoattack import target_ranks
 from cas_jax.attacks import cascade
 from cas_jax.attacks import engine

@@ -1,6 +1,7 @@
 """PyTorch checkpoints of the official CAS code -> Flax variables for `models.create`.
 
-    from cas_jax import interop, models
+    from cas_jax import models
+    from cas_jax.models import interop
     variables = interop.load_torch_checkpoint("resnet18", "model-res-last.pt")
     model = models.create("resnet18")
     logits, cas_logits = model.apply(variables, x, train=False)   # x NHWC in [0, 1]

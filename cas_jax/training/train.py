@@ -23,10 +23,10 @@ import tqdm
 
 from cas_jax import checkpointing
 from cas_jax import errors
-from cas_jax import evaluate
+from cas_jax.evaluation import evaluate
 from cas_jax import input_pipeline
 from cas_jax import losses
-from cas_jax import metric_writers
+from cas_jax.training import metric_writers
 from cas_jax import models
 from cas_jax import preemption
 from cas_jax import provenance

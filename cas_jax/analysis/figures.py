@@ -5,7 +5,7 @@ from typing import Any, Dict
 
 import numpy as np
 
-from cas_jax import report as report_lib
+from cas_jax.evaluation import report as report_lib
 
 Results = Dict[str, Dict[str, Any]]  # model label -> analysis.analyze_model's result
 KINDS = ("natural", "adversarial")

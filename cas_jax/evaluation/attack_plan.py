@@ -22,7 +22,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
-from cas_jax.attack_registry import AttackBudget, AttackSpec
+from cas_jax.evaluation.attack_registry import AttackBudget, AttackSpec
 from cas_jax.attacks.autoattack import ATTACKS, VERSIONS, stage_units
 from cas_jax.attacks import cascade
 from cas_jax.attacks import engine
