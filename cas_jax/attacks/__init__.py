@@ -12,6 +12,11 @@ blackbox (transfer, N-Attack), apgd, fab, square, autoattack.
 
 Images are NHWC in [0, 1]; `key` is one key or one key per example (then an image's result
 does not depend on the batch it is in).
+
+The folder owns the attacks alone, pure functions of a model function, and the survivor cascade
+(cascade.py) that runs an attack's compiled units on the images still standing. It may import
+only the shared top-level modules (errors, losses, preemption); never models, evaluation or
+anything above.
 """
 from cas_jax.attacks.apgd import apgd
 from cas_jax.attacks.autoattack import autoattack

@@ -24,6 +24,11 @@ From a config (config.model: name, width, cas_stages, cas_suppress, dtype):
 Every network sows the input of its final classifier (after any CAS suppression):
     _, state = model.apply(variables, x, train=False, mutable=["intermediates"])
     features = state["intermediates"]["features"][0]   # (N, C); sow keeps a tuple of one
+
+The folder owns the networks and their weights: the CAS module (cas.py), the families, the
+baselines, PyTorch state-dict import and export (`models.interop`) and restoring a trained
+workdir's network (`models.loading`). It may import only the shared top-level modules
+(errors, checkpointing, provenance); every other folder may import it.
 """
 import operator
 from typing import Any, Dict, Tuple
