@@ -22,7 +22,8 @@ def test_the_wheel_trains_the_smoke_config_outside_the_checkout(tmp_path):
   sources = venv_install.copy_sources(tmp_path / "src")
   wheel = venv_install.build_wheel(sources, str(tmp_path / "dist"))
   python = venv_install.make_venv(str(tmp_path / "venv"))
-  venv_install.run([python, "-m", "pip", "install", "-q", "--no-deps", wheel], cwd=tmp_path)
+  venv_install.run([python, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed",
+                    wheel], cwd=tmp_path)
   elsewhere = tmp_path / "elsewhere"  # no cas_jax/, configs/ or main.py to fall back on
   elsewhere.mkdir()
 

@@ -43,8 +43,26 @@ def build_wheel(sources: str, out: str) -> str:
   return os.path.join(out, wheels[0])
 
 
+def parent_site_dirs() -> list:
+  """The site-packages folders of the running interpreter: a base install's, a venv's, conda's."""
+  return [p for p in sys.path
+          if os.path.basename(p) in ("site-packages", "dist-packages") and os.path.isdir(p)]
+
+
 def make_venv(path: str) -> str:
-  """A fresh venv that sees this interpreter's packages (none re-downloaded); its python."""
-  run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", path],
-      cwd=os.path.dirname(path))
-  return os.path.join(path, "bin", "python")
+  """A fresh venv that sees the running interpreter's packages (none re-downloaded); its python.
+
+  `venv --system-site-packages` would show the *base* interpreter's packages, which are not the
+  ones the tests run with when they run inside a venv (or conda). Instead, a .pth file in the
+  new venv adds the running interpreter's site folders after its own: what pip installs into
+  the venv comes first, everything else is found where the tests found it.
+  """
+  run([sys.executable, "-m", "venv", "--without-pip", path], cwd=os.path.dirname(path))
+  python = os.path.join(path, "bin", "python")
+  purelib = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                cwd=path).stdout.strip()
+  with open(os.path.join(purelib, "_running_interpreter_site.pth"), "w") as f:
+    # addsitedir, not bare paths: those folders' own .pth files (editable installs) apply too.
+    f.write("import site; " + "; ".join(f"site.addsitedir({p!r})" for p in parent_site_dirs())
+            + "\n")
+  return python
