@@ -7,7 +7,8 @@
       train.train_and_evaluate(config, workdir)
 
 Raise UserError from an input check (a config field, a flag, a file the user named) with a
-message that names the fix. Anything else (a ValueError from JAX's shape checks, an
+message that names the fix, OperationalError for a failure of the machine (a read error, out of
+memory) with its cause; both print one line, their traceback only with --verbosity=1. Anything else (a ValueError from JAX's shape checks, an
 AssertionError, a bug of ours) keeps its traceback.
 """
 import contextlib
@@ -20,11 +21,15 @@ class UserError(ValueError):
   """Bad input from the user (config, flags, files): reported in one line that names the fix."""
 
 
+class OperationalError(RuntimeError):
+  """The machine, not the code, failed (a read error, memory, hosts that disagree): one line."""
+
+
 @contextlib.contextmanager
 def exit_on_user_error():
   """End with status 1 and one `error: ...` line on a UserError or a missing file; else re-raise."""
   try:
     yield
-  except (UserError, FileNotFoundError) as error:
+  except (UserError, OperationalError, FileNotFoundError) as error:
     logging.debug("Traceback of the error below:", exc_info=True)  # shown with --verbosity=1
     sys.exit(f"error: {error}")

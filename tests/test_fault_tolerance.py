@@ -165,7 +165,7 @@ def test_divergence_stops_without_a_non_finite_checkpoint(tmp_path):
   diverged_at = int(message.split("at step ")[1].split(" ")[0])
   manager = checkpointing.create_manager(str(tmp_path), async_save=False)
   assert manager.all_steps() and max(manager.all_steps()) < diverged_at
-  assert f"last good checkpoint is step {manager.latest_step()}" in message
+  assert f"newest verified checkpoint is step {manager.latest_step()}" in message
   assert "\n" not in message and "--config.optim.lr" in message
   for step in manager.all_steps():
     restored = manager.restore(step)

@@ -33,6 +33,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 import tqdm
 
+from cas_jax import integrity
 from cas_jax import preemption
 
 Array = jax.Array
@@ -117,29 +118,33 @@ class _State:
       self._load()
 
   def _load(self):
-    with np.load(self.path, allow_pickle=False) as saved:
-      previous = json.loads(str(saved["fingerprint"]))
-      if previous != json.loads(self.fingerprint):
-        differ = sorted(k for k in set(previous) | set(json.loads(self.fingerprint))
-                        if previous.get(k) != json.loads(self.fingerprint).get(k))
-        stale = f"{self.path}.stale-{int(time.time())}"
-        os.replace(self.path, stale)
-        logging.warning("Not resuming the evaluation in %s: its %s differ; starting afresh "
-                        "(the old state is kept as %s).", self.path, ", ".join(differ), stale)
-        return
-      for key in saved.files:
-        kind, _, name = key.partition(":")
-        if kind == "attacked":
-          self.attacked[name] = saved[key]
-        elif kind == "fooled":
-          self.fooled[name] = saved[key]
-        elif kind == "cost":
-          self.costs[name] = dict(zip(COST_FIELDS, saved[key].tolist()))
-        elif kind == "carry":
-          group, _, leaf = name.rpartition("/")
-          self.carries.setdefault(group, []).append((int(leaf), saved[key]))
-      self.carries = {g: [a for _, a in sorted(leaves, key=lambda p: p[0])]
-                      for g, leaves in self.carries.items()}
+    try:
+      saved = integrity.load_sealed_arrays(self.path)
+    except integrity.Damaged as damage:
+      integrity.set_aside(self.path, str(damage), "The evaluation state")
+      return
+    previous = json.loads(str(saved["fingerprint"]))
+    if previous != json.loads(self.fingerprint):
+      differ = sorted(k for k in set(previous) | set(json.loads(self.fingerprint))
+                      if previous.get(k) != json.loads(self.fingerprint).get(k))
+      stale = f"{self.path}.stale-{int(time.time())}"
+      os.replace(self.path, stale)
+      logging.warning("Not resuming the evaluation in %s: its %s differ; starting afresh "
+                      "(the old state is kept as %s).", self.path, ", ".join(differ), stale)
+      return
+    for key in saved:
+      kind, _, name = key.partition(":")
+      if kind == "attacked":
+        self.attacked[name] = saved[key]
+      elif kind == "fooled":
+        self.fooled[name] = saved[key]
+      elif kind == "cost":
+        self.costs[name] = dict(zip(COST_FIELDS, saved[key].tolist()))
+      elif kind == "carry":
+        group, _, leaf = name.rpartition("/")
+        self.carries.setdefault(group, []).append((int(leaf), saved[key]))
+    self.carries = {g: [a for _, a in sorted(leaves, key=lambda p: p[0])]
+                    for g, leaves in self.carries.items()}
     done = sum(int(a.sum()) for a in self.attacked.values())
     logging.info("Resuming the evaluation in %s: %d image-stages already attacked.", self.path,
                  done)
@@ -165,7 +170,7 @@ class _State:
       arrays.update({f"carry:{group}/{i}": leaf for i, leaf in enumerate(leaves)})
     os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
     temporary = self.path + ".tmp.npz"
-    np.savez(temporary, **arrays)
+    np.savez(temporary, **integrity.seal_arrays(arrays))
     os.replace(temporary, self.path)
     self.last_save = time.monotonic()
 

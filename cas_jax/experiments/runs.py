@@ -21,6 +21,7 @@ import numpy as np
 
 from cas_jax import checkpointing
 from cas_jax import errors
+from cas_jax import integrity
 from cas_jax.evaluation import evaluate
 from cas_jax import input_pipeline
 from cas_jax.training import metric_writers
@@ -135,24 +136,30 @@ def evaluate_setting(config: ml_collections.ConfigDict, workdir: str,
   """{checkpoint label: Report} of workdir for `experiment`, cached if the request is the same.
 
   Reports, resume state and cache go to workdir/eval/<experiment>/, so that experiments that
-  share a trained setting (table3, table13, ...) keep each its own evaluation. A cache of the
-  earlier layout (workdir/experiment_eval.json) is still read.
+  share a trained setting (table3, table13, ...) keep each its own evaluation. The cache carries
+  its own SHA-256: a cut or altered cache is kept aside and the evaluation runs again.
   """
   out_dir = os.path.join(workdir, "eval", experiment)
   path = os.path.join(out_dir, EVAL_CACHE)
   request = eval_request(config, workdir)
-  for cache in (path, os.path.join(workdir, EVAL_CACHE)):
-    if os.path.isfile(cache):
-      with open(cache) as f:
-        cached = json.load(f)
+  if os.path.isfile(path):
+    try:
+      cached = integrity.load_sealed_json(path)
+    except integrity.Damaged as damage:
+      integrity.set_aside(path, str(damage), "The evaluation cache")
+    else:
       if cached["request"] == request:
-        logging.info("Reusing the evaluation in %s", cache)
+        logging.info("Reusing the evaluation in %s", path)
         return {label: report_lib.Report.from_json(json.dumps(data))
                 for label, data in cached["reports"].items()}
   reports = evaluate.evaluate_workdir(config, workdir, out_dir=out_dir)
-  with open(path, "w") as f:
-    json.dump({"request": request,
-               "reports": {label: json.loads(r.to_json()) for label, r in reports.items()}}, f)
+  sealed = integrity.seal_json(
+      {"request": request,
+       "reports": {label: json.loads(r.to_json()) for label, r in reports.items()}})
+  temporary = path + ".tmp"
+  with open(temporary, "w") as f:
+    json.dump(sealed, f)
+  os.replace(temporary, path)
   return reports
 
 

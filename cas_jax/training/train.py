@@ -263,7 +263,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   # --- Checkpoint: resume from the newest one that restores, if any.
   manager = checkpointing.create_manager(workdir, async_save=config.ckpt.async_save)
-  state = jax.device_put(checkpointing.restore_or_init(manager, state), replicated)
+  state, restored_verified = checkpointing.restore_newest(manager, state)
+  state = jax.device_put(state, replicated)
   start_step = int(state.step)
   if start_step:
     logging.info("Resumed from step %d in %s", start_step, workdir)
@@ -287,14 +288,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     host["lr"] = float(lr_fn(step - 1))
     if not (host.pop(FINITE) and math.isfinite(host["train_loss"])):
       writer.write_scalars(step, host)
-      manager.wait_until_finished()
-      good = manager.latest_step()
-      raise Diverged(
-          f"training diverged: non-finite loss or parameters at step {step} (finite at step "
-          f"{checked_step}); " + (f"the last good checkpoint is step {good} in "
-                                  f"{manager.directory}, where a rerun resumes"
-                                  if good is not None else "no checkpoint was saved")
-          + f"; lower --config.optim.lr (now {config.optim.lr}) before rerunning")
+      checkpointing.wait_until_finished(manager)
+      good = checkpointing.newest_verified_step(manager)
+      where = (f"the newest verified checkpoint is step {good} in {manager.directory}"
+               if good is not None else "no verified checkpoint was saved")
+      if restored_verified:
+        advice = f"; lower --config.optim.lr (now {config.optim.lr}) before rerunning"
+      else:  # the weights it resumed from may not be the ones that were saved
+        advice = (f"; the run resumed from step {start_step}, a checkpoint without an integrity "
+                  "manifest whose weights may not be the saved ones: move it out of "
+                  f"{manager.directory} and rerun")
+      raise Diverged(f"training diverged: non-finite loss or parameters at step {step} (finite "
+                     f"at step {checked_step}); {where}" + advice)
     checked_step = step
     return host
 
@@ -373,6 +378,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         stop_here(signum, eval_metrics=eval_metrics)
   finally:
     signals.restore()
-    manager.wait_until_finished()
+    checkpointing.wait_until_finished(manager)
     writer.close()
   return state
