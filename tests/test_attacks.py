@@ -377,7 +377,11 @@ def test_result_does_not_depend_on_batching(name):
   whole = attack(x, y, key=key)
   halves = jnp.concatenate([attack(x[:4], y[:4], key=keys[:4]),
                             attack(x[4:], y[4:], key=keys[4:])])
-  chex.assert_trees_all_close(whole, halves, atol=1e-6, rtol=0)
+  # N-Attack's 40 search iterations of a continuous update drift by up to ~1.5e-5 when a
+  # build picks another matmul kernel for the half batch (a 1-ulp change of the weights moves
+  # them that far); a batching mistake moves pixels by ~eps = 0.1. The verdicts are exact.
+  chex.assert_trees_all_close(whole, halves, atol=1e-4 if name == "n_attack" else 1e-6, rtol=0)
+  np.testing.assert_array_equal(_predict(model_fn, whole), _predict(model_fn, halves))
   assert float(jnp.max(jnp.abs(whole - x))) > 0.0
 
 
