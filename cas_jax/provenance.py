@@ -12,6 +12,8 @@ set; raising `schedule.num_epochs` to continue a finished run is always allowed.
 recorded in provenance.json.
 """
 import datetime
+import functools
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -92,6 +94,22 @@ def project() -> Dict[str, Any]:
     status = _git("status", "--porcelain")  # changed or new files (not the ignored ones)
     info.update(commit=commit, dirty=None if status is None else bool(status))
   return info
+
+
+@functools.lru_cache(maxsize=None)
+def code_digest() -> str:
+  """The package's version and a SHA-256 of its Python sources: the code a result came from,
+  in a checkout (committed or not) and in an installed wheel alike."""
+  package = os.path.dirname(os.path.abspath(__file__))
+  digest = hashlib.sha256(str(_project_version()).encode())
+  for root, dirs, files in os.walk(package):
+    dirs.sort()
+    for name in sorted(f for f in files if f.endswith(".py")):
+      path = os.path.join(root, name)
+      digest.update(os.path.relpath(path, package).encode())
+      with open(path, "rb") as f:
+        digest.update(f.read())
+  return f"{_project_version()}+{digest.hexdigest()[:12]}"
 
 
 def versions() -> Dict[str, Optional[str]]:

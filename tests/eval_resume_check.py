@@ -2,11 +2,14 @@
 
     python tests/eval_resume_check.py STATE_DIR OUT.npz
 
-Saves the per-image verdicts and the images each stage attacked to OUT.npz; the state is
+Saves the per-image verdicts, the images each stage attacked and the model rows this
+process evaluated to OUT.npz; the state is
 written after every batch, so that the test can kill it anywhere and start it again.
 """
 import sys
 
+from absl import logging
+import jax
 import numpy as np
 
 import test_cascade
@@ -15,8 +18,11 @@ import test_cascade
 def main():
   """The report, resumed from STATE_DIR if a run there was interrupted."""
   state_dir, out = sys.argv[1:3]
+  logging.set_verbosity(logging.INFO)  # "Resuming the evaluation ..." to stderr
   report = test_cascade.resume_report(state_dir)
+  jax.effects_barrier()
   np.savez(out, images=np.asarray(report.costs["total"]["images"]),
+           rows=np.asarray(sum(test_cascade.ROWS)),  # model rows this process evaluated
            **{name: np.asarray(v) for name, v in report.verdicts.items()})
 
 

@@ -259,10 +259,19 @@ def test_compilations_do_not_grow_with_the_number_of_images():
       cascade.batch_sizes(8, 1))
 
 
+def apply_counted_cas(w, x):
+  """counted_cas with its weights as an argument: a module-level function for a Partial."""
+  jax.debug.callback(_count_rows, x.shape[0])
+  z = x.reshape(x.shape[0], -1) @ w
+  return z, (0.5 * z,)
+
+
 def resume_report(state_dir=None, n=60):
-  """The report eval_resume_check.py runs: AutoAttack on a CAS-like model, small batches."""
+  """The report eval_resume_check.py runs: AutoAttack on a CAS-like model given as README
+  shows (a Partial of a module-level function and its weights), small batches."""
   x, y = _report_data(n)
-  return evaluate.robustness_report(counted_cas, x, y, key=KEY, eps=0.03, attacks="pgd3,aa,aa-joint",
+  model = jax.tree_util.Partial(apply_counted_cas, W)
+  return evaluate.robustness_report(model, x, y, key=KEY, eps=0.03, attacks="pgd3,aa,aa-joint",
                                     batch_size=4, budget=BUDGET, state_dir=state_dir,
                                     save_every=0.0)
 
@@ -291,9 +300,16 @@ def test_a_killed_report_started_again_ends_as_an_uninterrupted_one(tmp_path, st
   resumed = run()
   _, stderr = resumed.communicate(timeout=300)
   assert resumed.returncode == 0, stderr[-2000:]
+  # The new process recognises the model (a Partial: its function by name, not by address).
+  assert "Resuming the evaluation" in stderr and "Not resuming" not in stderr, stderr[-2000:]
+  assert not [f for f in os.listdir(state) if ".stale-" in f]
   again = np.load(out)
+  ROWS.clear()
   reference = resume_report()
+  jax.effects_barrier()
   for name, verdict in reference.verdicts.items():
     np.testing.assert_array_equal(again[name], verdict)
-  # Every image-stage attacked once over both runs: nothing recorded was attacked again.
+  # Every image-stage attacked once over both runs: nothing recorded was attacked again, and
+  # the second process evaluated strictly fewer model rows than a run from scratch.
   assert int(again["images"]) == reference.costs["total"]["images"]
+  assert 0 < int(again["rows"]) < sum(ROWS), (int(again["rows"]), sum(ROWS))
