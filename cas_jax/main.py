@@ -35,6 +35,8 @@ def main(argv):
   if FLAGS.verbosity <= 0:  # --verbosity=1 shows every library's INFO lines
     logging.get_absl_handler().addFilter(cli.QuietLibraries())
   import jax  # pylint: disable=g-import-not-at-top  (after the signal handlers)
+  from cas_jax import compilation  # pylint: disable=g-import-not-at-top
+  compilation.use_persistent_cache(FLAGS.config.get("compilation_cache"))
   if FLAGS.distributed:
     # Its preemption service then takes SIGTERM.
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,

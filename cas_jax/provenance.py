@@ -31,7 +31,8 @@ PROVENANCE_FILE = "provenance.json"
 # checkpointing, logging, the test split's size, and where the same data lives on disk.
 NOT_TRAINING = ("eval", "analysis", "ckpt", "log_every_steps", "eval_batch_size",
                 "data.num_test", "data.synthetic_num_test", "data.cifar_dir",
-                "data.tfds_data_dir", "data.tfds_download", "allow_config_change")
+                "data.tfds_data_dir", "data.tfds_download", "allow_config_change",
+                "compilation_cache")
 EXTENDABLE = ("schedule.num_epochs",)  # may change on a resume (continue a finished run)
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml_collections")
 PROJECT = "cas_jax"

@@ -1,4 +1,5 @@
-"""Test-session settings: compile fast, and free compiled programs between test modules."""
+"""Test-session settings: compile fast, cache compiled programs on disk, and free them from
+memory between test modules."""
 import gc
 import os
 
@@ -7,6 +8,17 @@ import pytest
 FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 if FAST_COMPILE_FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE_FLAG).strip()
+
+# One persistent compilation cache for the whole suite: its xdist workers and the processes
+# its tests start (main.py, the experiment driver, the multi-device checks) fetch what another
+# one compiled, and a rerun of the suite starts warm. Kept apart from the users' cache;
+# CAS_JAX_COMPILATION_CACHE=off (or another folder) overrides it.
+TEST_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "cas_jax", "tests")
+if os.environ.get("CAS_JAX_COMPILATION_CACHE", "").lower() != "off":
+  os.environ.setdefault("CAS_JAX_COMPILATION_CACHE", TEST_CACHE)
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["CAS_JAX_COMPILATION_CACHE"])
+  # Programs that took 0.2 s or more: the attacks' and training steps', not every small op.
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 
 @pytest.fixture(autouse=True, scope="module")

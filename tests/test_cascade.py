@@ -64,11 +64,12 @@ def test_each_step_gets_the_survivors_of_the_whole_set_in_full_batches():
   np.testing.assert_array_equal(result.broken["m"], expected)
 
 
-def test_batch_sizes_are_halvings_in_multiples_of_the_devices():
-  assert cascade.batch_sizes(256, 1) == [256, 128, 64, 32, 16, 8, 4, 2, 1]
-  assert cascade.batch_sizes(100, 8) == [104, 56, 32, 16, 8]
+def test_batch_sizes_are_three_buckets_in_multiples_of_the_devices():
+  assert cascade.batch_sizes(256, 1) == [256, 64, 16]
+  assert cascade.batch_sizes(100, 8) == [104, 32, 8]  # 100, 25, 7 rounded up to 8s
+  assert cascade.batch_sizes(8, 4) == [8, 4]  # never below one row per device
   rows = np.arange(37)
-  batches = list(cascade.padded_batches(rows, cascade.batch_sizes(16, 1)))
+  batches = list(cascade.padded_batches(rows, cascade.batch_sizes(16, 1)))  # 16, 4, 1
   assert [(len(t), len(r)) for t, r in batches] == [(16, 16), (16, 16), (4, 4), (1, 1)]
   # A rest within 1/8 of a batch size is padded up to it: 15 = 16 - 1.
   assert [len(r) for _, r in cascade.padded_batches(np.arange(31), [16, 8, 4, 2, 1])] == [16, 16]
@@ -143,11 +144,15 @@ def test_a_carried_state_survives_an_interruption_between_chunks(tmp_path):
                                                ("m",)) for i in range(4)]
   with pytest.raises(KeyboardInterrupt):
     cascade.run(chunks([], 2), x, y, keys, eligible=every, batch_size=4, state_path=path)
+  assert any(k.startswith("carry:count/") for k in np.load(path).files)  # kept while needed
   seen = []
   resumed = cascade.run(chunks(seen, None), x, y, keys, eligible=every, batch_size=4,
                         state_path=path)
   assert sum(seen) == 12 + 6  # chunks 2 and 3 only: 12 images, then the 6 even ones left
   np.testing.assert_array_equal(resumed.broken["m"], np.arange(12) % 2 == 1)
+  # The group's last chunk has run: its carries leave the state, the masks stay.
+  saved = np.load(path).files
+  assert not [k for k in saved if k.startswith("carry:")] and "attacked:count/3" in saved
 
 
 # ----------------------------------------------------------------------------- the report
@@ -254,7 +259,7 @@ def test_compilations_do_not_grow_with_the_number_of_images():
     x, y = _report_data(n)
     evaluate.robustness_report(model, x, y, key=KEY, eps=0.03, attacks="pgd2", batch_size=8,
                                budget=BUDGET)
-  # At most one compilation per batch size (8, 4, 2, 1), whatever the images and batches.
+  # At most one compilation per batch size (8, 2, 1), whatever the images and batches.
   assert attack_plan._single_attack._cache_size() - before <= len(  # pylint: disable=protected-access
       cascade.batch_sizes(8, 1))
 

@@ -166,18 +166,19 @@ def apgd_run(model_fn, x: Array, y: Array, targets: Array, keys: Array, x_start:
 def ranked_targets(logits: Array, rank: int) -> Array:
   """The class with the rank-th largest logit of each row (rank 1 = the prediction)."""
   num_classes = logits.shape[-1]
-  if not 2 <= rank <= num_classes:
+  if isinstance(rank, int) and not 2 <= rank <= num_classes:  # a traced rank is checked before
     raise errors.UserError(f"target rank {rank} is invalid for {num_classes} classes; valid: "
                      f"2..{num_classes} (rank 2 = the runner-up class)")
   return jnp.argsort(logits, axis=-1)[:, -rank]
 
 
-@engine.jit_with_model("steps", "loss", "beta", "rho", "eot", "rank", "number")
+@engine.jit_with_model("steps", "loss", "beta", "rho", "eot")
 def apgd_round(model_fn, x: Array, y: Array, keys: Array, eps, *, steps: int, loss: str,
-               beta: float = 2.0, rho: float = 0.75, eot=None, rank=None, number: int = 0):
+               beta: float = 2.0, rho: float = 0.75, eot=None, rank=None, number=0):
   """Round `number` of APGD (one target rank, one restart) on a batch: (x_adv, fooled).
 
-  rank: the target class's rank by the clean logits (targeted losses), else None. A round
+  rank: the target class's rank by the clean logits (targeted losses), else None. rank and
+  number are traced: every target and restart of a loss runs one compiled program. A round
   costs steps + 1 gradient passes (each over `eot` draws), plus one forward pass for the
   targets (`round_passes`).
   """

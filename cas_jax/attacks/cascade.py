@@ -8,10 +8,12 @@ A `Unit` is one compiled piece of an attack (a PGD, one APGD-T target, one FAB-T
 of Square queries). A `Step` runs a unit for the attacks in `members` on the images every one of
 them still has standing: a step shared by several attacks (FAB-T and Square of `aa` and
 `aa-joint`) runs once. Its images are gathered from the whole set into batches of `batch_size`
-rows, sharded over every local device; only the rest of a step is split into smaller batches of
-batch_size / 2^k rows (multiples of the device count), so a unit compiles at most
-log2(batch_size) + 1 times whatever the number of images, and padding (copies of a real row,
-whose results are dropped) is at most 1/8 of that rest, or less than the device count.
+rows, sharded over every local device; only the rest of a step goes into batches of a quarter
+or a sixteenth of that (`batch_sizes`, multiples of the device count), so a unit compiles for at
+most 3 shapes whatever the number of images. The rest is padded (copies of a real row, whose
+results are dropped and whose rows are counted apart) to the smallest of these sizes that holds
+it when that wastes at most 1/8 of it, else filled greedily; only a last piece smaller than a
+sixteenth of batch_size is padded beyond that.
 
 Costs are counted in model rows (one image through one forward pass): every unit reports how
 many batch passes it made, with and without a gradient, and the cascade multiplies by the rows
@@ -77,14 +79,14 @@ class Result:
   x_adv: Optional[np.ndarray] = None
 
 
+BUCKET_DIVISORS = (1, 4, 16)  # batch_size, a quarter and a sixteenth of it
+
+
 def batch_sizes(batch_size: int, devices: int) -> List[int]:
-  """The batch sizes a step may use: batch_size, then halvings, each a multiple of `devices`."""
-  top = -(-batch_size // devices) * devices
-  sizes, size = [top], top
-  while size > devices:
-    size = max(devices, -(-(size // 2) // devices) * devices)
-    sizes.append(size)
-  return sorted(set(sizes), reverse=True)
+  """The batch sizes a step may use (every program compiles for these shapes at most):
+  batch_size, batch_size / 4 and batch_size / 16, each rounded up to a multiple of `devices`."""
+  round_up = lambda n: max(devices, -(-n // devices) * devices)
+  return sorted({round_up(-(-batch_size // d)) for d in BUCKET_DIVISORS}, reverse=True)
 
 
 def padded_batches(rows: np.ndarray, sizes: Sequence[int], waste: float = 0.125):
@@ -208,9 +210,12 @@ def run(steps: Sequence[Step], x: np.ndarray, y: np.ndarray, keys: np.ndarray, *
   cut = {m: np.zeros(n, bool) for m in members}
   alive: Dict[str, np.ndarray] = {}
   x_adv = x.copy() if keep_adversarial else None
+  # A carry (Square's best points and margins, a float per pixel) is kept in the state only
+  # while a unit of its group is still to run.
+  last_of_group = {s.unit.carry: i for i, s in enumerate(steps) if s.unit.carry}
   signals = preemption.StopSignals().install()
   try:
-    for step in steps:
+    for i, step in enumerate(steps):
       for m in step.members:
         if m not in alive:  # its first step: what the attacks before it left standing
           alive[m] = eligible[m].copy()
@@ -223,6 +228,8 @@ def run(steps: Sequence[Step], x: np.ndarray, y: np.ndarray, keys: np.ndarray, *
         broken[m] |= fooled
         cut[m] |= alive[m] & ~active
         alive[m] &= active & ~fooled
+      if step.unit.carry and last_of_group[step.unit.carry] == i:
+        state.carries.pop(step.unit.carry, None)
   finally:  # every finished batch is kept, also when a unit fails (an out-of-memory, a bug)
     state.save(force=True)
     signals.restore()

@@ -102,17 +102,18 @@ def fab_targeted_run(model_fn, x: Array, y: Array, targets: Array, x_start: Arra
   return best, dist
 
 
-@jit_with_model("steps", "rank", "restart", "number", "alpha_max", "eta", "backtrack")
-def fab_round(model_fn, x: Array, y: Array, keys: Array, eps, *, steps: int, rank: int,
-              restart: int = 0, number: int = 0, alpha_max: float = 0.1, eta: float = 1.05,
+@jit_with_model("steps", "alpha_max", "eta", "backtrack")
+def fab_round(model_fn, x: Array, y: Array, keys: Array, eps, *, steps: int, rank,
+              restart=0, number=0, alpha_max: float = 0.1, eta: float = 1.05,
               backtrack: float = 0.9):
   """Round `number` of FAB-T (a target rank, a restart) on a batch: (x_adv, fooled).
 
+  rank, restart and number are traced: every target and restart runs one compiled program.
   It costs `steps` gradient passes and steps + 2 forward passes (`round_passes`).
   """
   targets = ranked_targets(predict(model_fn, x, keys), rank)
   keys = engine.fold_keys(keys, number)
-  start = x if restart == 0 else engine.random_start(keys, x, eps / 2)
+  start = jnp.where(jnp.asarray(restart) == 0, x, engine.random_start(keys, x, eps / 2))
   best, dist = fab_targeted_run(model_fn, x, y, targets, start, steps=steps,
                                 alpha_max=alpha_max, eta=eta, backtrack=backtrack)
   fooled = (dist <= eps) & (jnp.argmax(predict(model_fn, best, keys), -1) != y)

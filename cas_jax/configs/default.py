@@ -117,6 +117,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Resume a workdir whose recorded config.json differs in a field that changes the trained
   # model (recorded in provenance.json); raising schedule.num_epochs needs no flag.
   config.allow_config_change = False
+  # JAX's persistent compilation cache for the CLI commands (cas_jax/compilation.py): a
+  # folder, or "off". The environment variable CAS_JAX_COMPILATION_CACHE takes precedence.
+  config.compilation_cache = "~/.cache/cas_jax/jax"
   return config
 
 

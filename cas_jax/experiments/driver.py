@@ -39,6 +39,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from cas_jax import cli
+from cas_jax import compilation
 from cas_jax import configs
 from cas_jax import errors
 from cas_jax.experiments import runs as experiment_runs
@@ -369,6 +370,7 @@ def main(argv: List[str]) -> None:
                          f"[--config=...] [--config.x=v ...]; NAME: {', '.join(EXPERIMENTS)}")
   name, overrides = argv[1], config_flags.get_override_values(FLAGS["config"])
   command = shlex.join(["python", "-m", "cas_jax.experiments.driver", *sys.argv[1:]])
+  compilation.use_persistent_cache(FLAGS.config.get("compilation_cache"))
   try:
     with errors.exit_on_user_error():  # a bug of ours keeps its traceback
       if FLAGS.dry_run:

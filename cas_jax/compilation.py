@@ -1,0 +1,110 @@
+"""Compilations: counted per program, and kept across processes in JAX's persistent cache.
+
+    with compilation.counted() as stats:       # JAX's monitoring events, not wall time
+      evaluate.robustness_report(...)
+    stats.counts   # {"apgd_round": 2, ...}: XLA compilations (persistent-cache hits apart)
+    stats.seconds  # seconds spent compiling (or fetching from the cache)
+
+    compilation.use_persistent_cache(config.compilation_cache)   # the CLI commands do this
+
+The persistent cache (jax's `jax_compilation_cache_dir`) keeps compiled programs on disk, keyed
+on the program, the jax version and the backend: a second evaluation of the same architecture,
+a resumed report, the next seed of a table or a rerun of the tests fetch them instead of
+compiling again. Its folder is `config.compilation_cache` (default ~/.cache/cas_jax/jax), or
+the environment variable CAS_JAX_COMPILATION_CACHE; "off" (either) switches it off.
+"""
+import collections
+import contextlib
+import dataclasses
+import os
+from typing import Dict, Optional
+
+from absl import logging
+import jax
+
+ENV = "CAS_JAX_COMPILATION_CACHE"
+DEFAULT_DIR = os.path.join("~", ".cache", "cas_jax", "jax")
+_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+_CACHE_HIT = "/jax/compilation_cache/cache_hits"
+
+
+@dataclasses.dataclass
+class Stats:
+  """What counted() saw: per program, backend compilations and their seconds; cache hits."""
+  counts: Dict[str, int] = dataclasses.field(default_factory=collections.Counter)
+  seconds: Dict[str, float] = dataclasses.field(default_factory=collections.Counter)
+  cache_hits: int = 0
+
+  @property
+  def total(self) -> int:
+    """Compilations of every program, persistent-cache hits included."""
+    return sum(self.counts.values())
+
+  @property
+  def total_seconds(self) -> float:
+    return float(sum(self.seconds.values()))
+
+  def as_dict(self) -> dict:
+    """JSON-ready: totals and the per-program counts and seconds, most compiled first."""
+    order = sorted(self.counts, key=lambda n: (-self.counts[n], n))
+    return {"compilations": self.total, "compile_seconds": round(self.total_seconds, 3),
+            "persistent_cache_hits": self.cache_hits,
+            "programs": {n: {"compilations": self.counts[n],
+                             "seconds": round(self.seconds[n], 3)} for n in order}}
+
+
+@contextlib.contextmanager
+def counted():
+  """Count the XLA compilations (and persistent-cache fetches) made inside the block."""
+  stats = Stats()
+
+  def on_duration(event: str, duration: float, **kwargs):
+    if event == _BACKEND_COMPILE:
+      name = str(kwargs.get("fun_name", "?"))
+      stats.counts[name] += 1
+      stats.seconds[name] += duration
+
+  def on_event(event: str, **kwargs):
+    del kwargs
+    if event == _CACHE_HIT:
+      stats.cache_hits += 1
+
+  jax.monitoring.register_event_duration_secs_listener(on_duration)
+  jax.monitoring.register_event_listener(on_event)
+  try:
+    yield stats
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_duration)
+    jax.monitoring.unregister_event_listener(on_event)
+
+
+def cache_dir(configured: Optional[str] = None) -> Optional[str]:
+  """The persistent cache folder: the environment variable, else `configured`, else the
+  default; None when either says "off" (or is empty)."""
+  chosen = os.environ.get(ENV, configured if configured is not None else DEFAULT_DIR)
+  if configured is not None and configured.strip().lower() in ("off", ""):
+    return None
+  if chosen is None or chosen.strip().lower() in ("off", ""):
+    return None
+  return os.path.abspath(os.path.expanduser(chosen))
+
+
+def use_persistent_cache(configured: Optional[str] = None) -> Optional[str]:
+  """Turn JAX's persistent compilation cache on in cache_dir(configured); the folder or None.
+
+  Every program is cached, however quickly it compiled (an attack's many small programs add
+  up). A folder that cannot be created leaves the cache off with one warning line.
+  """
+  folder = cache_dir(configured)
+  if folder is None:
+    return None
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as error:
+    logging.warning("Compilation cache off: cannot create %s (%s); set %s or "
+                    "--config.compilation_cache to another folder, or to off.", folder, error, ENV)
+    return None
+  jax.config.update("jax_compilation_cache_dir", folder)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  return folder

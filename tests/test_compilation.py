@@ -1,0 +1,113 @@
+"""Compilations are counted (JAX's monitoring events), bounded per program, and cached on disk."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from cas_jax import compilation
+from cas_jax.attacks import cascade
+from cas_jax.evaluation import evaluate
+from cas_jax.evaluation.attack_registry import AttackBudget
+import fake_devices
+from test_cascade import KEY, W, _report_data
+
+
+def apply_cas(w, x):
+  """A linear model with one CAS-like head (so the default report runs aa-joint too)."""
+  z = x.reshape(x.shape[0], -1) @ w
+  return z, (0.5 * z,)
+
+
+def _default_report(n, target_classes, batch_size=16):
+  model = jax.tree_util.Partial(apply_cas, W)
+  x, y = _report_data(n)
+  budget = AttackBudget(apgd_steps=3, fab_steps=3, square_queries=40,
+                        target_classes=target_classes)
+  with compilation.counted() as stats:
+    report = evaluate.robustness_report(model, x, y, key=KEY, eps=0.02, attacks="default",
+                                        batch_size=batch_size, budget=budget)
+  return report, stats
+
+
+def _count(stats, program):
+  return sum(c for name, c in stats.counts.items() if name == f"jit({program})")
+
+
+def test_each_program_compiles_once_per_batch_shape_whatever_the_targets():
+  jax.clear_caches()
+  report, stats = _default_report(40, target_classes=2)
+  shapes = len(cascade.batch_sizes(16, 1))  # 16, 4, 1
+  assert report.verdicts["aa"].sum() < report.verdicts["natural"].sum()  # AutoAttack did work
+  # Distinct computations: APGD on 4 losses (CE, targeted DLR, each main and joint), FAB-T
+  # once (shared by aa and aa-joint; its targets and restarts traced), Square's first chunk
+  # and its continuing chunks, and the report's single attacks (pgd20, cw).
+  bounds = {"apgd_round": 4 * shapes, "fab_round": shapes, "square_chunk": 2 * shapes,
+            "_single_attack": 2 * shapes}
+  for program, bound in bounds.items():
+    assert 1 <= _count(stats, program) <= bound, (program, stats.as_dict())
+  # More targets (and so more rounds of APGD-T and FAB-T) compile nothing more: a target's
+  # rank is a traced value, not a static argument of the program.
+  jax.clear_caches()
+  _, more = _default_report(40, target_classes=5)
+  for program in ("apgd_round", "fab_round"):
+    assert _count(more, program) == _count(stats, program), (program, more.as_dict())
+
+
+def test_the_counter_sees_every_compilation_and_only_those_inside_it():
+  f = jax.jit(lambda v: v * 2 + 1)
+  with compilation.counted() as stats:
+    f(np.ones(3, np.float32))
+    f(np.ones(3, np.float32))  # cached: no compilation
+    f(np.ones(5, np.float32))  # a new shape: one more
+  assert stats.counts.get("jit(<lambda>)") == 2 and stats.total_seconds > 0
+  with compilation.counted() as again:
+    f(np.ones(5, np.float32))
+  assert again.total == 0
+
+
+def test_cache_dir_follows_the_environment_then_the_config(monkeypatch, tmp_path):
+  monkeypatch.delenv(compilation.ENV, raising=False)
+  assert compilation.cache_dir(None) == os.path.expanduser("~/.cache/cas_jax/jax")
+  assert compilation.cache_dir(str(tmp_path)) == str(tmp_path)
+  assert compilation.cache_dir("off") is None
+  monkeypatch.setenv(compilation.ENV, str(tmp_path / "env"))
+  assert compilation.cache_dir(str(tmp_path)) == str(tmp_path / "env")
+  monkeypatch.setenv(compilation.ENV, "off")
+  assert compilation.cache_dir(str(tmp_path)) is None
+
+
+SCRIPT = """
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, {tests!r})
+from cas_jax import compilation
+folder = compilation.use_persistent_cache({folder!r})
+import test_compilation
+report, stats = test_compilation._default_report(24, target_classes=2)
+print(json.dumps({{"folder": folder, "hits": stats.cache_hits, "compilations": stats.total,
+                  "seconds": stats.total_seconds,
+                  "verdicts": {{k: v.tolist() for k, v in report.verdicts.items()}}}}))
+"""
+
+
+@pytest.mark.slow
+def test_a_second_process_fetches_the_programs_from_the_persistent_cache(tmp_path):
+  folder = str(tmp_path / "cache")
+  script = SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)), folder=folder)
+  runs = []
+  for _ in range(2):
+    done = subprocess.run([sys.executable, "-c", script], env=fake_devices.environment(1),
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+  first, second = runs
+  assert first["folder"] == folder and os.listdir(folder)
+  assert first["hits"] == 0
+  # Every program the first process compiled comes from the disk in the second.
+  assert second["hits"] >= 0.9 * first["compilations"], (first, second)
+  assert second["seconds"] < first["seconds"] / 3, (first, second)
+  assert second["verdicts"] == first["verdicts"]
