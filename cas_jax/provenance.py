@@ -98,10 +98,9 @@ def project() -> Dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=None)
-def code_digest() -> str:
+def code_digest(package: str = os.path.dirname(os.path.abspath(__file__))) -> str:
   """The package's version and a SHA-256 of its Python sources: the code a result came from,
   in a checkout (committed or not) and in an installed wheel alike."""
-  package = os.path.dirname(os.path.abspath(__file__))
   digest = hashlib.sha256(str(_project_version()).encode())
   for root, dirs, files in os.walk(package):
     dirs.sort()

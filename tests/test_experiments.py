@@ -236,6 +236,16 @@ def test_the_evaluation_cache_keys_on_the_config_budgets_and_checkpoint(tmp_path
   assert experiment_runs.eval_request(config, str(tmp_path)) != request
 
 
+def test_the_evaluation_cache_keys_on_the_code(tmp_path, monkeypatch):
+  config = smoke_base(**TINY)
+  fake_trained(tmp_path, config)
+  request = experiment_runs.eval_request(config, str(tmp_path))
+  assert request["code"] == provenance.code_digest()
+  # Another source of the package (a fixed attack bug): another request, the cache is not used.
+  monkeypatch.setattr(provenance, "code_digest", lambda: "0.1.0+000000000000")
+  assert experiment_runs.eval_request(config, str(tmp_path)) != request
+
+
 def _with_verdicts(row, verdicts):
   row["verdicts"] = {n: [list(map(int, v))] for n, v in verdicts.items()}
   row["accuracy"] = {n: float(np.mean(v)) for n, v in verdicts.items()}

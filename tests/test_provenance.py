@@ -1,6 +1,7 @@
 """A training workdir records what produced it; a resume that would train another model stops."""
 import json
 import os
+import shutil
 import re
 
 import pytest
@@ -94,3 +95,14 @@ def test_report_provenance_carries_the_training_runs(tmp_path):
   assert re.fullmatch(r"Provenance: cas_jax commit [0-9a-f]{10}( \(dirty\))?; jax [^;]+, flax "
                       r"[^;]+, optax [^;]+, orbax-checkpoint [^;]+; \d+ x [^;]+; dtype float32\.",
                       line), line
+
+
+def test_the_code_digest_changes_with_any_source_file(tmp_path):
+  package = os.path.dirname(os.path.abspath(provenance.__file__))
+  copy = tmp_path / "cas_jax"
+  shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+  assert provenance.code_digest(str(copy)) == provenance.code_digest()
+  with open(copy / "attacks" / "apgd.py", "a") as f:
+    f.write("\n# a fix\n")
+  # (__wrapped__: past the per-process cache, which holds the code this process has loaded)
+  assert provenance.code_digest.__wrapped__(str(copy)) != provenance.code_digest()

@@ -121,10 +121,12 @@ def _digest(path: str) -> Optional[str]:
 def eval_request(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Everything an evaluation depends on, as JSON data (a cached result is reused if equal).
 
-  The config (attacks and budgets included), the checkpoints and, for a transfer source that
-  is a workdir, its checkpoints too.
+  The config (attacks and budgets included), the checkpoints, the code that evaluates (the
+  package's version and source digest: a fixed attack bug never reuses an old report) and,
+  for a transfer source that is a workdir, its checkpoints too.
   """
-  request = {"config": config.to_dict(), "checkpoints": checkpoint_identity(workdir)}
+  request = {"config": config.to_dict(), "checkpoints": checkpoint_identity(workdir),
+             "code": provenance.code_digest()}
   source = config.eval.get("transfer_checkpoint", "")
   if source and os.path.isdir(source):
     request["transfer_source"] = checkpoint_identity(source)
