@@ -1,5 +1,6 @@
 """The survivor cascade and the scheduled report: survivors gathered over the whole set into
 full batches, bounded compilations, model rows counted exactly, resume without re-attacking."""
+import json
 import os
 import signal
 import subprocess
@@ -318,3 +319,49 @@ def test_a_killed_report_started_again_ends_as_an_uninterrupted_one(tmp_path, st
   # the second process evaluated strictly fewer model rows than a run from scratch.
   assert int(again["images"]) == reference.costs["total"]["images"]
   assert 0 < int(again["rows"]) < sum(ROWS), (int(again["rows"]), sum(ROWS))
+
+
+@pytest.mark.slow
+def test_main_eval_stopped_in_autoattack_resumes_in_a_new_process(tmp_path):
+  # `main.py --mode=eval` on a trained workdir, stopped by SIGTERM once AutoAttack's first
+  # stage has finished, then the same command again: the new process says it resumed (the
+  # model recognised from its weights and config, not a memory address) and ends with the
+  # verdicts of an uninterrupted run in a copy of the workdir.
+  import shutil  # pylint: disable=g-import-not-at-top
+  from cas_jax.training import train  # pylint: disable=g-import-not-at-top
+  from test_fault_tolerance import small_config, small_flags  # pylint: disable=g-import-not-at-top
+  evaluation = {"eval.attacks": "pgd3,aa", "eval.report_images": 16, "eval.checkpoints": "last",
+                "eval.apgd_steps": 8, "eval.fab_steps": 8, "eval.square_queries": 60,
+                "eval.target_classes": 3, "eval.progress": False}
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(small_config(**{"schedule.num_epochs": 1}), str(workdir))
+  shutil.copytree(workdir, tmp_path / "copy")
+  command = [sys.executable, os.path.join(fake_devices.ROOT, "main.py"),
+             "--config=configs/smoke.py", "--mode=eval",
+             *small_flags(**{"schedule.num_epochs": 1}, **evaluation)]
+  env = fake_devices.environment(1)
+  first = subprocess.Popen(command + [f"--workdir={workdir}"], env=env, cwd=fake_devices.ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  seen = []
+  for line in first.stderr:
+    seen.append(line)
+    if " apgd-ce: " in line:  # AutoAttack's first stage is done and saved
+      first.send_signal(signal.SIGTERM)
+      break
+  _, rest = first.communicate(timeout=300)
+  log = "".join(seen) + rest
+  assert first.returncode == 128 + signal.SIGTERM, log[-3000:]
+  assert "evaluation stopped by SIGTERM" in log
+  second = subprocess.run(command + [f"--workdir={workdir}"], env=env, cwd=fake_devices.ROOT,
+                          capture_output=True, text=True, timeout=600, check=False)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "Resuming the evaluation" in second.stderr and "Not resuming" not in second.stderr
+  assert " apgd-ce: " not in second.stderr  # the finished stage is not attacked again
+  reference = subprocess.run(command + [f"--workdir={tmp_path / 'copy'}"], env=env,
+                             cwd=fake_devices.ROOT, capture_output=True, text=True,
+                             timeout=600, check=False)
+  assert reference.returncode == 0, reference.stderr[-3000:]
+  resumed, whole = (json.load(open(w / "eval" / "last_report.json"))
+                    for w in (workdir, tmp_path / "copy"))
+  assert resumed["verdicts"] == whole["verdicts"]
+  assert resumed["costs"]["total"]["images"] == whole["costs"]["total"]["images"]
