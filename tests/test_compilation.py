@@ -40,7 +40,7 @@ def _count(stats, program):
 def test_each_program_compiles_once_per_batch_shape_whatever_the_targets():
   jax.clear_caches()
   report, stats = _default_report(40, target_classes=2)
-  shapes = len(cascade.batch_sizes(16, 1))  # 16, 4, 1
+  shapes = len(cascade.batch_sizes(16, 1))  # 16, 2, 1
   assert report.verdicts["aa"].sum() < report.verdicts["natural"].sum()  # AutoAttack did work
   # Distinct computations: APGD on 4 losses (CE, targeted DLR, each main and joint), FAB-T
   # once (shared by aa and aa-joint; its targets and restarts traced), Square's first chunk
@@ -85,7 +85,7 @@ import json, sys
 import jax, numpy as np
 sys.path.insert(0, {tests!r})
 from cas_jax import compilation
-folder = compilation.use_persistent_cache({folder!r})
+folder = compilation.use_persistent_cache()  # the folder CAS_JAX_COMPILATION_CACHE names
 import test_compilation
 report, stats = test_compilation._default_report(24, target_classes=2)
 print(json.dumps({{"folder": folder, "hits": stats.cache_hits, "compilations": stats.total,
@@ -97,10 +97,12 @@ print(json.dumps({{"folder": folder, "hits": stats.cache_hits, "compilations": s
 @pytest.mark.slow
 def test_a_second_process_fetches_the_programs_from_the_persistent_cache(tmp_path):
   folder = str(tmp_path / "cache")
-  script = SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)), folder=folder)
+  script = SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in fake_devices.environment(1).items() if not k.startswith("JAX_")}
+  env[compilation.ENV] = folder
   runs = []
   for _ in range(2):
-    done = subprocess.run([sys.executable, "-c", script], env=fake_devices.environment(1),
+    done = subprocess.run([sys.executable, "-c", script], env=env,
                           capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
