@@ -330,3 +330,30 @@ def test_per_epoch_accuracy_matches_a_direct_computation():
   assert natural.sum() == 6 and robust.sum() < 6  # the attack changes something
   assert result == {"natural_acc": pytest.approx(natural.mean()),
                     "pgd_acc": pytest.approx(robust.mean()), "eval_images": 12}
+
+
+@pytest.mark.slow
+def test_a_bfloat16_model_is_evaluated_in_float32_unless_eval_dtype_says_otherwise(tmp_path):
+  from cas_jax import input_pipeline, models  # pylint: disable=g-import-not-at-top
+  from cas_jax.models import loading  # pylint: disable=g-import-not-at-top
+  from test_fault_tolerance import small_config  # pylint: disable=g-import-not-at-top
+  evaluation = {"model.dtype": "bfloat16", "schedule.num_epochs": 1, "eval.attacks": "pgd2",
+                "eval.report_images": 16, "eval.checkpoints": "last", "eval.progress": False}
+  config = small_config(**evaluation)
+  train.train_and_evaluate(config, str(tmp_path))
+  report = evaluate.evaluate_workdir(config, str(tmp_path))["last"]
+  assert report.title.endswith("computed in float32")
+  # The natural verdicts are the float32 network's on the trained weights, computed here.
+  float32 = small_config(**{**evaluation, "model.dtype": "float32"})
+  dataset = input_pipeline.create_dataset(float32)
+  loaded = loading.load(float32, str(tmp_path), dataset.num_classes,
+                        dataset.test_images.shape[1:])
+  x = dataset.test_images[:16].astype(np.float32) / np.float32(255)
+  logits, _ = loaded.model.apply(loaded.variables, x, train=False)
+  assert logits.dtype == jnp.float32
+  np.testing.assert_array_equal(report.verdicts["natural"],
+                                np.argmax(logits, -1) == dataset.test_labels[:16])
+  assert models.from_config(config, 10).dtype == jnp.bfloat16  # the trained network's
+  config.eval.dtype = ""  # the training dtype
+  again = evaluate.evaluate_workdir(config, str(tmp_path), out_dir=str(tmp_path / "bf16"))
+  assert again["last"].title.endswith("computed in bfloat16")

@@ -82,6 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.exact_per_attack = False  # True: expensive attacks on every clean-correct image
   config.eval.exact_autoattack = True  # AutoAttack on every clean-correct image (exact figure)
   config.eval.progress = True  # a tqdm bar per attack stage (quiet when not a terminal)
+  # The dtype the reports attack and judge in (a bfloat16-trained model is evaluated in
+  # float32 too); "" = the training dtype, config.model.dtype.
+  config.eval.dtype = "float32"
   config.eval.transfer_checkpoint = ""  # source of transfer-pgd/-cw: a .pth or a workdir
   config.eval.transfer_model = ""  # the .pth source's architecture ("" = model.name)
   # Budgets of the attacks whose names carry no step count (defaults: their papers').

@@ -324,6 +324,17 @@ def budget_from_config(evaluation) -> AttackBudget:
                          for name, default in vars(defaults).items()})
 
 
+def evaluation_config(config):
+  """config with the network computing in config.eval.dtype (unless that is ""): a model
+  trained in bfloat16 is attacked and judged in float32 by default; the weights are the same."""
+  dtype = config.eval.get("dtype", "")
+  if not dtype or dtype == config.model.dtype:
+    return config
+  config = config.copy_and_resolve_references()
+  config.model.dtype = dtype  # an existing field: allowed in a locked config too
+  return config
+
+
 def evaluate_workdir(config, workdir: str,
                      out_dir: Optional[str] = None) -> Dict[str, report_lib.Report]:
   """Evaluate config.eval.checkpoints of workdir (or config.eval.torch_checkpoint); write reports.
@@ -333,6 +344,7 @@ def evaluate_workdir(config, workdir: str,
   command after an interruption resumes it, and a finished one is replayed without attacking
   anything again.
   """
+  config = evaluation_config(config)
   evaluation = config.eval
   parse_attacks(evaluation.attacks, eps=evaluation.eps, has_cas=True)  # fail fast on typos
   budget = budget_from_config(evaluation)
@@ -361,7 +373,7 @@ def evaluate_workdir(config, workdir: str,
     label, step, variables = target.label, target.step, target.variables
     where = f"{label} checkpoint (step {step})" if step is not None else label
     title = (f"{config.model.name}, {where}: {count} test images, "
-             f"eps {report_lib.format_eps(evaluation.eps)}")
+             f"eps {report_lib.format_eps(evaluation.eps)}, computed in {config.model.dtype}")
     if step is not None and step in by_step:  # last == best: evaluated once
       report = report_lib.Report.from_json(by_step[step].to_json())
       report.title = title
