@@ -70,10 +70,9 @@ class Step:
 class Result:
   """Per attack: broken (N,) (fooled by one of its steps) and cut (N,) (left standing for it
   by a shared step that did not attack them: its verdict there is an upper bound); per unit:
-  its costs (COST_FIELDS), attacked (N,) and fooled (N,); x_adv (the first adversarial per image) if kept."""
+  its costs (COST_FIELDS) and fooled (N,); x_adv (the first adversarial per image) if kept."""
   broken: Dict[str, np.ndarray]
   cut: Dict[str, np.ndarray]
-  attacked: Dict[str, np.ndarray]
   fooled: Dict[str, np.ndarray]
   costs: Dict[str, Dict[str, float]]
   x_adv: Optional[np.ndarray] = None
@@ -237,8 +236,7 @@ def run(steps: Sequence[Step], x: np.ndarray, y: np.ndarray, keys: np.ndarray, *
   finally:  # every finished batch is kept, also when a unit fails (an out-of-memory, a bug)
     state.save(force=True)
     signals.restore()
-  return Result(broken=broken, cut=cut, attacked=dict(state.attacked),
-                fooled=dict(state.fooled),
+  return Result(broken=broken, cut=cut, fooled=dict(state.fooled),
                 costs={k: dict(v) for k, v in state.costs.items()}, x_adv=x_adv)
 
 

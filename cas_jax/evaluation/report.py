@@ -16,6 +16,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from cas_jax.attacks.cascade import COST_FIELDS
+
 NATURAL, WORST_CASE = "natural", "worst_case"
 # Points by which the worst case may undercut the best single attack (and AutoAttack's joint
 # and main variants may disagree) before the sanity report says so.
@@ -173,7 +175,7 @@ class Report:
 def assemble_costs(unit_costs: Dict[str, dict], steps, natural_rows: int) -> Dict[str, dict]:
   """Per stage (unit) and per attack (the sum over its stages, shared ones in full), and the
   total (every stage once, natural included): images, fooled, model rows, seconds."""
-  fields = ("images", "fooled", "forward_rows", "gradient_rows", "padding_rows", "seconds")
+  fields = COST_FIELDS  # the cascade's: one list of cost fields
   stages, attacks = {}, {}
   for step in steps:
     cost = {f: unit_costs.get(step.unit.name, {}).get(f, 0.0) for f in fields}
