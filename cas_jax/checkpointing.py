@@ -302,7 +302,7 @@ def _leaves(tree: Any) -> dict:
 
 def _shapes(tree: Any) -> dict:
   """{leaf name: shape}; a Python number (TrainState.step before a restore) has shape ()."""
-  return {name: tuple(getattr(leaf, "shape", None) or np.shape(leaf))
+  return {name: tuple(leaf.shape if hasattr(leaf, "shape") else np.shape(leaf))
           for name, leaf in _leaves(tree).items()}
 
 
@@ -332,7 +332,8 @@ def restore_variables(workdir: str, template: Any, step: Any = "last") -> Tuple[
     raise FileNotFoundError(f"no {step} checkpoint in {directory} (saved steps: "
                             f"{sorted(manager.all_steps())}); 'best' needs evaluation metrics")
   wanted = {name: template[name] for name in ("params", "batch_stats")}
-  verdict = integrity.check_manifest(os.path.join(directory, str(chosen)))
+  step_dir = os.path.join(directory, str(chosen))
+  verdict = integrity.check_manifest(step_dir)
   if verdict.status == "damaged":
     raise RestoreError(f"checkpoint step {chosen} in {directory} is damaged ({verdict.problem}); "
                        f"evaluate another step (saved: {sorted(manager.all_steps())})")
@@ -349,8 +350,8 @@ def restore_variables(workdir: str, template: Any, step: Any = "last") -> Tuple[
     restored, failure = manager.restore(chosen, args=args), None
   except ValueError as error:  # a shape mismatch (named below) or a read failure
     restored, failure = None, error
-  tree = getattr(manager.item_metadata(chosen), "tree", None)  # known once restore has read it
-  saved = _shapes({name: tree.get(name, {}) for name in wanted}) if isinstance(tree, dict) else {}
+  saved = {name: shape for name, shape in (_saved_shapes(step_dir) or {}).items()
+           if name.split("/", 1)[0] in wanted}
   problems = _mismatches(saved, _shapes(wanted)) if saved else []
   if failure is not None and not problems:  # the network fits: it could not be read
     raise RestoreError(f"checkpoint step {chosen} in {directory} could not be read "

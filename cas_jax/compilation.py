@@ -81,10 +81,9 @@ def counted():
 def cache_dir(configured: Optional[str] = None) -> Optional[str]:
   """The persistent cache folder: the environment variable, else `configured`, else the
   default; None when either says "off" (or is empty)."""
-  chosen = os.environ.get(ENV, configured if configured is not None else DEFAULT_DIR)
-  if configured is not None and configured.strip().lower() in ("off", ""):
-    return None
-  if chosen is None or chosen.strip().lower() in ("off", ""):
+  configured = DEFAULT_DIR if configured is None else configured
+  chosen = os.environ.get(ENV, configured)
+  if any(value.strip().lower() in ("off", "") for value in (configured, chosen)):
     return None
   return os.path.abspath(os.path.expanduser(chosen))
 

@@ -147,10 +147,16 @@ def load_sealed_json(path: str) -> Any:
   return data
 
 
-def set_aside(path: str, problem: str, what: str) -> str:
-  """Rename a damaged file to <path>.damaged-<time> (kept, never deleted), say so in one line."""
-  target = f"{path}.damaged-{int(time.time())}"
+def keep_aside(path: str, tag: str) -> str:
+  """Rename a file to <path>.<tag>-<time> (kept, never deleted); the new path."""
+  target = f"{path}.{tag}-{int(time.time())}"
   os.replace(path, target)
+  return target
+
+
+def set_aside(path: str, problem: str, what: str) -> str:
+  """Keep a damaged file aside as <path>.damaged-<time> and say so in one line."""
+  target = keep_aside(path, "damaged")
   logging.warning("%s %s is damaged (%s); kept as %s, starting afresh.", what, path, problem,
                   target)
   return target

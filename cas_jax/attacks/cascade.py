@@ -132,8 +132,7 @@ class _State:
     if previous != json.loads(self.fingerprint):
       differ = sorted(k for k in set(previous) | set(json.loads(self.fingerprint))
                       if previous.get(k) != json.loads(self.fingerprint).get(k))
-      stale = f"{self.path}.stale-{int(time.time())}"
-      os.replace(self.path, stale)
+      stale = integrity.keep_aside(self.path, "stale")
       logging.warning("Not resuming the evaluation in %s: its %s differ; starting afresh "
                       "(the old state is kept as %s).", self.path, ", ".join(differ), stale)
       return
