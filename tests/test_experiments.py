@@ -268,8 +268,43 @@ def test_each_cas_row_gets_paired_statistics_in_words_and_in_the_json(tmp_path):
   worst = written[-1]
   assert worst["difference"] == pytest.approx(np.mean(cas) - np.mean(plain))
   assert worst["ci_high"] < 0 and worst["significant"] and worst["mcnemar_p"][0] < 0.05
+  assert worst["holm_tests"] == 3 and worst["t_p"] is None  # one seed: no seed-level test
   assert written[0]["difference"] == 0 and not written[0]["significant"]
   markdown = open(tmp_path / "t.md").read()
   assert "(last checkpoint) AT+CAS vs AT, worst case: " in markdown
-  assert "**significant at 5%**: AT+CAS is lower than AT" in markdown
+  assert "**significant at 5% after Holm over 3 tests** (adjusted p " in markdown
+  assert "this one trained pair only): AT+CAS is lower than AT" in markdown
   assert "AT+CAS vs AT, natural: +0.0 points" in markdown and "**not significant" in markdown
+  assert "Scope: conditional on these 200 evaluation images and the 1 seed trained" in markdown
+
+
+def test_rewrite_recomputes_old_statistics_and_keeps_every_other_field(tmp_path, capsys):
+  rng = np.random.default_rng(1)
+  plain = rng.random((3, 100)) < 0.5
+  at = _row("at", "AT", "", {})
+  at_cas = _row("at_cas", "AT+CAS", "at", {})
+  for row, verdicts in ((at, plain), (at_cas, plain & (rng.random((3, 100)) < 0.8))):
+    row["verdicts"] = {"pgd20": verdicts.astype(int).tolist()}
+    row["accuracy"] = {"natural": 1.0, "pgd20": float(verdicts.mean()), "worst_case": 0.1}
+    row["figure"] = {"pgd20": "<= 50.0" if row is at else "40.0"}
+  old = [{"setting": "at_cas", "name": "pgd20", "difference": -0.1, "ci_low": -0.2,
+          "ci_high": -0.05, "significant": True}]  # the previous format: no Holm, no t-test
+  result = {"experiment": "t", "title": "T", "rows": [at, at_cas], "statistics": old,
+            "extra": {"kept": [1, 2]}}
+  assert "upper bounds, no verdict" in experiment_tables.markdown(result)  # not the old ones
+  path = tmp_path / "t_3seeds.json"
+  path.write_text(json.dumps(result))
+  experiment_tables.main(["--rewrite", str(path)])
+  written = json.loads(path.read_text())
+  assert list(written) == list(result) and written["extra"] == result["extra"]
+  assert written["rows"] == json.loads(json.dumps(result["rows"]))
+  (pgd,) = written["statistics"]
+  assert pgd["upper_bound"] and pgd["significant"] is None and len(pgd["seed_differences"]) == 3
+  assert "upper bounds, no verdict" in (tmp_path / "t_3seeds.md").read_text()
+  assert f"Wrote {tmp_path / 't_3seeds.md'}" in capsys.readouterr().out
+  (tmp_path / "bad.json").write_text("{")
+  (tmp_path / "list.json").write_text("[]")
+  for name, message in (("bad.json", "is not JSON"), ("list.json", "holds no experiment result"),
+                        ("t_3seeds.md", "takes a result's .json")):
+    with pytest.raises(SystemExit, match=message):
+      experiment_tables.main(["--rewrite", str(tmp_path / name)])

@@ -18,9 +18,9 @@ default set plus FGSM, the last checkpoint; reports, resume state and cache in
 <folder>/eval/NAME/, the cache keyed on the whole config and the checkpoints' identity), and
 the driver writes W/NAME.md,
 W/NAME.json (and W/fig8.png): every attack's accuracy (mean ± std over seeds) beside the
-per-image worst case, each CAS row against its plain twin with a 95% paired-bootstrap
-interval and exact McNemar tests (cas_jax/experiments/statistics.py), and the paper's figures where the
-paper text gives them. Settings run one after the other in one process (single host).
+per-image worst case, each CAS row against its plain twin (a hierarchical-bootstrap interval,
+a seed-level t-test, exact McNemar tests, Holm over the table: cas_jax/experiments/statistics.py),
+and the paper's figures where the paper text gives them. Settings run one after the other in one process (single host).
 
 table4, table12 and table13 evaluate table3's trained settings (same --workdir and flags) and
 train nothing; table6 trains its transfer source (a natural ResNet-50) in W/source_resnet50/.

@@ -1,17 +1,23 @@
 """The outputs of an experiment (cas_jax/experiments/driver.py): W/NAME.md, W/NAME.json and the beta plot.
 
     write_outputs(result, workdir, plot_beta=True)   # result: experiments.run_experiment's dict
+    python -m cas_jax.experiments.tables --rewrite W/NAME.json   # new statistics, no retraining
 
 A result holds one row per (setting, checkpoint) with every attack's accuracy (the mean over
 seeds, each seed kept in row["per_seed"]), the per-image verdicts of every seed, the worst
 case, the paper's figures where known and the setting's training and evaluation times.
-Each row with a twin is compared with it by cas_jax/experiments/statistics.py (paired bootstrap CI and
-exact McNemar per seed) under every attack and the worst case.
+Each row with a twin is compared with it by cas_jax/experiments/statistics.py (hierarchical
+bootstrap CI, seed-level t-test, exact McNemar per seed) under every attack and the worst case,
+with Holm's correction over the table's comparisons. --rewrite recomputes them from a stored
+JSON (its per-image verdicts) and rewrites it and the .md beside it, every other field kept.
 """
+import argparse
 import json
 import os
-from typing import Dict, Iterator, List, Tuple
+import sys
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+from cas_jax import errors
 from cas_jax.evaluation import report as report_lib
 from cas_jax.experiments import statistics
 
@@ -61,26 +67,49 @@ def twin_comparisons(rows: List[dict]) -> List[str]:
 
 
 def twin_statistics(rows: List[dict], resamples: int = statistics.RESAMPLES) -> List[dict]:
-  """statistics.compare of each row against its twin, per shared column (JSON-ready)."""
+  """Each row against its twin per shared column, Holm-corrected over the table (JSON-ready)."""
   results = []
   for row, twin, names in twin_pairs(rows):
     for result in statistics.compare_rows(row, twin, names, resamples=resamples):
       results.append({"setting": row["setting"], "label": row["label"], "twin": twin["setting"],
                       "twin_label": twin["label"], "checkpoint": row["checkpoint"], **result})
-  return results
+  return statistics.holm_verdicts(results)
+
+
+def _current(stats: Optional[List[dict]]) -> bool:
+  """Whether stored statistics have today's fields (older JSON: recompute, never reuse)."""
+  return stats is not None and all("holm_p" in s and "t_p" in s for s in stats)
 
 
 def statistics_lines(results: List[dict]) -> List[str]:
   """The markdown section of the paired statistics: one sentence per row, twin and attack."""
   if not results:
     return []
-  lines = ["## Is the difference significant? (paired bootstrap 95% CI, exact McNemar)", "",
-           "Difference of accuracy, row minus twin, on the same images; interval from "
-           "10,000 paired bootstrap resamples of the images (seeds pooled); McNemar: exact "
-           "binomial test on the images only one of the two gets right, per seed. "
-           "Significant at 5% = the interval excludes 0. An attack shown as `<= x` ran only "
-           "on the images earlier attacks left standing: its test compares upper bounds; the "
-           "worst case is exact.", ""]
+  first = results[0]
+  seeds, images, tests = first["seeds"], first["images"], first["holm_tests"]
+  resampling = (f"{first['resamples']:,} resamples of the {seeds} seeds with replacement, then "
+                f"of the {images} images with replacement within each resampled seed, the same "
+                "images for both models" if seeds > 1 else
+                f"{first['resamples']:,} paired resamples of the {images} images")
+  verdict = (f"the larger of two p-values, the paired t-test's over the {seeds} per-seed "
+             "differences (shown with its 95% t interval) and the bootstrap's two-sided tail, "
+             "Holm-adjusted" if seeds > 1 else
+             "one seed, so no seed-level test: the bootstrap's two-sided tail, Holm-adjusted")
+  lines = ["## Is the difference significant? (hierarchical bootstrap, seed-level t-test, Holm)",
+           "",
+           f"Difference of accuracy, row minus twin, on the same images. Interval: 95% "
+           f"bootstrap, {resampling}. Verdict: {verdict} over the {tests} comparisons of this "
+           "table that get one; significant at 5% = adjusted p <= 0.05. An attack shown as "
+           "`<= x` ran only on the images earlier attacks left standing: upper bounds, no "
+           "verdict, not counted. McNemar: exact binomial test per seed on the images only "
+           "one of the two gets right (one trained pair each).", "",
+           f"Scope: conditional on these {images} evaluation images and the {seeds} "
+           f"seed{'s' * (seeds > 1)} trained. The population is retraining the same settings "
+           "(data, width, epochs, attack budgets) with another seed and evaluating on these "
+           "images"
+           + (f"; {seeds} seeds say little about the seed-to-seed spread, and the bootstrap, "
+              "which takes them for all the seeds there are, understates it." if seeds > 1 else
+              "; one seed says nothing about another."), ""]
   for result in results:
     lines.append(f"- ({result['checkpoint']} checkpoint) " + statistics.sentence(
         result["label"], result["twin_label"], result["name"], result))
@@ -134,7 +163,7 @@ def markdown(result: dict) -> str:
     lines += ["## Each row against its twin (CAS or a baseline against plain training; "
               "bfloat16 against float32)", ""] + [f"- {c}" for c in comparisons] + [""]
   stats = result.get("statistics")
-  lines += statistics_lines(twin_statistics(rows) if stats is None else stats)
+  lines += statistics_lines(stats if _current(stats) else twin_statistics(rows))
   with_paper = [r for r in rows if r["paper"]]
   if with_paper:
     names = list(with_paper[0]["paper"])
@@ -180,19 +209,57 @@ def plot_beta(result: dict, path: str) -> None:
   plt.close(figure)
 
 
-def write_outputs(result: dict, workdir: str, plot_beta_png: bool = False) -> Dict[str, str]:
-  """Write W/NAME.md and W/NAME.json (and W/NAME.png); return their paths by extension."""
-  os.makedirs(workdir, exist_ok=True)
-  base = os.path.join(workdir, result["experiment"])
+def _write(result: dict, base: str) -> Dict[str, str]:
+  """BASE.md and BASE.json of the result, its statistics recomputed from the rows."""
+  result["statistics"] = twin_statistics(result["rows"])  # never an older run's or format's
   paths = {"md": base + ".md", "json": base + ".json"}
-  result.setdefault("statistics", twin_statistics(result["rows"]))
   with open(paths["md"], "w") as f:
     f.write(markdown(result))
   with open(paths["json"], "w") as f:
     json.dump(result, f, indent=1)
-  if plot_beta_png:
-    paths["png"] = base + ".png"
-    plot_beta(result, paths["png"])
   for path in paths.values():
     print(f"Wrote {path}", flush=True)
   return paths
+
+
+def write_outputs(result: dict, workdir: str, plot_beta_png: bool = False) -> Dict[str, str]:
+  """Write W/NAME.md and W/NAME.json (and W/NAME.png); return their paths by extension."""
+  os.makedirs(workdir, exist_ok=True)
+  base = os.path.join(workdir, result["experiment"])
+  paths = _write(result, base)
+  if plot_beta_png:
+    paths["png"] = base + ".png"
+    plot_beta(result, paths["png"])
+    print(f"Wrote {paths['png']}", flush=True)
+  return paths
+
+
+def rewrite(json_path: str) -> Dict[str, str]:
+  """Recompute the statistics of a stored W/NAME.json; rewrite it and the .md beside it."""
+  if not json_path.endswith(".json"):
+    raise errors.UserError(f"--rewrite takes a result's .json, got {json_path!r}")
+  with open(json_path) as f:
+    try:
+      result = json.load(f)
+    except json.JSONDecodeError as error:
+      raise errors.UserError(f"{json_path} is not JSON ({error}); give a W/NAME.json that "
+                             "cas-jax-experiments wrote") from None
+  if not isinstance(result, dict) or not isinstance(result.get("rows"), list):
+    raise errors.UserError(f"{json_path} holds no experiment result (no 'rows'); give a "
+                           "W/NAME.json that cas-jax-experiments wrote")
+  return _write(result, json_path[:-len(".json")])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  """`python -m cas_jax.experiments.tables --rewrite A.json [B.json ...]`."""
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--rewrite", nargs="+", required=True, metavar="PATH.json",
+                      help="recompute the statistics of these results, rewrite .json and .md")
+  args = parser.parse_args(argv)
+  with errors.exit_on_user_error():
+    for path in args.rewrite:
+      rewrite(path)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
