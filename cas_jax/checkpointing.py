@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from cas_jax import errors
+from cas_jax import input_pipeline
 from cas_jax import integrity
 
 BEST_METRIC = "pgd_acc"
@@ -291,8 +292,8 @@ def best_step(manager: ocp.CheckpointManager) -> Optional[int]:
 
 
 def _replicated() -> jax.sharding.NamedSharding:
-  mesh = jax.make_mesh((jax.device_count(),), ("data",))
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  # The data mesh (Auto axes): weights on an Explicit mesh cannot meet batches sharded on it.
+  return jax.sharding.NamedSharding(input_pipeline.data_mesh(), jax.sharding.PartitionSpec())
 
 
 def _leaves(tree: Any) -> dict:
