@@ -248,6 +248,21 @@ def test_fab_projection_agrees_with_torchattacks_and_meets_the_plane():
   assert float(jnp.min(points + d)) >= -TOL and float(jnp.max(points + d)) <= 1 + TOL
 
 
+def test_fab_projection_of_a_row_does_not_depend_on_its_batch():
+  # Row A converges in two steps below the 1e-7 stop (1.5e-8, then 0.5e-8 after crossing a
+  # coordinate's room); row B takes one large step. Alone, A stops after its first small step;
+  # in a batch, a loop that runs while any row moves would take A's second step too.
+  with jax.enable_x64(True):
+    w = jnp.ones((2, 3), jnp.float64)
+    points = jnp.array([[0.1 - 3e-8, 0.1 + 1e-8, 0.9], [0.01, 0.02, 0.9]], jnp.float64)
+    b = jnp.sum(points, -1) - 0.3
+    batch = project_onto_hyperplane_linf(points, w, b)
+    alone = [project_onto_hyperplane_linf(points[i:i + 1], w[i:i + 1], b[i:i + 1])[0]
+             for i in range(2)]
+  chex.assert_trees_all_close(batch, jnp.stack(alone), atol=1e-13, rtol=0)
+  assert float(batch[0, 2]) == pytest.approx(-(0.1 + 1.5e-8), abs=1e-13)
+
+
 def test_fab_returns_x_or_a_misclassified_point_within_eps():
   x_adv = fab(mlp, X, Y, eps=EPS, key=KEY, steps=10, target_ranks=(2, 3))
   _assert_in_ball(x_adv, X, EPS)

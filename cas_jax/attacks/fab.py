@@ -47,15 +47,16 @@ def project_onto_hyperplane_linf(points: Array, w: Array, b: Array,
   safe = lambda v: jnp.where(v > 0, v, 1.0)
 
   def newton(state):
-    lam, _, count = state
+    lam, moving, count = state
     fall = jnp.sum(w_abs * jnp.minimum(lam[:, None], room), -1)
     slope = jnp.sum(jnp.where(room > lam[:, None], w_abs, 0.0), -1)
-    step = jnp.where(slope > 0, jnp.maximum(target - fall, 0.0) / safe(slope), 0.0)
-    return lam + step, jnp.any(step > 1e-7), count + 1
+    step = jnp.where(moving & (slope > 0), jnp.maximum(target - fall, 0.0) / safe(slope), 0.0)
+    # A row that converged stays where it is, so no row's result depends on its batch.
+    return lam + step, moving & (step > 1e-7), count + 1
 
   lam, _, _ = jax.lax.while_loop(
-      lambda state: state[1] & (state[2] < max_newton_steps), newton,
-      (target / safe(jnp.sum(w_abs, -1)), jnp.array(True), 0))
+      lambda state: jnp.any(state[1]) & (state[2] < max_newton_steps), newton,
+      (target / safe(jnp.sum(w_abs, -1)), jnp.ones(target.shape, bool), 0))
   reachable = (target < jnp.sum(w_abs * room, -1))[:, None]
   return -jnp.sign(w) * jnp.where(reachable, jnp.minimum(lam[:, None], room), room)
 
