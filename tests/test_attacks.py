@@ -32,7 +32,8 @@ cw_inf = jax.jit(white_box.cw_inf, static_argnums=0, static_argnames=("steps", "
 margin_decomposition = jax.jit(white_box.margin_decomposition, static_argnums=0,
                                static_argnames=("steps", "restarts", "change_point", "beta"))
 eot_pgd = jax.jit(randomized.eot_pgd, static_argnums=0,
-                  static_argnames=("steps", "draws", "loss", "noise_std", "start"))
+                  static_argnames=("steps", "draws", "loss", "noise_std", "start",
+                                   "keep_misclassified"))
 avg_pgd = jax.jit(randomized.avg_pgd, static_argnums=0,
                   static_argnames=("steps", "draws", "loss", "noise_std"))
 transfer = jax.jit(blackbox.transfer, static_argnums=0, static_argnames=("attack", "steps", "loss"))
@@ -281,11 +282,12 @@ def test_eot_ascends_the_expected_loss():
   y = jnp.arange(N, dtype=jnp.int32) % 2
   direction = (NOISY_W[:, 1 - y] - NOISY_W[:, y]).T  # the mean model's margin gradient
   expected_x = x + 0.05 * jnp.sign(direction).reshape(x.shape)
-  x_adv = ATTACKS["eot_pgd"](None, x, y, 0.05, jax.random.key(10))  # 32 draws per step
+  x_adv = eot_pgd(NOISY_LINEAR, x, y, eps=0.05, steps=20, draws=32, key=jax.random.key(10),
+                  loss="cw", keep_misclassified=False)  # the last iterate: the trajectory's end
   chex.assert_trees_all_close(x_adv, expected_x, atol=1e-6)
   # A single draw per step follows the noise: it misses the optimum on some pixels.
   one_draw = eot_pgd(NOISY_LINEAR, x, y, eps=0.05, steps=20, draws=1, key=jax.random.key(10),
-                     loss="cw")
+                     loss="cw", keep_misclassified=False)
   assert float(jnp.mean(jnp.abs(one_draw - expected_x) < 1e-6)) < 0.95
 
 
@@ -294,6 +296,31 @@ def test_eot_on_deterministic_model_equals_pgd():
   x, y, key = _edge_images(N), jnp.arange(N, dtype=jnp.int32) % 2, jax.random.key(12)
   eot = eot_pgd(_ignoring_keys(model_fn), x, y, eps=0.1, steps=5, draws=3, key=key)
   np.testing.assert_array_equal(eot, pgd(model_fn, x, y, eps=0.1, steps=5, key=key))
+
+
+def _ridge_model(center: float):
+  """Class 1 wins only within 0.025 of mean pixel `center`, where its logit (and the loss of
+  class 0) peaks: sign steps of 0.05 bounce across the ridge, misclassified every other step."""
+  return lambda x: jnp.stack(
+      [jnp.zeros(x.shape[0]), 0.1 - 160.0 * (jnp.mean(x, axis=(1, 2, 3)) - center) ** 2], -1)
+
+
+@pytest.mark.parametrize("attack", ["pgd", "cw_inf", "eot_pgd"])
+def test_pgd_family_keeps_any_misclassified_iterate(attack):
+  """Broken with keep_misclassified == broken by the last iterate of some shorter run (runs of
+  1..S steps share their trajectory's prefix): an independent computation of every iterate."""
+  model_fn, x = _ridge_model(0.6), jnp.full((16,) + SHAPE, 0.5)
+  y, key, steps = jnp.zeros(16, jnp.int32), jax.random.key(21), 9
+  run = {"pgd": lambda m, **kw: white_box.pgd(m, x, y, **kw),
+         "cw_inf": lambda m, **kw: white_box.cw_inf(m, x, y, **kw),
+         "eot_pgd": lambda m, **kw: randomized.eot_pgd(_ignoring_keys(m), x, y, draws=2, **kw)}
+  attack_fn = functools.partial(run[attack], model_fn, eps=0.2, key=key, step_size=0.05)
+  broken = lambda x_adv: np.asarray(jnp.argmax(model_fn(x_adv), -1) != y)
+  by_prefix = [broken(attack_fn(steps=s, keep_misclassified=False)) for s in range(steps + 1)]
+  kept = attack_fn(steps=steps)
+  np.testing.assert_array_equal(broken(kept), np.any(by_prefix, axis=0))
+  assert np.any(by_prefix, axis=0).sum() > by_prefix[-1].sum()  # some last iterates recover
+  assert float(jnp.max(jnp.abs(kept - x))) <= 0.2 + 1e-6
 
 
 # ---------------------------------------------------------------- a trained model

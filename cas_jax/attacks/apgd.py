@@ -180,7 +180,8 @@ def apgd_round(model_fn, x: Array, y: Array, keys: Array, eps, *, steps: int, lo
   rank: the target class's rank by the clean logits (targeted losses), else None. rank and
   number are traced: every target and restart of a loss runs one compiled program. A round
   costs steps + 1 gradient passes (each over `eot` draws), plus one forward pass for the
-  targets (`round_passes`).
+  targets (`round_passes`). With `eot` it returns the iterate of the highest EOT-averaged loss
+  (its best point, what a judge over many draws should see), not one a single draw misread.
   """
   targets = y
   if rank is not None:
@@ -190,7 +191,7 @@ def apgd_round(model_fn, x: Array, y: Array, keys: Array, eps, *, steps: int, lo
   start = engine.random_start(engine.fold_keys(round_keys, _START), x, eps)
   out = apgd_run(model_fn, x, y, targets, round_keys, start, eps, steps=steps, loss=loss,
                  beta=beta, rho=rho, eot=eot)
-  return out["x_adv"], out["fooled"]
+  return out["x_best" if eot is not None else "x_adv"], out["fooled"]
 
 
 def round_passes(steps: int, eot=None, targeted: bool = False):

@@ -27,15 +27,18 @@ _ATANH_SHRINK = 0.999999
 @engine.compiled_attack("attack", "steps", "loss", "beta")
 def transfer(source_model_fn, x: Array, y: Array, *, attack: str = "pgd", eps=8 / 255,
              steps: int = 20, key: Array, step_size=None, loss=None, beta: float = 2.0) -> Array:
-  """Adversarial examples crafted on a source model (PGD-20 on CE, or CW-inf), for a target."""
+  """Adversarial examples crafted on a source model (PGD-20 on CE, or CW-inf), for a target:
+  the last iterate, the one that maximises the source's loss."""
   x, y = engine.check_images_and_labels(x, y)
   if attack not in TRANSFER_ATTACKS:
     raise errors.UserError(f"unknown transfer attack {attack!r}; valid: {', '.join(TRANSFER_ATTACKS)}")
   if attack == "pgd":
     return white_box.pgd(source_model_fn, x, y, eps=eps, steps=steps, key=key,
-                         step_size=step_size, loss=loss or "ce", beta=beta)
+                         step_size=step_size, loss=loss or "ce", beta=beta,
+                         keep_misclassified=False)
   return white_box.cw_inf(source_model_fn, x, y, eps=eps, steps=steps, key=key,
-                          step_size=step_size, loss=loss or "cw", beta=beta)
+                          step_size=step_size, loss=loss or "cw", beta=beta,
+                          keep_misclassified=False)
 
 
 def _to_image(w: Array) -> Array:

@@ -170,13 +170,30 @@ def ascend(loss_fn: LossFn, x: Array, *, eps, step_size, steps: int, key: Array,
   return x_adv if track is None else (x_adv, state)
 
 
-def mean_over_draws(draw_loss: Callable[[Array, int], Array], draws: int) -> LossFn:
-  """z -> the mean over d < draws of draw_loss(z, d): Expectation over Transformation's loss.
+def mean_over_draws(draw_loss: Callable[[Array, int], Any], draws: int) -> Callable:
+  """z -> the mean over d < draws of draw_loss(z, d) (any pytree): Expectation over
+  Transformation's loss (and, if draw_loss returns them, the draws' mean logits).
 
   Each draw is rematerialised in the backward pass, so memory stays that of one draw.
   """
   one = jax.checkpoint(draw_loss)
-  return lambda z: jnp.mean(jax.lax.map(lambda d: one(z, d), jnp.arange(draws)), axis=0)
+  return lambda z: jax.tree.map(lambda a: jnp.mean(a, axis=0),
+                                jax.lax.map(lambda d: one(z, d), jnp.arange(draws)))
+
+
+def misclassified_tracker(x: Array, y: Array):
+  """ascend's `track` for a loss_fn whose aux is the logits: (last misclassified iterate, ever)."""
+  def update(state, x_adv, logits):
+    wrong = jnp.argmax(logits, -1) != y
+    return jnp.where(per_image(wrong, x_adv), x_adv, state[0]), state[1] | wrong
+  return (x, jnp.zeros(x.shape[:1], bool)), update
+
+
+def prefer_misclassified(x_last: Array, last_logits: Array, y: Array, tracked) -> Array:
+  """x_last where it is misclassified or no iterate was; else the last misclassified iterate."""
+  x_wrong, ever_wrong = tracked
+  earlier = ever_wrong & (jnp.argmax(last_logits, -1) == y)
+  return jnp.where(per_image(earlier, x_last), x_wrong, x_last)
 
 
 # ----------------------------------------------------------------- models under jit

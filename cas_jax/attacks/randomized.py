@@ -24,11 +24,17 @@ Array = jax.Array
 _MODEL_STREAM, _NOISE_STREAM = 1, 2
 
 
-@engine.compiled_attack("steps", "draws", "loss", "beta", "noise_std", "start")
+@engine.compiled_attack("steps", "draws", "loss", "beta", "noise_std", "start",
+                        "keep_misclassified")
 def eot_pgd(random_model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 20,
             draws: int = 10, key: Array, step_size=None, loss="ce", beta: float = 2.0,
-            noise_std: float = 0.0, start: str = "uniform") -> Array:
-  """PGD whose every step ascends the loss averaged over `draws` fresh random draws (EOT)."""
+            noise_std: float = 0.0, start: str = "uniform",
+            keep_misclassified: bool = True) -> Array:
+  """PGD whose every step ascends the loss averaged over `draws` fresh random draws (EOT).
+
+  keep_misclassified: as `pgd`'s, with an iterate misclassified when its draws' mean logits
+  are (the last iterate's drawn at step index `steps`: `draws` more forward passes).
+  """
   x, y = engine.check_images_and_labels(x, y)
   engine.check_eps(eps)
   if draws < 1:
@@ -37,25 +43,31 @@ def eot_pgd(random_model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 20
   step_size = eps / 10 if step_size is None else step_size
   keys = engine.example_keys(key, x.shape[0])
 
-  def step_loss(z, step):
+  def step_loss(z, step):  # (loss, logits), each the mean over the step's draws
     def draw_loss(z, draw):
       model_keys = engine.fold_keys(keys, _MODEL_STREAM, step, draw)
       if noise_std:
         noise_keys = engine.fold_keys(keys, _NOISE_STREAM, step, draw)
         z = z + noise_std * engine.per_example(
             lambda k, s: jax.random.normal(k, s, z.dtype), noise_keys, z.shape)
-      return loss_fn(random_model_fn(z, model_keys), y)
+      outputs = random_model_fn(z, model_keys)
+      return loss_fn(outputs, y), engine.split_outputs(outputs)[0]
     return engine.mean_over_draws(draw_loss, draws)(z)
 
-  return engine.ascend(step_loss, x, eps=eps, step_size=step_size, steps=steps, key=keys,
-                       start=start, with_step=True)
+  options = dict(eps=eps, step_size=step_size, steps=steps, key=keys, start=start, with_step=True)
+  if not keep_misclassified:
+    return engine.ascend(lambda z, step: step_loss(z, step)[0], x, **options)
+  x_last, tracked = engine.ascend(step_loss, x, track=engine.misclassified_tracker(x, y),
+                                  **options)
+  return engine.prefer_misclassified(x_last, step_loss(x_last, steps)[1], y, tracked)
 
 
-@engine.compiled_attack("steps", "draws", "loss", "beta", "noise_std")
+@engine.compiled_attack("steps", "draws", "loss", "beta", "noise_std", "keep_misclassified")
 def avg_pgd(random_model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 100,
             draws: int = 10, key: Array, step_size=None, loss="cw", beta: float = 2.0,
-            noise_std: float = 0.0) -> Array:
+            noise_std: float = 0.0, keep_misclassified: bool = True) -> Array:
   """Avg-PGD-100 (Tramer et al. 2020): PGD on the margin loss averaged over random draws."""
   x, y = engine.check_images_and_labels(x, y)
   return eot_pgd(random_model_fn, x, y, eps=eps, steps=steps, draws=draws, key=key,
-                 step_size=step_size, loss=loss, beta=beta, noise_std=noise_std)
+                 step_size=step_size, loss=loss, beta=beta, noise_std=noise_std,
+                 keep_misclassified=keep_misclassified)

@@ -55,16 +55,30 @@ def attack_loss(name: Union[str, AttackLoss], beta: float = 2.0) -> AttackLoss:
   return lambda outputs, y: fn(*engine.split_outputs(outputs), y)
 
 
-@engine.compiled_attack("steps", "loss", "beta", "start")
+@engine.compiled_attack("steps", "loss", "beta", "start", "keep_misclassified")
 def pgd(model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 20, key: Array,
-        step_size=None, loss="ce", beta: float = 2.0, start: str = "uniform") -> Array:
-  """PGD-`steps` with step `step_size` (default eps/10, the paper's protocol) on `loss`."""
+        step_size=None, loss="ce", beta: float = 2.0, start: str = "uniform",
+        keep_misclassified: bool = True) -> Array:
+  """PGD-`steps` with step `step_size` (default eps/10, the paper's protocol) on `loss`.
+
+  keep_misclassified: an image some iterate misclassified (main head) gets that iterate when
+  the last one is classified correctly, as APGD does (one more forward pass); False returns
+  the last iterate (e.g. transfer examples, crafted to maximise the source's loss).
+  """
   x, y = engine.check_images_and_labels(x, y)
   engine.check_eps(eps)
   loss_fn = attack_loss(loss, beta)
   step_size = eps / 10 if step_size is None else step_size
-  return engine.ascend(lambda z: loss_fn(model_fn(z), y), x, eps=eps, step_size=step_size,
-                       steps=steps, key=key, start=start)
+  options = dict(eps=eps, step_size=step_size, steps=steps, key=key, start=start)
+  if not keep_misclassified:
+    return engine.ascend(lambda z: loss_fn(model_fn(z), y), x, **options)
+
+  def loss_and_logits(z):
+    outputs = model_fn(z)
+    return loss_fn(outputs, y), engine.split_outputs(outputs)[0]
+  x_last, tracked = engine.ascend(loss_and_logits, x, track=engine.misclassified_tracker(x, y),
+                                  **options)
+  return engine.prefer_misclassified(x_last, engine.main_logits(model_fn, x_last), y, tracked)
 
 
 @engine.compiled_attack("loss", "beta")
@@ -75,13 +89,13 @@ def fgsm(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, loss="ce",
   return pgd(model_fn, x, y, eps=eps, steps=1, key=key, step_size=eps, loss=loss, beta=beta)
 
 
-@engine.compiled_attack("steps", "loss", "beta")
+@engine.compiled_attack("steps", "loss", "beta", "keep_misclassified")
 def cw_inf(model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 20, key: Array,
-           step_size=None, loss="cw", beta: float = 2.0) -> Array:
+           step_size=None, loss="cw", beta: float = 2.0, keep_misclassified: bool = True) -> Array:
   """CW-inf: PGD on the margin loss max_{k != y} z_k - z_y ("joint_cw" for CAS models)."""
   x, y = engine.check_images_and_labels(x, y)
   return pgd(model_fn, x, y, eps=eps, steps=steps, key=key, step_size=step_size, loss=loss,
-             beta=beta)
+             beta=beta, keep_misclassified=keep_misclassified)
 
 
 # ---------------------------------------------------------------- per-example best so far
