@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cas_jax.attacks import engine
 from cas_jax.evaluation import evaluate
 from cas_jax.evaluation import report as report_lib
 from cas_jax.training import train
@@ -298,7 +299,8 @@ def test_evaluates_a_pytorch_checkpoint_of_the_authors_layout(tmp_path):
 
 def test_verdicts_do_not_depend_on_the_device_count():
   one, four = (fake_devices.run_script("eval_devices_check.py", n) for n in (1, 4))
-  names = [n for n in one.files if n not in ("devices", "rows")]  # rows: padding differs
+  counts = ("devices", "rows", "padding", "seen", "natural_rows")  # padding differs
+  names = [n for n in one.files if n not in counts]
   assert {"natural", "pgd5", "cw5", "aa", "aa-joint", "worst_case"} <= set(names)
   for name in names:
     np.testing.assert_array_equal(one[name], four[name], err_msg=name)
@@ -357,3 +359,35 @@ def test_a_bfloat16_model_is_evaluated_in_float32_unless_eval_dtype_says_otherwi
   config.eval.dtype = ""  # the training dtype
   again = evaluate.evaluate_workdir(config, str(tmp_path), out_dir=str(tmp_path / "bf16"))
   assert again["last"].title.endswith("computed in bfloat16")
+
+
+V = jax.random.normal(jax.random.key(3), (48, 10))
+
+
+def rugged(x):
+  """The linear model plus a fast ripple: where APGD ends depends on its random start."""
+  flat = x.reshape(x.shape[0], -1)
+  return linear(x) + 0.03 * jnp.sin(1000.0 * flat) @ V
+
+
+@pytest.mark.parametrize("model_fn,attack,loss,eps", [
+    (masked, "aa", "main", EPS), (main_masked_cas, "aa-joint", "joint", 0.02),
+    (rugged, "apgd-ce", "main", 0.003)])
+def test_public_autoattack_and_the_report_give_the_same_verdicts(model_fn, attack, loss, eps):
+  """One assembler: autoattack() runs a report's stages, random streams and judge (on
+  `rugged`, apgd-ce's verdicts change with the random stream: keys 0 and 1 differ)."""
+  from cas_jax.attacks.autoattack import autoattack  # pylint: disable=g-import-not-at-top
+  y = np.asarray(jnp.argmax(engine.main_logits(model_fn, jnp.asarray(X)), -1), np.int32)
+  public = lambda key: autoattack(
+      model_fn, X, y, eps=eps, key=key, loss=loss, return_per_attack=True,
+      attacks=None if attack.startswith("aa") else (attack,), apgd_steps=BUDGET.apgd_steps,
+      fab_steps=BUDGET.fab_steps, square_queries=BUDGET.square_queries,
+      target_classes=BUDGET.target_classes)[1]
+  robust = public(KEY)
+  report = evaluate.robustness_report(model_fn, X, y, key=KEY, eps=eps, attacks=attack,
+                                      batch_size=8, budget=BUDGET)
+  verdicts = np.asarray(report.verdicts[attack])
+  np.testing.assert_array_equal(robust[list(robust)[-1]], verdicts)
+  assert 0 < verdicts.sum() < robust["clean"].sum() or attack == "apgd-ce"
+  if model_fn is rugged:
+    assert np.any(public(jax.random.key(1))["apgd-ce"] != verdicts)

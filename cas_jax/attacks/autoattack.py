@@ -23,7 +23,8 @@ jax.tree_util.Partial(apply_fn, variables), whose weights are then traced inputs
 constants baked into each program) and whose compilations survive new weights.
 """
 import functools
-from typing import Callable, List, Optional, Sequence
+import zlib
+from typing import List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,7 @@ import numpy as np
 from cas_jax import errors
 from cas_jax.attacks import cascade
 from cas_jax.attacks import engine
+from cas_jax.attacks import verdicts
 from cas_jax.attacks.apgd import apgd_round, check_budget
 from cas_jax.attacks.apgd import round_passes as apgd_round_passes
 from cas_jax.attacks.fab import fab_round
@@ -50,9 +52,9 @@ LOSS_MODES = ("main", "joint")
 # every SQUARE_CHUNK queries.
 SQUARE_GATHERS = (10, 30, 70, 150)
 SQUARE_CHUNK = 250
-_PREDICT_STREAM = len(ATTACKS)
-# (x_adv, y, keys) -> (still classified correctly (B,), forward passes it took)
-Judge = Callable[[Array, Array, Array], tuple]
+# Folded into every image's key before a stage's tag: AutoAttack's streams, the same in the
+# public `autoattack()` and in a report, apart from every other attack's.
+STREAM = zlib.crc32(b"autoattack") & 0x7FFFFFFF
 
 
 def target_ranks(target_classes: int, num_classes: int) -> range:
@@ -67,19 +69,21 @@ def _apgd_loss(stage: str, joint: bool) -> str:
   return f"joint_{base}" if joint else base
 
 
-def stage_units(model_fn, stage: str, *, eps, keys: Array, judge: Judge, loss: str = "main",
-                beta: float = 2.0, apgd_steps: int = 100, fab_steps: int = 100,
-                square_queries: int = 5000, ranks: Sequence[int] = range(2, 11), eot=None,
-                prefix: str = "", stream: Optional[int] = None) -> List[cascade.Unit]:
+def stage_units(model_fn, stage: str, *, eps, keys: Array, judge: verdicts.Judge,
+                loss: str = "main", beta: float = 2.0, apgd_steps: int = 100,
+                fab_steps: int = 100, square_queries: int = 5000,
+                ranks: Sequence[int] = range(2, 11), eot=None,
+                prefix: str = "") -> List[cascade.Unit]:
   """The cascade units of one AutoAttack stage, judged by `judge` after each batch.
 
   Units are named prefix + stage (+ "-joint" for APGD on the joint losses) (+ "/rank" for
   APGD-T and FAB-T, "/q<first query>" for Square's chunks); FAB-T and Square do not depend on
-  `loss`, so the same names (and runs) serve the main and joint variants. stream: a tag
-  folded into the images' keys before the stage's own (the report's AutoAttack stream).
+  `loss`, so the same names (and runs) serve the main and joint variants. Each image's key is
+  folded with STREAM, the stage's tag and the loss mode: APGD on the main and on the joint
+  losses start from independent points.
   """
   tag, joint = ATTACKS.index(stage), loss == "joint"
-  tags = (tag,) if stream is None else (stream, tag)
+  tags = (STREAM, tag, int(joint))
   impl = jax.random.key_impl(keys)
 
   def unit(name, attack, forward, gradient, carry=None, reads_carry=False):
@@ -128,14 +132,6 @@ def square_bounds(queries: int) -> List[int]:
   return bounds + [queries]
 
 
-def _predict_judge(model_fn, randomized: bool) -> Judge:
-  """Still correct under one prediction (one draw of a randomized model, its own stream)."""
-  def judge(x_adv, y, keys):
-    logits = predict(model_fn, x_adv, engine.fold_keys(keys, _PREDICT_STREAM), randomized)
-    return jnp.argmax(logits, -1) == y, 1
-  return judge
-
-
 def check_stages(version: str, loss: str, names: Sequence[str]) -> None:
   """One ValueError line for an unknown version, loss mode or stage list."""
   if version not in VERSIONS:
@@ -155,11 +151,14 @@ def autoattack(model_fn, x: Array, y: Array, *, eps=8 / 255, version: str = "sta
                key: Array, loss: str = "main", beta: float = 2.0,
                attacks: Optional[Sequence[str]] = None, return_per_attack: bool = False,
                apgd_steps: int = 100, fab_steps: int = 100, square_queries: int = 5000,
-               target_classes: int = 9, eot_draws: int = 20):
+               target_classes: int = 9, eot_draws: int = 20, verdict_draws: int = 10):
   """AutoAttack; with return_per_attack, also {"clean" and each attack: robust flags after it}.
 
   `attacks` overrides the version's list (run in the order given), e.g. ("apgd-ce", "square").
   The step, query, target and draw counts default to AutoAttack's; tests make them small.
+  Stages, random streams and judge are a report's (`robustness_report(..., attacks="aa")`
+  gives the same verdicts for the same key); version="rand" judges by the majority of
+  `verdict_draws` fresh draws of model_fn(x, keys).
   """
   x, y = engine.check_images_and_labels(x, y)
   engine.check_eps(eps)
@@ -168,7 +167,8 @@ def autoattack(model_fn, x: Array, y: Array, *, eps=8 / 255, version: str = "sta
   check_budget(min(apgd_steps, fab_steps, square_queries), 1, eot_draws)
   randomized = version == "rand"
   keys = engine.example_keys(key, x.shape[0])
-  judge = _predict_judge(model_fn, randomized)
+  judge = (verdicts.judge(None, model_fn, verdict_draws) if randomized
+           else verdicts.judge(model_fn, None, 0))
   robust, _ = judge(x, y, keys)
   num_classes = jax.eval_shape(lambda z, k: predict(model_fn, z, k, randomized), x[:1],
                                keys[:1]).shape[-1]

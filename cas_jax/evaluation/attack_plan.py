@@ -26,14 +26,13 @@ from cas_jax.evaluation.attack_registry import AttackBudget, AttackSpec
 from cas_jax.attacks.autoattack import ATTACKS, VERSIONS, stage_units
 from cas_jax.attacks import cascade
 from cas_jax.attacks import engine
+from cas_jax.attacks import verdicts
 from cas_jax.attacks.blackbox import n_attack_run, transfer
 from cas_jax.attacks.randomized import eot_pgd
 from cas_jax.attacks.white_box import margin_decomposition, pgd
 
 Array = jax.Array
 Partial = jax.tree_util.Partial
-VERDICT_STREAM = 0x7E5  # fold_in tag of the fresh draws that judge a randomized model
-AUTOATTACK_STREAM = zlib.crc32(b"autoattack") & 0x7FFFFFFF
 # The order of AutoAttack's stages across its versions and parts (rand: apgd-ce, apgd-dlr).
 STAGE_ORDER = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
 AA_STAGES = {"aa": VERSIONS["standard"], "aa-rand": VERSIONS["rand"],
@@ -45,29 +44,6 @@ class Models(NamedTuple):
   main: Partial
   source: Optional[Partial]
   random: Optional[Partial]
-
-
-@functools.partial(jax.jit, static_argnames="draws")
-def correct_fraction(random_model, x: Array, y: Array, keys: Array, draws: int) -> Array:
-  """Per image, the fraction of `draws` fresh draws of a randomized model that classify it y."""
-  keys = engine.fold_keys(keys, VERDICT_STREAM)
-  hits = jax.lax.map(lambda d: jnp.argmax(engine.main_logits(
-      lambda z: random_model(z, engine.fold_keys(keys, d)), x), -1) == y, jnp.arange(draws))
-  return jnp.mean(hits, axis=0)
-
-
-@jax.jit
-def correct(model, x: Array, y: Array) -> Array:
-  """Per image, whether the model's main head classifies it y."""
-  return jnp.argmax(engine.main_logits(model, x), -1) == y
-
-
-def judge(models: Models, draws: int):
-  """(x_adv, y, keys) -> (still correct, forward passes): the model, or most of `draws` draws."""
-  if not draws:
-    return lambda x_adv, y, keys: (correct(models.main, x_adv, y), 1)
-  return lambda x_adv, y, keys: (correct_fraction(models.random, x_adv, y, keys, draws) > 0.5,
-                                 draws)
 
 
 # ----------------------------------------------------------------------------- single units
@@ -100,24 +76,25 @@ def _single_attack(models: Models, x: Array, y: Array, keys: Array, eps, *, spec
 
 def _single_passes(spec: AttackSpec, budget: AttackBudget) -> Tuple[int, int, int]:
   """(forward, gradient, forward per N-Attack iteration) batch passes of `_single_attack`."""
-  steps = spec.steps
-  if spec.method == "fgsm":
-    return 0, 1, 0
+  steps, draws = spec.steps, budget.eot_draws
   if spec.method == "md":
     return 1 + 2 * budget.md_restarts, 2 * budget.md_restarts * steps, 0
-  if spec.method in ("eot", "avg-pgd"):  # each draw is recomputed in the backward pass
-    return steps * budget.eot_draws, steps * budget.eot_draws, 0
+  if spec.method in ("eot", "avg-pgd"):  # each draw is recomputed in the backward pass; the
+    return (steps + 1) * draws, steps * draws, 0  # last iterate's draws are one more pass
   if spec.method == "n-attack":
     return 0, 0, budget.n_attack_population + 1
-  return 0, steps, 0
+  if spec.method.startswith("transfer-"):
+    return 0, steps, 0
+  return 1, 1 if spec.method == "fgsm" else steps, 0  # + the last iterate's check
 
 
 def single_unit(spec: AttackSpec, models: Models, ctx: "Context") -> List[cascade.Unit]:
   """The one unit of an attack that compiles as one function."""
   static = dataclasses.replace(spec, name="", eps=0.0)  # pgd20 and pgd20@16 share a compilation
-  stream = zlib.crc32(spec.name.encode()) & 0x7FFFFFFF
+  stream = zlib.crc32(spec.canonical.encode()) & 0x7FFFFFFF  # pgd20 = pgd20-joint on CAS
   forward, gradient, per_iteration = _single_passes(spec, ctx.budget)
-  impl, check = jax.random.key_impl(ctx.keys), judge(models, ctx.draws)
+  impl, check = jax.random.key_impl(ctx.keys), verdicts.judge(models.main, models.random,
+                                                                 ctx.draws)
 
   def run_batch(x, y, key_data, carry):
     del carry
@@ -135,12 +112,13 @@ def autoattack_units(spec: AttackSpec, models: Models, ctx: "Context") -> List[c
   randomized = spec.method == "aa-rand"
   prefix = "" if abs(spec.eps - ctx.eps) < 1e-9 else f"@{spec.eps * 255:g}:"
   model = models.random if randomized else models.main
-  options = dict(eps=spec.eps, keys=ctx.keys, judge=judge(models, ctx.draws),
+  options = dict(eps=spec.eps, keys=ctx.keys,
+                 judge=verdicts.judge(models.main, models.random, ctx.draws),
                  loss="joint" if spec.joint else "main", beta=ctx.beta,
                  apgd_steps=ctx.budget.apgd_steps, fab_steps=ctx.budget.fab_steps,
                  square_queries=ctx.budget.square_queries, ranks=ctx.ranks,
                  eot=ctx.budget.aa_rand_draws if randomized else None,
-                 prefix=prefix + ("rand:" if randomized else ""), stream=AUTOATTACK_STREAM)
+                 prefix=prefix + ("rand:" if randomized else ""))
   units = []
   for stage in AA_STAGES[spec.method]:
     units += stage_units(model, stage, **options)

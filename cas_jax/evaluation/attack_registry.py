@@ -113,6 +113,12 @@ class AttackSpec:
     return self.method in EOT_METHODS
 
   @property
+  def canonical(self) -> str:
+    """The attack's name whatever the spelling (its random stream): method, steps, loss, eps."""
+    loss = "-joint" if self.joint else "-main"
+    return f"{self.method}{self.steps or ''}{loss}@{round(self.eps * 255, 4):g}"
+
+  @property
   def description(self) -> str:
     loss = {True: "joint loss (adaptive)", False: "main head"}[self.joint]
     method, steps = self.method, self.steps
@@ -197,7 +203,7 @@ def parse_attacks(attacks, *, eps: float, has_cas: bool) -> Tuple[List[AttackSpe
   specs, notes, seen = [], [], {}
   for name in attack_names(attacks):
     spec = parse_attack(name, eps=eps, has_cas=has_cas)
-    same = (spec.method, spec.steps, spec.joint, round(spec.eps * 255, 4))
+    same = spec.canonical
     if same in seen:
       why = " on a model without CAS heads" if not has_cas and name != seen[same] else ""
       notes.append(f"{name} coincides with {seen[same]}{why}: run once.")
