@@ -78,7 +78,12 @@ def test_the_report_breaks_what_the_official_autoattack_breaks(official_setup, n
   print("\n" + json.dumps(summary))
   if name in ("aa", "apgd-ce", "apgd-t"):
     assert 0 < theirs.sum(1).min() and theirs.sum(1).max() < len(y)  # the budget matters
-  allowed = len(y) // 64
+  # At most 1 in 64 missed, or (an attack as random as Square) no more than one official
+  # seed misses of what another official seed breaks.
+  official_spread = max(int(np.sum(theirs[b] & ~theirs[a])) for a in range(len(SEEDS))
+                        for b in range(len(SEEDS)))
+  summary["official_seed_against_seed"] = official_spread
+  allowed = max(len(y) // 64, official_spread)
   assert all(len(v) <= allowed for v in missed.values()), summary
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from cas_jax import checkpointing
 from cas_jax import errors
 from cas_jax.evaluation import evaluate
+from cas_jax.evaluation import report as report_lib
 from cas_jax.experiments import runs as experiment_runs
 from cas_jax.experiments import tables as experiment_tables
 from cas_jax.experiments import driver as experiments
@@ -276,6 +277,34 @@ def test_each_cas_row_gets_paired_statistics_in_words_and_in_the_json(tmp_path):
   assert "this one trained pair only): AT+CAS is lower than AT" in markdown
   assert "AT+CAS vs AT, natural: +0.0 points" in markdown and "**not significant" in markdown
   assert "Scope: conditional on these 200 evaluation images and the 1 seed trained" in markdown
+
+
+def test_a_table_names_each_reports_provenance_where_they_differ():
+  plain = _row("at", "AT", "", {"natural": 0.5, "worst_case": 0.2})
+  cas = _row("at_cas", "AT+CAS", "at", {"natural": 0.6, "worst_case": 0.1})
+  old, new = "Provenance: cas_jax commit 1111111111; jax 0.4", "Provenance: cas_jax commit 2222"
+  plain["per_seed"] = [{"seed": 0, "evaluated_by": old}, {"seed": 1, "evaluated_by": old}]
+  cas["per_seed"] = [{"seed": 0, "evaluated_by": old}, {"seed": 1, "evaluated_by": new}]
+  markdown = experiment_tables.markdown({"experiment": "t", "title": "T", "rows": [plain, cas]})
+  assert "The reports were not all made by the same code" in markdown
+  assert (f"- {old} AT (last, seed 0), AT (last, seed 1), AT+CAS (last, seed 0)." in markdown)
+  assert f"- {new} AT+CAS (last, seed 1)." in markdown
+  cas["per_seed"][1]["evaluated_by"] = old
+  markdown = experiment_tables.markdown({"experiment": "t", "title": "T", "rows": [plain, cas]})
+  assert f"Every report: {old}" in markdown and "not all made" not in markdown
+
+
+def test_a_rows_eval_seconds_count_a_shared_stage_once():
+  report = report_lib.Report(eps=8 / 255, indices=np.arange(2), ran_on={},
+                             verdicts={"natural": np.ones(2, bool), "aa": np.ones(2, bool),
+                                       "aa-joint": np.ones(2, bool),
+                                       "worst_case": np.ones(2, bool)},
+                             attacks={"aa": {"description": "a"}, "aa-joint": {"description": "b"}},
+                             seconds={"aa": 5.0, "aa-joint": 5.0},  # square (4 s) in both
+                             costs={"total": {"seconds": 6.0}})
+  row = experiment_runs.setting_row({"setting": "s", "label": "S"}, "last", [report], [0],
+                                    ["/nonexistent"])
+  assert row["eval_seconds"] == 6.0 and row["per_seed"][0]["eval_seconds"] == 6.0
 
 
 def test_rewrite_recomputes_old_statistics_and_keeps_every_other_field(tmp_path, capsys):

@@ -35,6 +35,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 import tqdm
 
+from cas_jax import errors
 from cas_jax import integrity
 from cas_jax import preemption
 
@@ -207,6 +208,10 @@ def run(steps: Sequence[Step], x: np.ndarray, y: np.ndarray, keys: np.ndarray, *
   mesh = local_mesh()
   sizes = batch_sizes(min(batch_size, max(n, 1)), jax.local_device_count())
   state = _State(n, state_path, fingerprint, save_every)
+  if keep_adversarial and any(a.any() for a in state.attacked.values()):
+    raise errors.UserError(
+        f"keep_adversarial=True cannot resume from {state_path}: the state keeps verdicts, not "
+        "the adversarial images of the first run; pass another state_path to attack afresh")
   members = {m for s in steps for m in s.members}
   broken = {m: np.zeros(n, bool) for m in members}
   cut = {m: np.zeros(n, bool) for m in members}

@@ -48,6 +48,7 @@ from cas_jax.evaluation.attack_registry import AttackBudget, attack_names, parse
 from cas_jax.attacks.autoattack import target_ranks
 from cas_jax.attacks import cascade
 from cas_jax.attacks import engine
+from cas_jax.attacks import verdicts
 from cas_jax.attacks.white_box import pgd
 
 Array = jax.Array
@@ -148,19 +149,21 @@ def _fingerprint(model_fns, x, y, indices, key, natural, **settings) -> dict:
 
 def _natural(models, x, y, keys, impl, draws, batch_size):
   """Per image: correct (the majority of `draws` draws for a randomized model) and the
-  fraction of draws correct; batches sharded over the local devices."""
+  fraction of draws correct; and the rows evaluated (padding included). Batches sharded over
+  the local devices."""
   mesh = cascade.local_mesh()
   sizes = cascade.batch_sizes(min(batch_size, y.size), jax.local_device_count())
-  fraction = np.zeros(y.size, np.float32)
+  fraction, evaluated = np.zeros(y.size, np.float32), 0
   for take, rows in cascade.padded_batches(np.arange(y.size), sizes):
+    evaluated += rows.size * max(draws, 1)
     xb, yb, kb = cascade.to_device(mesh, (x[rows], y[rows], keys[rows]))
     if draws:
       kb = jax.random.wrap_key_data(kb, impl=impl)
-      value = attack_plan.correct_fraction(models.random, xb, yb, kb, draws)
+      value = verdicts.correct_fraction(models.random, xb, yb, kb, draws)
     else:
-      value = attack_plan.correct(models.main, xb, yb)
+      value = verdicts.correct(models.main, xb, yb)
     fraction[take] = np.asarray(value)[:take.size]
-  return fraction > 0.5, fraction
+  return fraction > 0.5, fraction, evaluated
 
 
 def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attacks=None,
@@ -213,7 +216,7 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
     models = jax.device_put(models, NamedSharding(mesh, P()))
   keys = np.asarray(jax.random.key_data(image_keys(key, local_indices)))
   natural_key = jax.random.fold_in(key, zlib.crc32(report_lib.NATURAL.encode()))
-  natural, fraction = _natural(models, x, y, np.asarray(jax.random.key_data(
+  natural, fraction, natural_rows = _natural(models, x, y, np.asarray(jax.random.key_data(
       image_keys(natural_key, local_indices))), jax.random.key_impl(key), draws, batch_size)
   num_classes = jax.eval_shape(lambda z: engine.main_logits(models.main, z), x[:1]).shape[-1]
   ctx = attack_plan.Context(eps=eps, budget=budget, beta=beta, draws=draws, keys=key,
@@ -245,8 +248,12 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
   verdicts, ran_on, cut = ({name: _gather_rows(v, num_images) for name, v in d.items()}
                            for d in (verdicts, ran_on, cut))
   verdicts[report_lib.WORST_CASE] = report_lib.worst_case(verdicts, infos)
-  costs = report_lib.assemble_costs(_sum_over_processes(result.costs), steps,
-                                    natural_rows=y.size * max(draws, 1) * jax.process_count())
+  natural_cost = {**dict.fromkeys(cascade.COST_FIELDS, 0.0), "forward_rows": natural_rows,
+                  "padding_rows": natural_rows - y.size * max(draws, 1)}
+  summed = _sum_over_processes({**result.costs, report_lib.NATURAL: natural_cost})
+  natural_cost = summed.pop(report_lib.NATURAL)
+  costs = report_lib.assemble_costs(summed, steps, natural_rows=natural_cost["forward_rows"],
+                                    natural_padding=natural_cost["padding_rows"])
   report = report_lib.Report(eps=eps, indices=indices, verdicts=verdicts, ran_on=ran_on,
                              attacks=infos, notes=notes, title=title, draws=draws,
                              seconds={n: c["seconds"] for n, c in costs["attacks"].items()},
@@ -278,8 +285,8 @@ def _natural_and_pgd_counts(apply_fn, batch, key: Array, *, eps: float, steps: i
   x, y, mask = batch["image"], batch["label"], batch["mask"]
   x_adv = pgd(apply_fn, x, y, eps=eps, steps=steps, step_size=step_size, loss=loss, beta=beta,
               key=engine.index_keys(key, batch["index"]))
-  return {"natural": jnp.sum(attack_plan.correct(apply_fn, x, y) & mask),
-          "pgd": jnp.sum(attack_plan.correct(apply_fn, x_adv, y) & mask), "count": jnp.sum(mask)}
+  return {"natural": jnp.sum(verdicts.correct(apply_fn, x, y) & mask),
+          "pgd": jnp.sum(verdicts.correct(apply_fn, x_adv, y) & mask), "count": jnp.sum(mask)}
 
 
 def natural_and_pgd_accuracy(apply_fn, dataset, config, *, key: Array,

@@ -172,9 +172,11 @@ class Report:
                provenance_line=data.get("provenance_line", ""))
 
 
-def assemble_costs(unit_costs: Dict[str, dict], steps, natural_rows: int) -> Dict[str, dict]:
+def assemble_costs(unit_costs: Dict[str, dict], steps, natural_rows: int,
+                   natural_padding: int = 0) -> Dict[str, dict]:
   """Per stage (unit) and per attack (the sum over its stages, shared ones in full), and the
-  total (every stage once, natural included): images, fooled, model rows, seconds."""
+  total (every stage once, the natural pass's rows and padding included): images, fooled,
+  model rows, seconds."""
   fields = COST_FIELDS  # the cascade's: one list of cost fields
   stages, attacks = {}, {}
   for step in steps:
@@ -186,6 +188,7 @@ def assemble_costs(unit_costs: Dict[str, dict], steps, natural_rows: int) -> Dic
         total[f] += cost[f]
   total = {f: sum(c[f] for c in stages.values()) for f in fields}
   total["forward_rows"] += natural_rows
+  total["padding_rows"] += natural_padding
   total["natural_rows"] = natural_rows
   total["rows"] = total["forward_rows"] + total["gradient_rows"]
   return {"stages": stages, "attacks": attacks, "total": total}

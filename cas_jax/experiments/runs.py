@@ -207,9 +207,12 @@ def setting_row(info: Dict[str, Any], label: str, reports: List[report_lib.Repor
   names = [n for n in names if all(n in r.verdicts for r in reports)]
   per_seed = []
   for seed, report, workdir in zip(seeds, reports, workdirs):
+    total = report.costs.get("total", {})
     per_seed.append({"seed": seed, "workdir": workdir,
                      "accuracy": {n: report.accuracy(n) for n in names},
-                     "eval_seconds": sum(report.seconds.values()), **training_summary(workdir)})
+                     # a stage shared by several attacks counts once
+                     "eval_seconds": total.get("seconds", sum(report.seconds.values())),
+                     "evaluated_by": report.provenance_line, **training_summary(workdir)})
   accuracy = {n: float(np.mean([s["accuracy"][n] for s in per_seed])) for n in names}
   spread = {n: float(np.std([s["accuracy"][n] for s in per_seed], ddof=1))
             if len(per_seed) > 1 else 0.0 for n in names}

@@ -116,6 +116,24 @@ def statistics_lines(results: List[dict]) -> List[str]:
   return lines + [""]
 
 
+def provenance_lines(rows: List[dict]) -> List[str]:
+  """Where the reports were made: one line if every report shares its provenance, else each
+  distinct provenance with the rows (and seeds) it made."""
+  made_by: Dict[str, List[str]] = {}
+  for row in rows:
+    for seed in row.get("per_seed", []):
+      if seed.get("evaluated_by"):
+        where = f"{row['label']} ({row['checkpoint']}, seed {seed['seed']})"
+        made_by.setdefault(seed["evaluated_by"], []).append(where)
+  if not made_by:
+    return []
+  if len(made_by) == 1:
+    return ["## Provenance of the reports", "", f"Every report: {next(iter(made_by))}", ""]
+  lines = ["## Provenance of the reports", "",
+           "The reports were not all made by the same code, libraries or devices:", ""]
+  return lines + [f"- {line} {', '.join(where)}." for line, where in made_by.items()] + [""]
+
+
 def markdown(result: dict) -> str:
   """The experiment's table, its CAS-vs-twin lines, the paper's figures and the sanity reports."""
   rows = result["rows"]
@@ -173,6 +191,7 @@ def markdown(result: dict) -> str:
               for r in with_paper]
     lines += ["", "The paper reports no worst case; settings without figures lost them in the "
               "paper text.", ""]
+  lines += provenance_lines(rows)
   lines += ["## Sanity reports", ""]
   warnings = [f"- {r['label']} ({r['checkpoint']}): {w}" for r in rows for w in r["sanity"]]
   lines += warnings or ["- No warnings."]
