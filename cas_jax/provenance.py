@@ -78,21 +78,23 @@ def _project_version() -> Optional[str]:
   return getattr(cas_jax, "__version__", None)
 
 
-def _git(*args: str) -> Optional[str]:
+def _git(root: str, *args: str) -> Optional[str]:
+  """The output of `git -C root args...`, or None if git is missing or fails."""
   try:
-    result = subprocess.run(["git", "-C", REPO_ROOT, *args], capture_output=True, text=True,
+    result = subprocess.run(["git", "-C", root, *args], capture_output=True, text=True,
                             timeout=10, check=True)
   except (OSError, subprocess.SubprocessError):
     return None
   return result.stdout.strip()
 
 
-def project() -> Dict[str, Any]:
-  """The project's version and, in a git checkout, its commit and whether files were changed."""
-  info = {"name": PROJECT, "version": _project_version(), "path": REPO_ROOT}
-  if os.path.exists(os.path.join(REPO_ROOT, ".git")):
-    commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain")  # changed or new files (not the ignored ones)
+def project(root: str = REPO_ROOT) -> Dict[str, Any]:
+  """The project's version and, if `root` (default: this package's checkout) is a git checkout,
+  its commit and whether files were changed (a changed tracked file or a new, not ignored one)."""
+  info = {"name": PROJECT, "version": _project_version(), "path": root}
+  if os.path.exists(os.path.join(root, ".git")):  # a folder, or a file in a git worktree
+    commit = _git(root, "rev-parse", "HEAD")
+    status = _git(root, "status", "--porcelain")  # changed or new files (not the ignored ones)
     info.update(commit=commit, dirty=None if status is None else bool(status))
   return info
 

@@ -1,8 +1,9 @@
 """A training workdir records what produced it; a resume that would train another model stops."""
 import json
 import os
-import shutil
 import re
+import shutil
+import subprocess
 
 import pytest
 
@@ -63,8 +64,10 @@ def test_training_records_config_versions_commit_devices_and_each_resume(tmp_pat
   (first,) = json.load(open(tmp_path / "provenance.json"))["runs"]
   for name in ("jax", "flax", "optax", "orbax-checkpoint"):
     assert re.fullmatch(r"\d+\.\d+(\.\d+)?\S*", first["versions"][name]), name
-  project = first["project"]
-  assert re.fullmatch(r"[0-9a-f]{40}", project["commit"]) and isinstance(project["dirty"], bool)
+  # This checkout's commit and dirty flag (test_the_commit_and_dirty_flag_follow_the_checkout
+  # checks what project() finds in a repository made for the purpose).
+  assert first["project"] == provenance.project()
+  assert re.fullmatch(r"[0-9a-f]{40}", first["project"]["commit"])
   assert first["devices"]["count"] >= 1 and first["devices"]["platform"] == "cpu"
   assert first["dtype"] == "float32" and first["start_step"] == 0
   assert "config_changes" not in first
@@ -97,12 +100,72 @@ def test_report_provenance_carries_the_training_runs(tmp_path):
                       line), line
 
 
+def _git(repo, *args):
+  """The output of git in `repo` (the test's own repository)."""
+  return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                        check=True).stdout.strip()
+
+
+@pytest.fixture
+def git_repo(tmp_path, monkeypatch):
+  """A throwaway repository (one commit: tracked.py, .gitignore ignoring *.log), git isolated
+  from the user's and the system's git config and from any GIT_DIR of the caller."""
+  if shutil.which("git") is None:
+    pytest.skip("git is not installed")
+  for name in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE"):
+    monkeypatch.delenv(name, raising=False)
+  (tmp_path / "gitconfig").write_text("")
+  monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "gitconfig"))
+  monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+  for role in ("AUTHOR", "COMMITTER"):
+    monkeypatch.setenv(f"GIT_{role}_NAME", "test")
+    monkeypatch.setenv(f"GIT_{role}_EMAIL", "test@example.com")
+  repo = tmp_path / "repo"
+  repo.mkdir()
+  (repo / "tracked.py").write_text("x = 1\n")
+  (repo / ".gitignore").write_text("*.log\n")
+  _git(repo, "init", "-q")
+  _git(repo, "add", "tracked.py", ".gitignore")
+  _git(repo, "commit", "-q", "-m", "first")
+  return repo
+
+
+def test_the_commit_and_dirty_flag_follow_the_checkout(git_repo, tmp_path):
+  def found():
+    info = provenance.project(str(git_repo))
+    assert info["path"] == str(git_repo) and info["commit"] == _git(git_repo, "rev-parse", "HEAD")
+    return info["dirty"]
+
+  assert found() is False  # clean
+  (git_repo / "run.log").write_text("ignored\n")
+  assert found() is False  # a new file .gitignore ignores
+  (git_repo / "tracked.py").write_text("x = 2\n")
+  assert found() is True  # a tracked file changed
+  _git(git_repo, "checkout", "--", "tracked.py")
+  assert found() is False
+  (git_repo / "new.py").write_text("y = 1\n")
+  assert found() is True  # a new file, not ignored
+  _git(git_repo, "add", "new.py")
+  _git(git_repo, "commit", "-q", "-m", "second")
+  assert found() is False  # committed: a new commit, clean again
+  plain = tmp_path / "plain"
+  plain.mkdir()
+  assert provenance.project(str(plain)) == {"name": "cas_jax", "path": str(plain),
+                                            "version": provenance.project()["version"]}
+
+
 def test_the_code_digest_changes_with_any_source_file(tmp_path):
   package = os.path.dirname(os.path.abspath(provenance.__file__))
   copy = tmp_path / "cas_jax"
   shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
   assert provenance.code_digest(str(copy)) == provenance.code_digest()
+  # (__wrapped__: past the per-process cache, which holds the code this process has loaded)
+  digest = provenance.code_digest.__wrapped__
+  (copy / "notes.txt").write_text("not Python")  # only the Python sources count
+  assert digest(str(copy)) == provenance.code_digest()
   with open(copy / "attacks" / "apgd.py", "a") as f:
     f.write("\n# a fix\n")
-  # (__wrapped__: past the per-process cache, which holds the code this process has loaded)
-  assert provenance.code_digest.__wrapped__(str(copy)) != provenance.code_digest()
+  changed = digest(str(copy))
+  assert changed != provenance.code_digest()
+  os.rename(copy / "attacks" / "apgd.py", copy / "attacks" / "apgd2.py")  # same bytes, moved
+  assert digest(str(copy)) not in (changed, provenance.code_digest())
