@@ -57,6 +57,11 @@ def _files(folder: str) -> Dict[str, str]:
   return found
 
 
+def file_sizes(folder: str) -> Dict[str, int]:
+  """{path relative to folder: size in bytes} of every file under folder but the manifest."""
+  return {rel: os.path.getsize(path) for rel, path in sorted(_files(folder).items())}
+
+
 def write_manifest(folder: str) -> None:
   """Record every file under `folder` (size and SHA-256) in folder/MANIFEST, atomically."""
   files = {rel: {"size": os.path.getsize(path), ALGORITHM: file_digest(path)}

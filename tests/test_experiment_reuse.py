@@ -1,12 +1,19 @@
-"""Tables 4, 6, 12, 13: evaluation-only drivers on table3's trained settings; Table 6's source."""
+"""Tables 4, 6, 12, 13: evaluation-only drivers on table3's trained settings; Table 6's source;
+the evaluation cache, reused only for the same config, code and checkpoint files."""
 import glob
 import json
 import os
+import shutil
 
 import jax
+import numpy as np
 import pytest
 
+from cas_jax import checkpointing
 from cas_jax import errors
+from cas_jax import integrity
+from cas_jax.evaluation import evaluate
+from cas_jax.evaluation import report as report_lib
 from cas_jax.experiments import runs as experiment_runs
 from cas_jax.experiments import driver as experiments
 from cas_jax.models import loading
@@ -29,6 +36,88 @@ def _run(name, workdir, only=ONLY, **kwargs):
 def _mtimes(folder):
   return {p: os.path.getmtime(p) for p in glob.glob(os.path.join(folder, "**"), recursive=True)
           if os.path.isfile(p)}
+
+
+def _without(data, key):
+  """JSON data without `key` at any depth."""
+  if isinstance(data, dict):
+    return {k: _without(v, key) for k, v in data.items() if k != key}
+  return data
+
+
+def _reproducible(report):
+  """A report's JSON less what differs between two runs of one evaluation: the timings and
+  the process's provenance (its time and command line; the config and training runs stay)."""
+  data = _without(json.loads(report.to_json()), "seconds")
+  data.pop("provenance_line")
+  data["provenance"] = {k: data["provenance"][k] for k in ("config", "training_runs")}
+  return data
+
+
+def _counted_evaluations(monkeypatch):
+  """evaluate.evaluate_workdir replaced by a stand-in recording each call: the k-th call's
+  report breaks the first k of 16 images, so a report tells which evaluation it came from."""
+  calls = []
+
+  def evaluate_workdir(config, workdir, out_dir=None):
+    calls.append(workdir)
+    os.makedirs(out_dir, exist_ok=True)  # as the real one does
+    robust = np.arange(16) >= len(calls)
+    return {"last": report_lib.Report(
+        eps=config.eval.eps, indices=np.arange(16), ran_on={"pgd2": np.ones(16, bool)},
+        verdicts={"natural": np.ones(16, bool), "pgd2": robust, "worst_case": robust},
+        attacks={"pgd2": {"description": "PGD-2"}})}
+  monkeypatch.setattr(evaluate, "evaluate_workdir", evaluate_workdir)
+  return calls
+
+
+def _largest(step_dir):
+  sizes = integrity.file_sizes(step_dir)
+  return os.path.join(step_dir, max(sorted(sizes), key=sizes.get))
+
+
+def _rewritten(step_dir):
+  """A data file changed in place at its size, then recorded in a new manifest (a re-save)."""
+  path = _largest(os.path.join(step_dir, "default"))
+  with open(path, "r+b") as f:
+    first = f.read(1)
+    f.seek(0)
+    f.write(bytes([first[0] ^ 0xFF]))
+  integrity.write_manifest(step_dir)
+
+
+def test_the_evaluation_cache_follows_the_config_and_every_checkpoint_file(tmp_path, monkeypatch):
+  config = test_experiments.smoke_base(**test_experiments.TINY)
+  for step in (3, 4):
+    test_experiments.fake_trained(tmp_path, config, step)
+  steps = tmp_path / "checkpoints"
+  calls = _counted_evaluations(monkeypatch)
+
+  def evaluation(config=config):
+    """Which evaluation (k-th call) the reports of evaluate_setting come from."""
+    report = experiment_runs.evaluate_setting(config, str(tmp_path), "t")["last"]
+    return int(np.sum(~report.verdicts["worst_case"]))
+
+  assert evaluation() == 1 and evaluation() == 1  # an unchanged tree: the cache is reused
+  assert evaluation(test_experiments.smoke_base(**{**test_experiments.TINY,
+                                                   "eval.attacks": "pgd2"})) == 2
+  assert evaluation() == 3  # the cache holds the last request
+  extra = steps / "4" / "default" / "stray.bin"
+  changes = [
+      ("a file deleted", lambda: os.remove(_largest(steps / "4"))),
+      ("a file cut short", lambda: os.truncate(_largest(steps / "3"), 10)),
+      ("a file added", lambda: extra.write_bytes(b"not saved with the checkpoint")),
+      ("a file replaced", lambda: extra.write_bytes(b"another")),
+      ("a step deleted", lambda: shutil.rmtree(steps / "3")),
+      ("a file rewritten at its size", lambda: _rewritten(steps / "4")),
+      ("the manifest deleted", lambda: os.remove(steps / "4" / integrity.MANIFEST)),
+      ("a file deleted, no manifest", lambda: os.remove(_largest(steps / "4")))]
+  for k, (what, change) in enumerate(changes, start=4):
+    change()
+    assert (evaluation(), evaluation()) == (k, k), what  # evaluated once, then reused
+  assert len(calls) == 3 + len(changes)
+  (step,) = experiment_runs.checkpoint_identity(str(tmp_path))["steps"].values()
+  assert step["record"] == "_CHECKPOINT_METADATA" and "default/stray.bin" in step["files"]
 
 
 def test_the_evaluation_only_tables_are_table3_settings_with_their_own_attacks():
@@ -87,14 +176,30 @@ def test_evaluation_only_tables_reuse_table3_and_table6_trains_its_source(tmp_pa
   before = {s: _mtimes(tmp_path / s / "eval") for s in ONLY}
   cleared = []
   monkeypatch.setattr(jax, "clear_caches", lambda: cleared.append(1))
+  evaluated, original_evaluate = [], evaluate.evaluate_workdir
+  monkeypatch.setattr(evaluate, "evaluate_workdir", lambda config, workdir, **kwargs: (
+      evaluated.append(os.path.basename(workdir)) or original_evaluate(config, workdir, **kwargs)))
   sweep = _run("table13", tmp_path)
   assert len(cleared) == len(ONLY)  # compiled programs freed after every model
+  assert evaluated == ONLY
+  names = ["natural", *(f"pgd20@{e}" for e in (2, 4, 8, 16, 32)), "worst_case"]
   for row in sweep["rows"]:
-    names = [f"pgd20@{e}" for e in (2, 4, 8, 16, 32)]
-    assert set(names) <= set(row["accuracy"])
-    assert row["accuracy"]["pgd20@32"] <= row["accuracy"]["pgd20@2"]
+    assert list(row["verdicts"]) == names
     with open(tmp_path / row["setting"] / "eval" / "table13" / "last_report.json") as f:
-      assert json.load(f)["accuracy"] == row["accuracy"]
+      written = json.load(f)
+    assert {n: [list(map(int, v))] for n, v in written["verdicts"].items()} == row["verdicts"]
+  # Nothing changed: the cache serves every setting, nothing is evaluated again.
+  again = _run("table13", tmp_path)
+  assert evaluated == ONLY and again["rows"] == sweep["rows"]
+  # What the cache serves is what a fresh evaluation of the same model finds.
+  for setting in experiments.select_settings("table13", ONLY):
+    config = experiments.setting_config("table13", setting, test_experiments.smoke_base(**TINY),
+                                        TINY)
+    folder = str(tmp_path / setting.name)
+    cached = experiment_runs.evaluate_setting(config, folder, "table13")["last"]
+    fresh = original_evaluate(config, folder, out_dir=str(tmp_path / "fresh" / setting.name))
+    assert _reproducible(cached) == _reproducible(fresh["last"]), setting.name
+  assert evaluated == ONLY
   heads = _run("table4", tmp_path, only=["at_cas"])
   assert set(heads["rows"][0]["accuracy"]) == {"natural", "pgd20-main", "cas-head20", "pgd20",
                                                "worst_case"}
@@ -111,3 +216,20 @@ def test_evaluation_only_tables_reuse_table3_and_table6_trains_its_source(tmp_pa
                                command_line={*TINY, "eval.transfer_checkpoint"}, only=ONLY)
   with pytest.raises(errors.UserError, match="table13 trains nothing; drop --retrain"):
     _run("table13", tmp_path, retrain=True)
+  # A checkpoint file gone: the cache is not used, and the evaluation stops in one line.
+  done = evaluated[:]  # table4 evaluated at_cas too
+  (step,) = os.listdir(tmp_path / "at" / "checkpoints")  # the last epoch's
+  step_dir = str(tmp_path / "at" / "checkpoints" / step)
+  victim = _largest(step_dir)
+  os.rename(victim, tmp_path / "aside")
+  with pytest.raises(checkpointing.RestoreError, match=rf"step {step} .* is damaged \("
+                     rf"{os.path.relpath(victim, step_dir)} is missing\)"):
+    _run("table13", tmp_path, only=["at"])
+  assert evaluated == [*done, "at"]
+  os.rename(tmp_path / "aside", victim)  # back: the cached evaluation serves again
+  assert _run("table13", tmp_path, only=["at"])["rows"][0]["verdicts"] == sweep["rows"][0][
+      "verdicts"] and evaluated == [*done, "at"]
+  os.rename(step_dir, tmp_path / "aside")  # the whole step gone: stopped before any evaluation
+  with pytest.raises(errors.UserError, match="holds no finished training of this setting"):
+    _run("table13", tmp_path, only=["at"])
+  assert evaluated == [*done, "at"]

@@ -8,9 +8,9 @@
 A setting's folder is reused only when its recorded config (config.json, written by
 train.train_and_evaluate) trains the same model as the requested one; raising
 schedule.num_epochs continues it. The evaluation cache keys on the whole config (attacks and
-budgets included) and on the identity of the workdir's checkpoints.
+budgets included), on the code, and on the workdir's checkpoints: the saved steps, the best
+one, each step's file names and sizes and the SHA-256 of its integrity manifest.
 """
-import hashlib
 import json
 import os
 from typing import Any, Dict, List, Optional
@@ -102,20 +102,28 @@ def _latest_step(workdir: str) -> Optional[int]:
 
 
 def checkpoint_identity(workdir: str) -> Dict[str, Any]:
-  """The saved steps, the best one, and a digest of each step's commit metadata."""
+  """The saved steps, the best one, and each step's files (see _step_identity)."""
   manager = checkpointing.create_manager(workdir, async_save=False)
   steps, best = manager.all_steps(), checkpointing.best_step(manager)
   manager.close()
-  digests = {str(step): _digest(os.path.join(workdir, "checkpoints", str(step),
-                                             "_CHECKPOINT_METADATA")) for step in steps}
-  return {"latest": max(steps) if steps else None, "best": best, "digests": digests}
+  folder = os.path.join(workdir, "checkpoints")
+  return {"latest": max(steps) if steps else None, "best": best,
+          "steps": {str(step): _step_identity(os.path.join(folder, str(step))) for step in steps}}
 
 
-def _digest(path: str) -> Optional[str]:
-  if not os.path.isfile(path):
-    return None
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()[:16]
+def _step_identity(step_dir: str) -> Dict[str, Any]:
+  """A step's files (relative name: size) and the SHA-256 of what records their contents.
+
+  The record is the step's integrity manifest (each file's SHA-256; a checkpoint written again
+  gets another one), or Orbax's commit metadata for a checkpoint saved before manifests. A
+  deleted, added, cut or grown file changes the names or sizes; a file changed in place at the
+  same size does not (that would take reading every file): the cached report, of the checkpoint
+  as recorded, is served, and a new evaluation's restore refuses the changed file.
+  """
+  manifest = os.path.join(step_dir, integrity.MANIFEST)
+  record = manifest if os.path.isfile(manifest) else os.path.join(step_dir, "_CHECKPOINT_METADATA")
+  return {"files": integrity.file_sizes(step_dir), "record": os.path.basename(record),
+          "sha256": integrity.file_digest(record) if os.path.isfile(record) else None}
 
 
 def eval_request(config: ml_collections.ConfigDict, workdir: str) -> dict:
