@@ -37,7 +37,14 @@ def main():
       eps=test_evaluate.EPS, attacks="pgd5,cw5,aa,aa-joint", batch_size=8,
       budget=test_evaluate.BUDGET)
   jax.effects_barrier()
+  # A model whose verdicts follow each image's random stream, not a construction.
+  x = test_evaluate.X[:15]
+  rugged = evaluate.robustness_report(
+      test_evaluate.rugged, x, np.asarray(np.argmax(test_evaluate.rugged(x), -1), np.int32),
+      key=test_evaluate.KEY, eps=0.001, attacks="pgd5,square", batch_size=8,
+      budget=test_evaluate.BUDGET)
   verdicts = {name: np.asarray(v) for name, v in report.verdicts.items()}
+  verdicts.update({f"rugged:{name}": np.asarray(v) for name, v in rugged.verdicts.items()})
   total = report.costs["total"]
   fake_devices.save_arrays({
       **verdicts, "rows": np.asarray(total["rows"]), "padding": np.asarray(total["padding_rows"]),

@@ -130,6 +130,46 @@ def test_an_interrupted_cascade_resumes_without_attacking_anything_again(tmp_pat
   assert any(name.startswith("state.npz.stale-") for name in os.listdir(tmp_path))
 
 
+def _keyed_unit(name, seen, fail_at=None):
+  """A unit that fools an image when its key data is odd; it records (image, key data) pairs."""
+  def run_batch(x, y, key_data, carry):
+    del y, carry
+    if fail_at is not None and len(seen) == fail_at:
+      raise RuntimeError("out of memory (simulated)")
+    images, data = np.asarray(x[:, 0, 0, 0]).astype(int), np.asarray(key_data)
+    seen.append((images, data))
+    return jnp.asarray(data[:, -1] % 2 == 1), x, None, 1, 0
+  return cascade.Unit(name, run_batch)
+
+
+def test_a_resumed_attack_on_survivors_gets_them_with_their_own_keys(tmp_path):
+  """`second` attacks only what `first` left standing (after=...); killed in its second batch
+  and resumed, it gets each survivor once, with that image's key, and ends as a run never
+  stopped would."""
+  n, batch = 40, 8
+  x, y, keys = _toy_data(n)
+  path = str(tmp_path / "state.npz")
+  every = {"first": np.ones(n, bool), "second": np.ones(n, bool)}
+  steps = lambda seen, fail: [
+      cascade.Step(_toy_unit("a", np.arange(0, n, 4), []), ("first",)),
+      cascade.Step(_keyed_unit("k", seen, fail), ("second",))]
+  options = dict(eligible=every, after={"second": ["first"]}, batch_size=batch)
+  fresh = cascade.run(steps([], None), x, y, keys, **options)
+  killed, resumed = [], []
+  with pytest.raises(RuntimeError, match="simulated"):
+    cascade.run(steps(killed, 1), x, y, keys, state_path=path, save_every=0, **options)
+  again = cascade.run(steps(resumed, None), x, y, keys, state_path=path, **options)
+  given = [(int(i), d) for images, data in killed + resumed for i, d in zip(images, data)]
+  survivors = np.flatnonzero(~fresh.broken["first"])
+  assert sorted(i for i, _ in given) == survivors.tolist()  # each survivor once, nothing else
+  for image, data in given:
+    np.testing.assert_array_equal(data, keys[image])
+  assert resumed and killed  # both runs did part of the work
+  for name in ("first", "second"):
+    np.testing.assert_array_equal(again.broken[name], fresh.broken[name])
+  assert 0 < again.broken["second"].sum() < survivors.size
+
+
 def _counting_unit(name, seen, first, fail=False):
   """Chunk `first` of a count carried per image: +1 a chunk; fooled once the count reaches 3
   on odd images. It raises instead of running when `fail`."""
@@ -222,16 +262,24 @@ def test_the_report_counts_every_model_row_it_evaluates_and_not_the_batch():
 def test_a_report_resumes_and_a_finished_one_attacks_nothing_again(tmp_path, caplog):
   first = _report("pgd3,aa", batch_size=16, state_dir=str(tmp_path))
   ROWS.clear()
-  again = _report("pgd3,aa", batch_size=8, state_dir=str(tmp_path))
+  with caplog.at_level("INFO"):
+    again = _report("pgd3,aa", batch_size=8, state_dir=str(tmp_path))
   jax.effects_barrier()
   assert sum(ROWS) == 40  # the natural pass only: every stage is replayed from the state
   for name in first.verdicts:
     chex.assert_trees_all_equal(first.verdicts[name], again.verdicts[name])
   assert again.costs["total"]["images"] == first.costs["total"]["images"]
+  done = int(first.costs["total"]["images"])
+  assert any(f"{done} image-stages already attacked" in r.getMessage() for r in caplog.records)
+  caplog.clear()
+  ROWS.clear()
   with caplog.at_level("WARNING"):
-    _report("pgd3,cw3", batch_size=16, state_dir=str(tmp_path))
-  assert any("Not resuming" in r.getMessage() and "attacks" in r.getMessage()
-             for r in caplog.records)
+    other = _report("pgd3,cw3", batch_size=16, state_dir=str(tmp_path))
+  jax.effects_barrier()
+  (warning,) = [r.getMessage() for r in caplog.records if "Not resuming" in r.getMessage()]
+  assert ": its after, attacks differ; starting afresh" in warning  # exactly those
+  assert sum(ROWS) == other.costs["total"]["rows"]  # all of it attacked again
+  assert any(".npz.stale-" in name for name in os.listdir(tmp_path))
 
 
 @pytest.mark.slow

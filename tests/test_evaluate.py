@@ -304,6 +304,7 @@ def test_verdicts_do_not_depend_on_the_device_count():
   assert {"natural", "pgd5", "cw5", "aa", "aa-joint", "worst_case"} <= set(names)
   for name in names:
     np.testing.assert_array_equal(one[name], four[name], err_msg=name)
+  assert 0 < one["rugged:pgd5"].sum() < one["rugged:natural"].sum()  # not fixed outcomes
 
 
 def test_per_epoch_accuracy_matches_a_direct_computation():
@@ -391,3 +392,20 @@ def test_public_autoattack_and_the_report_give_the_same_verdicts(model_fn, attac
   assert 0 < verdicts.sum() < robust["clean"].sum() or attack == "apgd-ce"
   if model_fn is rugged:
     assert np.any(public(jax.random.key(1))["apgd-ce"] != verdicts)
+
+
+def test_verdicts_of_a_model_without_fixed_outcomes_do_not_depend_on_the_batch_size():
+  """On `rugged` the verdicts depend on each image's random stream (another key changes them);
+  at batch sizes 3, 7 and 16 (other bucket shapes, other neighbours in each batch) they stay
+  the same. Padding (a rest smaller than the device count) is exercised on 2 and 4 devices
+  (eval_devices_check.py, 15 images)."""
+  y = np.asarray(jnp.argmax(rugged(jnp.asarray(X)), -1), np.int32)
+  attacks = "pgd5,apgd-ce,square"  # eps 0.001: 2 to 5 of 16 pgd5 verdicts change with the key
+  report = lambda batch_size, key=KEY: evaluate.robustness_report(
+      rugged, X, y, key=key, eps=0.001, attacks=attacks, batch_size=batch_size, budget=BUDGET)
+  reports = {size: report(size) for size in (3, 7, 16)}
+  for size in (3, 7):
+    for name, verdict in reports[16].verdicts.items():
+      np.testing.assert_array_equal(reports[size].verdicts[name], verdict, err_msg=name)
+  other = report(16, jax.random.key(1))
+  assert any(np.any(other.verdicts[n] != reports[16].verdicts[n]) for n in other.verdicts)

@@ -69,7 +69,7 @@ def _apgd_loss(stage: str, joint: bool) -> str:
   return f"joint_{base}" if joint else base
 
 
-def stage_units(model_fn, stage: str, *, eps, keys: Array, judge: verdicts.Judge,
+def stage_units(model_fn, stage: str, *, eps, key_kind: Array, judge: verdicts.Judge,
                 loss: str = "main", beta: float = 2.0, apgd_steps: int = 100,
                 fab_steps: int = 100, square_queries: int = 5000,
                 ranks: Sequence[int] = range(2, 11), eot=None,
@@ -80,11 +80,12 @@ def stage_units(model_fn, stage: str, *, eps, keys: Array, judge: verdicts.Judge
   APGD-T and FAB-T, "/q<first query>" for Square's chunks); FAB-T and Square do not depend on
   `loss`, so the same names (and runs) serve the main and joint variants. Each image's key is
   folded with STREAM, the stage's tag and the loss mode: APGD on the main and on the joint
-  losses start from independent points.
+  losses start from independent points. key_kind: any key array of the PRNG implementation
+  of the cascade's key data.
   """
   tag, joint = ATTACKS.index(stage), loss == "joint"
   tags = (STREAM, tag, int(joint))
-  impl = jax.random.key_impl(keys)
+  impl = jax.random.key_impl(key_kind)
 
   def unit(name, attack, forward, gradient, carry=None, reads_carry=False):
     def run_batch(x, y, key_data, carry_in):
@@ -172,7 +173,7 @@ def autoattack(model_fn, x: Array, y: Array, *, eps=8 / 255, version: str = "sta
   robust, _ = judge(x, y, keys)
   num_classes = jax.eval_shape(lambda z, k: predict(model_fn, z, k, randomized), x[:1],
                                keys[:1]).shape[-1]
-  options = dict(eps=eps, keys=keys, judge=judge, loss=loss, beta=beta, apgd_steps=apgd_steps,
+  options = dict(eps=eps, key_kind=keys, judge=judge, loss=loss, beta=beta, apgd_steps=apgd_steps,
                  fab_steps=fab_steps, square_queries=square_queries,
                  ranks=target_ranks(target_classes, num_classes),
                  eot=eot_draws if randomized else None)

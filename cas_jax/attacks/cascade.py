@@ -193,14 +193,14 @@ def to_device(mesh, tree):
   return jax.device_put(tree, NamedSharding(mesh, P("data")))
 
 
-def run(steps: Sequence[Step], x: np.ndarray, y: np.ndarray, keys: np.ndarray, *,
+def run(steps: Sequence[Step], x: np.ndarray, y: np.ndarray, key_data: np.ndarray, *,
         eligible: Dict[str, np.ndarray], after: Optional[Dict[str, Sequence[str]]] = None,
         batch_size: int = 256, keep_adversarial: bool = False,
         state_path: Optional[str] = None, fingerprint: Optional[dict] = None,
         save_every: float = 10.0, progress: bool = False) -> Result:
   """Run `steps` in order, each on the images still standing for all of its members.
 
-  keys: (N, ...) per-image key data (jax.random.key_data), gathered with the images' rows.
+  key_data: (N, ...) per-image key data (jax.random.key_data), gathered with the images' rows.
   eligible[m]: the images attack m may attack (e.g. the clean-correct ones); after[m]: attacks
   whose survivors (by then final) m attacks only, applied at m's first step.
   """
@@ -229,7 +229,7 @@ def run(steps: Sequence[Step], x: np.ndarray, y: np.ndarray, keys: np.ndarray, *
           for name in after.get(m, ()):
             alive[m] &= ~broken[name]
       active = np.logical_and.reduce([alive[m] for m in step.members])
-      fooled = _run_unit(step.unit, active, x, y, keys, sizes, mesh, state, x_adv, signals,
+      fooled = _run_unit(step.unit, active, x, y, key_data, sizes, mesh, state, x_adv, signals,
                          progress)
       for m in step.members:
         broken[m] |= fooled
@@ -244,7 +244,7 @@ def run(steps: Sequence[Step], x: np.ndarray, y: np.ndarray, keys: np.ndarray, *
                 costs={k: dict(v) for k, v in state.costs.items()}, x_adv=x_adv)
 
 
-def _run_unit(unit: Unit, active: np.ndarray, x, y, keys, sizes, mesh, state: _State, x_adv,
+def _run_unit(unit: Unit, active: np.ndarray, x, y, key_data, sizes, mesh, state: _State, x_adv,
               signals, progress: bool) -> np.ndarray:
   """Attack the active images not yet attacked by `unit`; its fooled mask over all images."""
   attacked, fooled, cost = state.unit(unit.name)
@@ -259,7 +259,7 @@ def _run_unit(unit: Unit, active: np.ndarray, x, y, keys, sizes, mesh, state: _S
     if unit.reads_carry:
       carry = tuple(leaf[rows] for leaf in state.carries[unit.carry])
     out_fooled, out_x, out_carry, forward, gradient = unit.run(
-        *to_device(mesh, (x[rows], y[rows], keys[rows])),
+        *to_device(mesh, (x[rows], y[rows], key_data[rows])),
         None if carry is None else to_device(mesh, carry))
     real = take.size
     fooled[take] = np.asarray(out_fooled)[:real]
@@ -300,13 +300,13 @@ def _run_unit(unit: Unit, active: np.ndarray, x, y, keys, sizes, mesh, state: _S
   return fooled & active
 
 
-def attack_unit(name: str, attack: Callable, eps, keys: Array, forward: int,
+def attack_unit(name: str, attack: Callable, eps, key_kind: Array, forward: int,
                 gradient: int) -> Unit:
   """A Unit of attack(x, y, keys, eps) -> (x_adv, fooled), `forward` / `gradient` passes a batch.
 
-  keys: any key array of the kind the cascade's key data holds (for its PRNG implementation).
+  key_kind: any key array of the kind the cascade's key data holds (its PRNG implementation).
   """
-  impl = jax.random.key_impl(keys)
+  impl = jax.random.key_impl(key_kind)
 
   def run_batch(x, y, key_data, carry):
     del carry

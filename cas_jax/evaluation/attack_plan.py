@@ -1,13 +1,13 @@
 """The report's plan: which compiled units run, for which attacks, on which images.
 
-    steps, after = attack_plan.plan(specs, models, eps=8/255, budget=budget, beta=2.0,
-                                    draws=0, exact_per_attack=False, keys=keys)
+    ctx = Context(eps=8/255, budget=budget, beta=2.0, draws=0, key_kind=key, ranks=range(2, 11))
+    steps, after = attack_plan.plan(specs, models, ctx, exact_per_attack=False)
 
 `DISPATCH` is the one table from an attack method to its units (attacks/cascade.py): a single
 compiled attack for the PGD family, MD, EOT, N-Attack and transfer; AutoAttack's stages
-(`autoattack.stage_units`) for aa, aa-rand and the AutoAttack parts. Every unit judges its
-adversarial examples with the report's judge (the model, or the majority over fresh draws of
-a randomized one). Cheap attacks run on every clean-correct image; expensive ones on the
+(`autoattack.stage_units`, the same as the public `autoattack()`) for aa, aa-rand and the
+AutoAttack parts. Every unit judges its adversarial examples with `attacks/verdicts.py` (the
+model, or the majority over fresh draws of a randomized one). Cheap attacks run on every clean-correct image; expensive ones on the
 images every earlier attack of another family left standing (`after`), unless
 exact_per_attack, and the AutoAttack family on every clean-correct image unless
 exact_autoattack=False (it costs at most ~1.5x; docs/evaluation.md has the measurement).
@@ -22,7 +22,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
-from cas_jax.evaluation.attack_registry import AttackBudget, AttackSpec
+from cas_jax.evaluation.attack_registry import AttackBudget, AttackSpec, same_eps
 from cas_jax.attacks.autoattack import ATTACKS, VERSIONS, stage_units
 from cas_jax.attacks import cascade
 from cas_jax.attacks import engine
@@ -93,7 +93,7 @@ def single_unit(spec: AttackSpec, models: Models, ctx: "Context") -> List[cascad
   static = dataclasses.replace(spec, name="", eps=0.0)  # pgd20 and pgd20@16 share a compilation
   stream = zlib.crc32(spec.canonical.encode()) & 0x7FFFFFFF  # pgd20 = pgd20-joint on CAS
   forward, gradient, per_iteration = _single_passes(spec, ctx.budget)
-  impl, check = jax.random.key_impl(ctx.keys), verdicts.judge(models.main, models.random,
+  impl, check = jax.random.key_impl(ctx.key_kind), verdicts.judge(models.main, models.random,
                                                                  ctx.draws)
 
   def run_batch(x, y, key_data, carry):
@@ -110,9 +110,9 @@ def single_unit(spec: AttackSpec, models: Models, ctx: "Context") -> List[cascad
 def autoattack_units(spec: AttackSpec, models: Models, ctx: "Context") -> List[cascade.Unit]:
   """AutoAttack's stages (or one part) as units; their names are shared across loss variants."""
   randomized = spec.method == "aa-rand"
-  prefix = "" if abs(spec.eps - ctx.eps) < 1e-9 else f"@{spec.eps * 255:g}:"
+  prefix = "" if same_eps(spec.eps, ctx.eps) else f"@{spec.eps * 255:g}:"
   model = models.random if randomized else models.main
-  options = dict(eps=spec.eps, keys=ctx.keys,
+  options = dict(eps=spec.eps, key_kind=ctx.key_kind,
                  judge=verdicts.judge(models.main, models.random, ctx.draws),
                  loss="joint" if spec.joint else "main", beta=ctx.beta,
                  apgd_steps=ctx.budget.apgd_steps, fab_steps=ctx.budget.fab_steps,
@@ -139,7 +139,7 @@ class Context:
   budget: AttackBudget
   beta: float
   draws: int
-  keys: Array  # any key array of the report's PRNG implementation
+  key_kind: Array  # any key array of the report's PRNG implementation
   ranks: Sequence[int]
 
 
@@ -158,7 +158,7 @@ def plan(specs: Sequence[AttackSpec], models: Models, ctx: Context, *,
   AutoAttack family as one block where its first member stands) and each attack's `after`."""
   cheap = [s for s in specs if not s.expensive]
   expensive = [s for s in specs if s.expensive]
-  in_worst = lambda s: abs(s.eps - ctx.eps) < 1e-9
+  in_worst = lambda s: same_eps(s.eps, ctx.eps)
   after, done = {}, []
   steps: List[cascade.Step] = []
   blocks: List[List[AttackSpec]] = []

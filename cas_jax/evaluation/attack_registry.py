@@ -35,6 +35,11 @@ _NAME = re.compile(r"(?P<base>[a-z][a-z-]*?)(?P<steps>\d+)?(?P<mode>-main|-joint
                    r"(?:@(?P<eps>\d+(?:\.\d+)?))?")
 
 
+def same_eps(a: float, b: float) -> bool:
+  """The one rule for "the same eps": equal in units of 1/255 to 4 decimals (8/255 == 8/255)."""
+  return round(a * 255, 4) == round(b * 255, 4)
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
   """How an attack method is named, run and counted."""

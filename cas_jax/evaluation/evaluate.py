@@ -10,16 +10,17 @@
 `apply_fn(x) -> (logits, cas_logits)` (or logits alone) is the model in evaluation mode, on
 NHWC images in [0, 1]. Attacks are named by strings (config.eval.attacks is a comma-separated
 list of them); see `attack_registry` for the names. Cheap attacks (the PGD family, transfer)
-run on every image, so their own figures are exact; expensive ones (AutoAttack and its parts,
-MD, Avg-PGD, N-Attack) run only on the images every earlier attack left standing, unless
+and AutoAttack (every variant and part, unless exact_autoattack=False) run on every
+clean-correct image, so their own figures are exact; the other expensive ones (MD, Avg-PGD,
+N-Attack) run only on the images every earlier attack left standing, unless
 exact_per_attack=True; the table lists the attacks in the order they ran (cheap ones first).
-AutoAttack variants share one subset so that `aa` and `aa-joint` stay comparable. Each image's
+`aa` and `aa-joint` share FAB-T and Square, run once on the images both left standing. Each image's
 randomness is folded from its global index (`indices`), so verdicts do not depend on the batch
 size, the device count or the process count (batches are sharded over every local device;
 with several processes, under --distributed, each one attacks its share of the images and
 the verdicts are gathered).
 A randomized model (a SAP network; `random_apply_fn=`) is judged over fresh draws: each
-verdict is the majority over budget.eot_draws draws, natural accuracy their mean.
+verdict is the majority over budget.verdict_draws draws, natural accuracy their mean.
 """
 import dataclasses
 import functools
@@ -44,7 +45,8 @@ from cas_jax.models import loading
 from cas_jax import provenance
 from cas_jax.models import baselines
 from cas_jax.evaluation import report as report_lib
-from cas_jax.evaluation.attack_registry import AttackBudget, attack_names, parse_attacks
+from cas_jax.evaluation.attack_registry import (AttackBudget, attack_names, parse_attacks,
+                                                same_eps)
 from cas_jax.attacks.autoattack import target_ranks
 from cas_jax.attacks import cascade
 from cas_jax.attacks import engine
@@ -214,18 +216,18 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
   mesh = cascade.local_mesh()
   if mesh is not None:  # the weights on every device the batches are sharded over
     models = jax.device_put(models, NamedSharding(mesh, P()))
-  keys = np.asarray(jax.random.key_data(image_keys(key, local_indices)))
+  key_data = np.asarray(jax.random.key_data(image_keys(key, local_indices)))
   natural_key = jax.random.fold_in(key, zlib.crc32(report_lib.NATURAL.encode()))
   natural, fraction, natural_rows = _natural(models, x, y, np.asarray(jax.random.key_data(
       image_keys(natural_key, local_indices))), jax.random.key_impl(key), draws, batch_size)
   num_classes = jax.eval_shape(lambda z: engine.main_logits(models.main, z), x[:1]).shape[-1]
-  ctx = attack_plan.Context(eps=eps, budget=budget, beta=beta, draws=draws, keys=key,
+  ctx = attack_plan.Context(eps=eps, budget=budget, beta=beta, draws=draws, key_kind=key,
                             ranks=target_ranks(budget.target_classes, num_classes))
   steps, after = attack_plan.plan(specs, models, ctx, exact_per_attack=exact_per_attack,
                                   exact_autoattack=exact_autoattack)
   infos = {}
   for spec in specs:
-    infos[spec.name] = spec.info(in_worst_case=abs(spec.eps - eps) < 1e-9)
+    infos[spec.name] = spec.info(in_worst_case=same_eps(spec.eps, eps))
     infos[spec.name]["gradient_draws"] = (
         (budget.aa_rand_draws if spec.method == "aa-rand" else budget.eot_draws)
         if spec.averages_draws and draws else 0)
@@ -235,7 +237,7 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
   fingerprint = _fingerprint(models, x, y, local_indices, key, natural, eps=eps, beta=beta,
                              attacks=[s.name for s in specs], budget=vars(budget),
                              after=after, draws=draws, processes=jax.process_count())
-  result = cascade.run(steps, x, y, keys, eligible={s.name: natural for s in specs},
+  result = cascade.run(steps, x, y, key_data, eligible={s.name: natural for s in specs},
                        after=after, batch_size=batch_size, state_path=state_path,
                        fingerprint=fingerprint, save_every=save_every, progress=progress)
   verdicts, ran_on, cut = {report_lib.NATURAL: natural}, {}, {}

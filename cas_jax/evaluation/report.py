@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from cas_jax.attacks.cascade import COST_FIELDS
+from cas_jax.evaluation.attack_registry import same_eps
 
 NATURAL, WORST_CASE = "natural", "worst_case"
 # Points by which the worst case may undercut the best single attack (and AutoAttack's joint
@@ -40,7 +41,9 @@ class Report:
   eps: float
   indices: np.ndarray  # (N,) the images' global indices (their keys are folded from them)
   verdicts: Dict[str, np.ndarray]  # name -> (N,) bool; NATURAL, attacks..., WORST_CASE
-  ran_on: Dict[str, np.ndarray]  # attack -> (N,) bool: the images it attacked
+  # attack -> (N,) bool: the images it was started on (clean-correct; for an attack on the
+  # survivors of others, those left standing by them)
+  ran_on: Dict[str, np.ndarray]
   # attack -> {"description", "method", "steps", "joint", "eps", "black_box", "in_worst_case",
   #            "family"}: what sanity_checks and the table read.
   attacks: Dict[str, dict]
@@ -133,9 +136,6 @@ class Report:
       lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
     if self.costs:
       lines += ["", "## Cost", ""] + cost_table(self.costs)
-    elif self.seconds:
-      lines += ["", "Time (s, including compilation): " + ", ".join(
-          f"{name} {s:.1f}" for name, s in self.seconds.items())]
     return "\n".join(lines) + "\n"
 
   def to_json(self) -> str:
@@ -262,7 +262,7 @@ def _worst_case_gap(report: Report) -> List[str]:
 def _large_eps_not_broken(report: Report) -> List[str]:
   warnings = []
   for name, info in report.attacks.items():
-    if (info["method"] == "pgd" and abs(info["eps"] - LARGE_EPS) < 1e-6
+    if (info["method"] == "pgd" and same_eps(info["eps"], LARGE_EPS)
         and _points(report, name) > LARGE_EPS_MAX_POINTS):
       warnings.append(
           f"{name} leaves {_points(report, name):.1f}% accuracy at eps 32/255 (more than "
@@ -277,7 +277,7 @@ def _fgsm_beats_pgd(report: Report) -> List[str]:
     if f_info["method"] != "fgsm":
       continue
     for pgd, p_info in report.attacks.items():
-      if (p_info["method"] == "pgd" and abs(p_info["eps"] - f_info["eps"]) < 1e-9
+      if (p_info["method"] == "pgd" and same_eps(p_info["eps"], f_info["eps"])
           and p_info["joint"] == f_info["joint"] and report.is_exact(pgd)
           and report.accuracy(fgsm) < report.accuracy(pgd)):
         warnings.append(
@@ -306,7 +306,8 @@ def _joint_main_disagree(report: Report) -> List[str]:
     if j_info["family"] != "autoattack" or not j_info["joint"]:
       continue
     for main, m_info in report.attacks.items():
-      same = all(m_info[k] == j_info[k] for k in ("family", "method", "eps"))
+      same = (all(m_info[k] == j_info[k] for k in ("family", "method"))
+              and same_eps(m_info["eps"], j_info["eps"]))
       if not same or m_info["joint"]:
         continue
       # Compared on the images both attacked, so that the gap is exact either way.

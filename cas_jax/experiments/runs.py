@@ -3,7 +3,7 @@
     check_reusable(config, workdir, retrain=False)    # UserError if W holds another config's model
     check_trained(config, workdir, train_command)       # evaluation-only experiments
     reports = evaluate_setting(config, workdir, name)  # cached in W/eval/<name>/
-    row = setting_row(setting_info, configs, reports_per_seed, workdirs)
+    row = setting_row(setting_info, label, reports_per_seed, seeds, workdirs)
 
 A setting's folder is reused only when its recorded config (config.json, written by
 train.train_and_evaluate) trains the same model as the requested one; raising
@@ -215,11 +215,10 @@ def setting_row(info: Dict[str, Any], label: str, reports: List[report_lib.Repor
   names = [n for n in names if all(n in r.verdicts for r in reports)]
   per_seed = []
   for seed, report, workdir in zip(seeds, reports, workdirs):
-    total = report.costs.get("total", {})
     per_seed.append({"seed": seed, "workdir": workdir,
                      "accuracy": {n: report.accuracy(n) for n in names},
                      # a stage shared by several attacks counts once
-                     "eval_seconds": total.get("seconds", sum(report.seconds.values())),
+                     "eval_seconds": report.costs["total"]["seconds"],
                      "evaluated_by": report.provenance_line, **training_summary(workdir)})
   accuracy = {n: float(np.mean([s["accuracy"][n] for s in per_seed])) for n in names}
   spread = {n: float(np.std([s["accuracy"][n] for s in per_seed], ddof=1))
