@@ -47,7 +47,7 @@ def counting_network(torch, net):
 
 
 def torchattacks_rows(torch, torchattacks, net, x, y, eps, steps, queries, seed=0) -> dict:
-  """torchattacks' AutoAttack standard at these budgets: its rows and robust accuracy."""
+  """torchattacks' AutoAttack standard at these budgets: rows, robust accuracy, images broken."""
   counted = counting_network(torch, net)
   reference = torchattacks.AutoAttack(counted, eps=eps, version="standard", seed=seed)
   for attack in reference._autoattack.attacks:
@@ -58,12 +58,20 @@ def torchattacks_rows(torch, torchattacks, net, x, y, eps, steps, queries, seed=
   x_adv = reference(torch.tensor(x), torch.tensor(y))
   rows, gradient_rows = counted.rows, counted.gradient_rows
   with torch.no_grad():
-    robust = float(np.mean(net(x_adv).argmax(1).numpy() == y))
-  return {"rows": rows, "gradient_rows": gradient_rows, "robust": robust}
+    correct = net(torch.tensor(x)).argmax(1).numpy() == y
+    robust = net(x_adv).argmax(1).numpy() == y
+  return {"rows": rows, "gradient_rows": gradient_rows, "robust": float(np.mean(robust)),
+          **_images(correct, robust)}
+
+
+def _images(correct, robust) -> dict:
+  """The images (indices) classified correctly, and those of them an attack broke."""
+  return {"correct": np.flatnonzero(correct).tolist(),
+          "broken": np.flatnonzero(correct & ~robust).tolist()}
 
 
 def our_rows(model_fn, x_nchw, y, eps, steps, queries, attacks="aa", **options) -> dict:
-  """Our report's rows (natural included) and figures for `attacks` at these budgets."""
+  """Our report's rows (natural included), figures and images broken, `attacks` at these budgets."""
   budget = AttackBudget(apgd_steps=steps, fab_steps=steps, square_queries=queries)
   x = np.transpose(x_nchw, (0, 2, 3, 1))
   report = evaluate.robustness_report(model_fn, x, y, key=jax.random.key(0), eps=eps,
@@ -71,7 +79,8 @@ def our_rows(model_fn, x_nchw, y, eps, steps, queries, attacks="aa", **options) 
   total = report.costs["total"]
   return {"rows": int(total["rows"]), "gradient_rows": int(total["gradient_rows"]),
           "robust": report.accuracy("worst_case"), "aa_exact": report.is_exact("aa"),
-          "seconds": total["seconds"]}
+          "seconds": total["seconds"],
+          **_images(report.verdicts["natural"], report.verdicts["worst_case"])}
 
 
 def compare(torch, torchattacks, net, model_fn, x, y, eps, steps, queries) -> dict:

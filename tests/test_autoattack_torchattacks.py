@@ -1,5 +1,17 @@
-"""Our standard AutoAttack against torchattacks' (marked slow): the same small networks in
-JAX and in PyTorch, the same images; verdicts equal, ours at least as strong on a CAS model."""
+"""Our AutoAttack against torchattacks' (marked slow), the second reference after the authors'
+own (tests/test_autoattack_official.py): the same small networks in PyTorch and JAX, the same
+images, compared image by image; each test prints the images on which the two differ.
+
+torchattacks ports the official algorithm with its own defaults: APGD, APGD-T and FAB-T run
+10 steps (official: 100), Square rescales its query schedule, and APGD-T and FAB-T target the
+K-1 classes after the label (9 with CIFAR-10's K = 10: as the official standard version and
+ours, so no difference here). The tests set steps, queries and schedule alike on both sides.
+What remains different is randomness (torch's generator against JAX's: APGD's random start,
+Square's squares) and floating-point order, so an image whose margin ends within that
+noise falls to one side's draw and not the other's; the misses each test allows are for such
+images (`_MISSES_*`), and the counts measured on this machine are given beside them.
+"""
+import json
 import os
 import pickle
 
@@ -43,8 +55,26 @@ def reference_setup():
   torch.set_num_threads(threads)
 
 
+# Full budgets (100 steps, 5000 queries), 600 images: on CIFAR-10 at 3/255 both break the same
+# 247, none differs (two seeds on each side); at most 1 in 300 may, in each direction.
+_MISSES_FULL = 2
+# 10 steps and 100 queries (CAS network, 32 images): one image (no. 14) falls to 4 of 5
+# torchattacks seeds and to 2 of 5 of ours; at most one miss per pair of seeds.
+_MISSES_REDUCED = 1
+
+
+def _differences(ours, theirs):
+  """{'ours{a}-torchattacks{b}': images theirs breaks and ours does not} over seed pairs, and
+  the images only ours breaks (broken: (seeds, images) bool)."""
+  return {"missed_by_ours": {f"ours{a}-torchattacks{b}": np.flatnonzero(t & ~o).tolist()
+                             for a, o in enumerate(ours) for b, t in enumerate(theirs)},
+          "broken_by_ours_only": np.flatnonzero(ours.any(0) & ~theirs.any(0)).tolist()}
+
+
 @pytest.mark.slow
-def test_standard_autoattack_matches_torchattacks(reference_setup):
+def test_standard_autoattack_breaks_the_images_torchattacks_breaks(reference_setup):
+  # At the official budgets: the images each breaks, equal but for at most _MISSES_FULL in
+  # either direction.
   torch, torchattacks, images, labels, source = reference_setup
   net, jax_net = _train_torch_mlp(torch, images, labels, epochs=30, batch_size=256)
   with torch.no_grad():
@@ -62,18 +92,23 @@ def test_standard_autoattack_matches_torchattacks(reference_setup):
       attack.rescale_schedule = False
   x_reference = reference(torch.tensor(x), torch.tensor(y))
   with torch.no_grad():
-    theirs = np.mean(net(x_reference).argmax(1).numpy() == y)
+    theirs = net(x_reference).argmax(1).numpy() != y
 
   x_nhwc = jnp.asarray(np.transpose(x, (0, 2, 3, 1)))
   x_adv, robust = autoattack(jax_net, x_nhwc, jnp.asarray(y), eps=eps, key=KEY,
                              return_per_attack=True)
-  ours = float(np.mean(robust["square"]))
-  print(f"\n{source}: {len(y)} images, eps {eps * 255:.0f}/255, robust accuracy: "
-        f"ours {ours:.2%} ({', '.join(f'{k} {np.mean(v):.2%}' for k, v in robust.items())}), "
-        f"torchattacks {theirs:.2%}")
   _assert_in_ball(x_adv, x_nhwc, eps)
-  assert 0.3 <= ours <= 0.7
-  assert abs(ours - theirs) <= 0.005
+  ours = ~np.asarray(robust["square"])
+  assert not np.any(ours != (jax_net(x_adv).argmax(-1) != y))  # the returned images break them
+  differences = _differences(ours[None], theirs[None])
+  print("\n" + json.dumps({
+      "data": source, "images": len(y), "eps_255": round(eps * 255, 3),
+      "broken_ours": int(ours.sum()), "broken_torchattacks": int(theirs.sum()),
+      "broken_ours_per_stage": {k: int((~np.asarray(v)).sum()) for k, v in robust.items()},
+      **differences}))
+  assert 0.3 <= 1 - theirs.mean() <= 0.7  # the attacks break some images, not all
+  assert len(differences["missed_by_ours"]["ours0-torchattacks0"]) <= _MISSES_FULL, differences
+  assert len(differences["broken_by_ours_only"]) <= _MISSES_FULL, differences
 
 
 def _train_torch_cas_net(torch, images, labels, width=64, beta=2.0):
@@ -131,10 +166,10 @@ def _jax_cas_net(weights):
 
 
 @pytest.mark.slow
-def test_autoattack_on_a_cas_model_is_at_least_as_strong_as_torchattacks(reference_setup):
-  # A CAS network at a small eps, the same images and small budgets on both sides: over 3
-  # seeds each, our robust accuracy may not exceed the reference's worst seed, and no image
-  # that every reference seed breaks may survive every one of ours.
+def test_autoattack_on_a_cas_model_breaks_the_images_torchattacks_breaks(reference_setup):
+  # A CAS network at a small eps, the same images and small budgets on both sides, 3 seeds
+  # each: every one of our seeds breaks all but at most _MISSES_REDUCED of the images each
+  # torchattacks seed breaks, and every image all its seeds break falls to one of ours.
   torch, torchattacks, images, labels, source = reference_setup
   net, weights = _train_torch_cas_net(torch, images, labels)
   with torch.no_grad():
@@ -143,7 +178,7 @@ def test_autoattack_on_a_cas_model_is_at_least_as_strong_as_torchattacks(referen
   x, y = torch.tensor(images[chosen]), torch.tensor(labels[chosen])
   eps = (4 if source == "cifar" else 24) / 255
   budget = dict(apgd_steps=10, fab_steps=10, square_queries=100)
-  reference_robust = []
+  theirs = []
   for seed in range(3):
     reference = torchattacks.AutoAttack(net, eps=eps, version="standard", seed=seed)
     for attack in reference._autoattack.attacks:
@@ -152,22 +187,25 @@ def test_autoattack_on_a_cas_model_is_at_least_as_strong_as_torchattacks(referen
       if hasattr(attack, "n_queries"):
         attack.n_queries, attack.rescale_schedule = budget["square_queries"], False
     with torch.no_grad():
-      reference_robust.append(net(reference(x, y)).argmax(1).numpy() == y.numpy())
+      theirs.append(net(reference(x, y)).argmax(1).numpy() != y.numpy())
   model_fn = _jax_cas_net(weights)
   x_nhwc = jnp.asarray(np.transpose(x.numpy(), (0, 2, 3, 1)))
   chex.assert_trees_all_close(model_fn(x_nhwc)[0], net(x).detach().numpy(), atol=1e-4)
-  ours_robust = []
+  ours = []
   for seed in range(3):
     x_adv, robust = autoattack(model_fn, x_nhwc, jnp.asarray(y.numpy()), eps=eps,
                                key=jax.random.key(seed), return_per_attack=True, **budget)
     _assert_in_ball(x_adv, x_nhwc, eps)
-    ours_robust.append(robust["square"])
-  ours, theirs = np.array(ours_robust), np.array(reference_robust)
-  print(f"\n{source}, eps {eps * 255:.0f}/255: robust per seed, ours {ours.sum(1)}, "
-        f"torchattacks {theirs.sum(1)} of {len(y)}")
-  assert 0.2 <= theirs.mean() <= 0.8  # the attacks break some images, not all
-  assert ours.sum(1).mean() <= theirs.sum(1).max()
-  assert not np.any(~theirs.any(0) & ours.all(0))
+    ours.append(~np.asarray(robust["square"]))
+  ours, theirs = np.array(ours), np.array(theirs)
+  differences = _differences(ours, theirs)
+  print("\n" + json.dumps({"data": source, "images": len(y), "eps_255": round(eps * 255, 3),
+                           "broken_ours": ours.sum(1).tolist(),
+                           "broken_torchattacks": theirs.sum(1).tolist(), **differences}))
+  assert 0.2 <= 1 - theirs.mean() <= 0.8  # the attacks break some images, not all
+  assert all(len(v) <= _MISSES_REDUCED for v in differences["missed_by_ours"].values()), \
+      differences
+  assert not np.any(theirs.all(0) & ~ours.any(0)), differences
 
 
 def _train_torch_mlp(torch, images, labels, epochs=5, batch_size=128):
@@ -200,7 +238,9 @@ def trained_pair(torch, images, labels, cas: bool):
 @pytest.mark.slow
 def test_scheduled_autoattack_evaluates_at_most_1_2x_the_rows_of_torchattacks(reference_setup):
   # The same CAS network, images and budgets: the model rows (forward passes of one image)
-  # torchattacks' AutoAttack makes, counted by a wrapper, against our report's own count.
+  # torchattacks' AutoAttack makes, counted by a wrapper, against our report's own count; and
+  # the images each breaks (seed 0 each side: at most _MISSES_REDUCED missed by ours; here 1,
+  # which our seed 1 breaks).
   from benchmarks import row_counts  # pylint: disable=g-import-not-at-top
   torch, torchattacks, images, labels, source = reference_setup
   net, model_fn = trained_pair(torch, images, labels, cas=True)
@@ -208,8 +248,11 @@ def test_scheduled_autoattack_evaluates_at_most_1_2x_the_rows_of_torchattacks(re
   eps = (4 if source == "cifar" else 24) / 255
   theirs = row_counts.torchattacks_rows(torch, torchattacks, net, x, y, eps, 10, 200)
   ours = row_counts.our_rows(model_fn, x, y, eps, 10, 200, batch_size=32)
+  missed = sorted(set(theirs["broken"]) - set(ours["broken"]))
   print(f"\nrows: ours {ours['rows']} (robust {ours['robust']:.3f}), torchattacks "
-        f"{theirs['rows']} (robust {theirs['robust']:.3f})")
+        f"{theirs['rows']} (robust {theirs['robust']:.3f}); broken: ours {ours['broken']}, "
+        f"torchattacks {theirs['broken']}, missed by ours {missed}")
+  assert ours["correct"] == theirs["correct"]  # one network: the same clean verdicts
   assert 0.1 <= theirs["robust"] <= 0.9  # stages have survivors to work on
   assert ours["rows"] <= 1.2 * theirs["rows"]
-  assert ours["robust"] <= theirs["robust"] + 2 / len(y)  # as strong, within two images
+  assert len(missed) <= _MISSES_REDUCED, missed
