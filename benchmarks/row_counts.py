@@ -1,17 +1,22 @@
-"""Model rows of our scheduled AutoAttack against torchattacks' on the same weights and images.
+"""Model rows and seconds of our scheduled AutoAttack against the official one (pyautoattack,
+the reference) and torchattacks' (a second reference), on the same weights and images.
 
   python -m benchmarks.row_counts --images=128 --out=benchmarks/results/row_counts.json
 
 A row is one image through one forward pass of the model; a gradient row also took a backward
-pass. torchattacks' rows are counted by a wrapper around its network (every forward call, and
-the ones that built a graph for an input gradient); ours are the report's own cost accounting
-(`report.costs`), which tests/test_cascade.py checks against a model that counts its calls.
-Both run AutoAttack standard (APGD-CE, APGD-T, FAB-T multi-targeted, Square, each stage on the
-images the ones before left standing) at the same budgets. Also measured: the extra rows of
+pass. The PyTorch sides' rows are counted by a wrapper around their network (every forward
+call, and the ones that built a graph for an input gradient); ours are the report's own cost
+accounting (`report.costs`), which tests/test_cascade.py checks against a model that counts
+its calls. All run AutoAttack standard (APGD-CE, APGD-T, FAB-T multi-targeted, Square, each
+stage on the images the ones before left standing) at the same budgets. Seconds: one run of
+each, on the same cores, from the call to its result (ours includes its compilations; the
+process start-up, imports and training are outside every figure). Also measured: the extra rows of
 running AutoAttack on every clean-correct image (exact_autoattack=True, the default) instead
 of on the survivors of PGD and CW, on a plain and a CAS network.
 """
+import importlib.metadata
 import json
+import time
 
 from absl import app
 from absl import flags
@@ -64,6 +69,25 @@ def torchattacks_rows(torch, torchattacks, net, x, y, eps, steps, queries, seed=
           **_images(correct, robust)}
 
 
+def official_rows(torch, auto_attack, net, x, y, eps, steps, queries, seed=0) -> dict:
+  """The official AutoAttack standard at these budgets: rows, seconds, robust accuracy."""
+  counted = counting_network(torch, net)
+  start = time.perf_counter()
+  adversary = auto_attack(counted, eps=eps, norm="Linf", version="standard", seed=seed)
+  adversary.verbose = False
+  adversary.apgd.n_iter = adversary.apgd_targeted.n_iter = adversary.fab.n_iter = steps
+  adversary.square.n_queries = queries
+  result = adversary.run_standard_evaluation(torch.tensor(x), torch.tensor(y), batch_size=len(y))
+  seconds = time.perf_counter() - start
+  x_adv = result[0] if isinstance(result, tuple) else result
+  rows, gradient_rows = counted.rows, counted.gradient_rows
+  with torch.no_grad():
+    correct = net(torch.tensor(x)).argmax(1).numpy() == y
+    robust = net(x_adv).argmax(1).numpy() == y
+  return {"rows": rows, "gradient_rows": gradient_rows, "seconds": seconds,
+          "robust": float(np.mean(robust)), **_images(correct, robust)}
+
+
 def _images(correct, robust) -> dict:
   """The images (indices) classified correctly, and those of them an attack broke."""
   return {"correct": np.flatnonzero(correct).tolist(),
@@ -74,23 +98,30 @@ def our_rows(model_fn, x_nchw, y, eps, steps, queries, attacks="aa", **options) 
   """Our report's rows (natural included), figures and images broken, `attacks` at these budgets."""
   budget = AttackBudget(apgd_steps=steps, fab_steps=steps, square_queries=queries)
   x = np.transpose(x_nchw, (0, 2, 3, 1))
+  start = time.perf_counter()
   report = evaluate.robustness_report(model_fn, x, y, key=jax.random.key(0), eps=eps,
                                       attacks=attacks, budget=budget, **options)
+  seconds = time.perf_counter() - start
   total = report.costs["total"]
   return {"rows": int(total["rows"]), "gradient_rows": int(total["gradient_rows"]),
           "robust": report.accuracy("worst_case"), "aa_exact": report.is_exact("aa"),
-          "seconds": total["seconds"],
+          "seconds": seconds, "attack_seconds": total["seconds"],
           **_images(report.verdicts["natural"], report.verdicts["worst_case"])}
 
 
-def compare(torch, torchattacks, net, model_fn, x, y, eps, steps, queries) -> dict:
-  """Rows of both AutoAttacks, and of our default report with and without exact AutoAttack."""
-  theirs = torchattacks_rows(torch, torchattacks, net, x, y, eps, steps, queries)
+def compare(torch, torchattacks, auto_attack, net, model_fn, x, y, eps, steps, queries) -> dict:
+  """Rows and seconds of the official AutoAttack, ours and torchattacks', and of our default
+  report with and without exact AutoAttack."""
   ours = our_rows(model_fn, x, y, eps, steps, queries)
+  official = official_rows(torch, auto_attack, net, x, y, eps, steps, queries)
+  theirs = torchattacks_rows(torch, torchattacks, net, x, y, eps, steps, queries)
   exact = our_rows(model_fn, x, y, eps, steps, queries, attacks="pgd20,cw,aa")
   bound = our_rows(model_fn, x, y, eps, steps, queries, attacks="pgd20,cw,aa",
                    exact_autoattack=False)
-  return {"torchattacks": theirs, "ours": ours, "ratio": ours["rows"] / theirs["rows"],
+  return {"official": official, "ours": ours, "ratio": ours["rows"] / official["rows"],
+          "seconds_ratio": ours["seconds"] / official["seconds"],
+          "missed_by_ours": sorted(set(official["broken"]) - set(ours["broken"])),
+          "torchattacks": theirs, "ratio_torchattacks": ours["rows"] / theirs["rows"],
           "report_exact_aa": exact, "report_aa_on_survivors": bound,
           "exact_aa_extra": exact["rows"] / bound["rows"]}
 
@@ -99,18 +130,21 @@ def main(_):
   """Train the plain and CAS 8x8 networks, then compare rows on --images test images."""
   import torch  # pylint: disable=g-import-not-at-top
   import torchattacks  # pylint: disable=g-import-not-at-top
+  import pyautoattack  # pylint: disable=g-import-not-at-top
   from tests import test_autoattack_torchattacks as parity  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(1)
   images, labels, source = parity._parity_data()  # pylint: disable=protected-access
   results = {"source": source, "images": FLAGS.images, "steps": FLAGS.steps,
              "queries": FLAGS.queries, "jax": jax.__version__, "torch": torch.__version__,
-             "torchattacks": torchattacks.__version__, "devices": jax.device_count()}
+             "torchattacks": torchattacks.__version__,
+             "pyautoattack": importlib.metadata.version("pyautoattack"),
+             "devices": jax.device_count()}
   for name in ("plain", "cas"):
     net, model_fn = parity.trained_pair(torch, images, labels, cas=name == "cas")
     x, y = images[5000:5000 + FLAGS.images], labels[5000:5000 + FLAGS.images]
     eps = 4 / 255 if source == "cifar" else 24 / 255
-    results[name] = compare(torch, torchattacks, net, model_fn, x, y, eps, FLAGS.steps,
-                            FLAGS.queries)
+    results[name] = compare(torch, torchattacks, pyautoattack.AutoAttack, net, model_fn, x, y,
+                            eps, FLAGS.steps, FLAGS.queries)
     print(name, json.dumps(results[name]), flush=True)
   print(json.dumps(results, indent=1))
   if FLAGS.out:

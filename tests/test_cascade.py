@@ -258,6 +258,27 @@ def test_the_report_counts_every_model_row_it_evaluates_and_not_the_batch():
   assert "| **total**" in report.markdown() and '"costs"' in report.to_json()
 
 
+def test_a_transfer_attack_counts_its_source_rows_apart_from_the_models():
+  SOURCE_ROWS.clear()
+  ROWS.clear()
+  report = _report("transfer-pgd3", batch_size=16, source_fn=counted_source)
+  jax.effects_barrier()
+  total, stage = report.costs["total"], report.costs["stages"]["transfer-pgd3"]
+  assert sum(ROWS) == total["rows"] == total["forward_rows"] + total["gradient_rows"]
+  assert sum(SOURCE_ROWS) == total["source_rows"] == stage["source_rows"] > 0
+  assert total["gradient_rows"] == 0  # the evaluated model only judges: forward rows
+  assert "| source rows |" in report.markdown()
+
+
+SOURCE_ROWS = []
+
+
+def counted_source(x):
+  """A transfer source that counts its rows apart (host callback)."""
+  jax.debug.callback(lambda rows: SOURCE_ROWS.append(int(rows)), x.shape[0])
+  return x.reshape(x.shape[0], -1) @ (W + 0.01)
+
+
 @pytest.mark.slow
 def test_a_report_resumes_and_a_finished_one_attacks_nothing_again(tmp_path, caplog):
   first = _report("pgd3,aa", batch_size=16, state_dir=str(tmp_path))

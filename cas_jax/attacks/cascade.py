@@ -43,7 +43,8 @@ Array = jax.Array
 # A unit's output on one batch: (fooled (B,), x_adv (B, ...), carry out (pytree or None),
 # forward passes, gradient passes) -- passes over the whole batch, Python or JAX scalars.
 UnitOutput = Tuple[Array, Array, Any, Any, Any]
-COST_FIELDS = ("images", "fooled", "forward_rows", "gradient_rows", "padding_rows", "seconds")
+COST_FIELDS = ("images", "fooled", "forward_rows", "gradient_rows", "source_rows", "padding_rows",
+               "seconds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,12 +53,14 @@ class Unit:
 
   carry names a per-image state that units of one group hand on (Square's chunks of queries),
   a tuple of arrays with a leading batch axis; reads_carry: this unit continues from it (else
-  it starts afresh and may write one).
+  it starts afresh and may write one). source_gradient: its gradient passes are through a
+  transfer attack's source model, counted as source_rows, apart from the attacked model's.
   """
   name: str
   run: Callable[..., UnitOutput]
   carry: Optional[str] = None
   reads_carry: bool = False
+  source_gradient: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,7 +280,7 @@ def _run_unit(unit: Unit, active: np.ndarray, x, y, key_data, sizes, mesh, state
     cost["images"] += real
     cost["fooled"] += int(fooled[take].sum())
     cost["forward_rows"] += forward * rows.size
-    cost["gradient_rows"] += gradient * rows.size
+    cost["source_rows" if unit.source_gradient else "gradient_rows"] += gradient * rows.size
     cost["padding_rows"] += (forward + gradient) * (rows.size - real)
     cost["seconds"] += time.perf_counter() - start
     start = time.perf_counter()

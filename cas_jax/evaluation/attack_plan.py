@@ -104,7 +104,8 @@ def single_unit(spec: AttackSpec, models: Models, ctx: "Context") -> List[cascad
                                  budget=ctx.budget)
     still, judged = check(x_adv, y, image_keys)
     return ~still, x_adv, None, forward + per_iteration * made + judged, gradient
-  return [cascade.Unit(spec.name, run_batch)]
+  return [cascade.Unit(spec.name, run_batch,
+                       source_gradient=spec.method.startswith("transfer-"))]
 
 
 def autoattack_units(spec: AttackSpec, models: Models, ctx: "Context") -> List[cascade.Unit]:

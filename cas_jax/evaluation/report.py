@@ -197,19 +197,21 @@ def assemble_costs(unit_costs: Dict[str, dict], steps, natural_rows: int,
 def cost_table(costs: Dict[str, dict]) -> List[str]:
   """Markdown rows: each stage's images attacked, model rows and seconds, then the total."""
   rows = ["Model rows: one image through one forward pass; gradient rows also took a backward "
-          "pass. Padding rows (copies filling a stage's last batch) are included and counted "
-          "apart.", "",
+          "pass. Source rows: gradient rows through a transfer attack's source model, apart "
+          "from the evaluated model's. Padding rows (copies filling a stage's last batch) are "
+          "included and counted apart.", "",
           "| stage | attacks | images attacked | fooled | forward rows | gradient rows | "
-          "padding rows | s | images/s |", "|---|---|---|---|---|---|---|---|---|"]
+          "source rows | padding rows | s | images/s |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+  counts = lambda c: " | ".join(str(int(c.get(f, 0))) for f in (
+      "fooled", "forward_rows", "gradient_rows", "source_rows", "padding_rows"))
   for name, c in costs["stages"].items():
     rate = c["images"] / c["seconds"] if c["seconds"] else 0.0
-    rows.append(f"| {name} | {', '.join(c['attacks'])} | {int(c['images'])} | "
-                f"{int(c['fooled'])} | {int(c['forward_rows'])} | {int(c['gradient_rows'])} | "
-                f"{int(c['padding_rows'])} | {c['seconds']:.1f} | {rate:.1f} |")
+    rows.append(f"| {name} | {', '.join(c['attacks'])} | {int(c['images'])} | {counts(c)} | "
+                f"{c['seconds']:.1f} | {rate:.1f} |")
   t = costs["total"]
   rows.append(f"| **total** (natural: {int(t['natural_rows'])} rows) | - | {int(t['images'])} | "
-              f"{int(t['fooled'])} | {int(t['forward_rows'])} | {int(t['gradient_rows'])} | "
-              f"{int(t['padding_rows'])} | {t['seconds']:.1f} | - |")
+              f"{counts(t)} | {t['seconds']:.1f} | - |")
   return rows
 
 

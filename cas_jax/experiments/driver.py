@@ -155,7 +155,10 @@ EXPERIMENTS = {
     "fig8": Experiment("Robustness against the CAS loss weight beta (paper Figure 8)",
                        tuple(_beta(b) for b in (0, 0.5, 1, 2, 5, 10, 20)), plot_beta=True),
     # Not in the paper: does the fast bfloat16 mode train as well as float32 (same seed)?
-    "dtype": Experiment("bfloat16 against float32 computation, same seed and schedule", (
+    # Both are attacked and judged in config.eval.dtype (float32 by default): the training
+    # dtype is the only difference.
+    "dtype": Experiment("bfloat16 against float32 training, same seed and schedule, both "
+                        "evaluated in eval.dtype", (
         Setting("float32", "float32", overrides=(("model.dtype", "float32"),)),
         Setting("bfloat16", "bfloat16", twin="float32",
                 overrides=(("model.dtype", "bfloat16"),)),
