@@ -73,7 +73,7 @@ def stage_units(model_fn, stage: str, *, eps, key_kind: Array, judge: verdicts.J
                 loss: str = "main", beta: float = 2.0, apgd_steps: int = 100,
                 fab_steps: int = 100, square_queries: int = 5000,
                 ranks: Sequence[int] = range(2, 11), eot=None,
-                prefix: str = "") -> List[cascade.Unit]:
+                prefix: str = "", norm: str = "linf") -> List[cascade.Unit]:
   """The cascade units of one AutoAttack stage, judged by `judge` after each batch.
 
   Units are named prefix + stage (+ "-joint" for APGD on the joint losses) (+ "/rank" for
@@ -107,18 +107,18 @@ def stage_units(model_fn, stage: str, *, eps, key_kind: Array, judge: verdicts.J
     return [unit(name + ("" if rank is None else f"/{rank}"),
                  functools.partial(apgd_round, model_fn, steps=apgd_steps,
                                    loss=_apgd_loss(stage, joint), beta=beta, eot=eot,
-                                   rank=rank, number=number), forward, gradient)
+                                   rank=rank, number=number, norm=norm), forward, gradient)
             for number, rank in enumerate(rounds)]
   if stage == "fab-t":
     forward, gradient = fab_round_passes(fab_steps)
-    return [unit(f"fab-t/{rank}", functools.partial(fab_round, model_fn,
-                                                    steps=fab_steps, rank=rank, number=number),
+    return [unit(f"fab-t/{rank}", functools.partial(fab_round, model_fn, steps=fab_steps,
+                                                    rank=rank, number=number, norm=norm),
                  forward, gradient) for number, rank in enumerate(ranks)]
   bounds = square_bounds(square_queries)
   def chunk(first, end):
     def attack(x, y, stage_keys, carry, eps):
       return square_chunk(model_fn, x, y, stage_keys, carry, first, end, eps,
-                          total_queries=square_queries)
+                          total_queries=square_queries, norm=norm)
     return attack
   return [unit(f"square/q{first}", chunk(first, end), 0, 0, carry="square",
                reads_carry=first > 0) for first, end in zip(bounds[:-1], bounds[1:])]
@@ -152,17 +152,20 @@ def autoattack(model_fn, x: Array, y: Array, *, eps=8 / 255, version: str = "sta
                key: Array, loss: str = "main", beta: float = 2.0,
                attacks: Optional[Sequence[str]] = None, return_per_attack: bool = False,
                apgd_steps: int = 100, fab_steps: int = 100, square_queries: int = 5000,
-               target_classes: int = 9, eot_draws: int = 20, verdict_draws: int = 10):
+               target_classes: int = 9, eot_draws: int = 20, verdict_draws: int = 10,
+               norm: str = "linf"):
   """AutoAttack; with return_per_attack, also {"clean" and each attack: robust flags after it}.
 
   `attacks` overrides the version's list (run in the order given), e.g. ("apgd-ce", "square").
   The step, query, target and draw counts default to AutoAttack's; tests make them small.
   Stages, random streams and judge are a report's (`robustness_report(..., attacks="aa")`
   gives the same verdicts for the same key); version="rand" judges by the majority of
-  `verdict_draws` fresh draws of model_fn(x, keys).
+  `verdict_draws` fresh draws of model_fn(x, keys). norm: "linf" (default), "l2" or "l1"
+  (case-insensitive), eps in its units.
   """
   x, y = engine.check_images_and_labels(x, y)
-  engine.check_eps(eps)
+  norm = engine.check_norm(norm)
+  engine.check_eps(eps, norm)
   names = VERSIONS.get(version, ()) if attacks is None else tuple(attacks)
   check_stages(version, loss, names)
   check_budget(min(apgd_steps, fab_steps, square_queries), 1, eot_draws)
@@ -176,7 +179,7 @@ def autoattack(model_fn, x: Array, y: Array, *, eps=8 / 255, version: str = "sta
   options = dict(eps=eps, key_kind=keys, judge=judge, loss=loss, beta=beta, apgd_steps=apgd_steps,
                  fab_steps=fab_steps, square_queries=square_queries,
                  ranks=target_ranks(target_classes, num_classes),
-                 eot=eot_draws if randomized else None)
+                 eot=eot_draws if randomized else None, norm=norm)
   units = {name: stage_units(model_fn, name, **options) for name in names}
   result = cascade.run([cascade.Step(u, ("aa",)) for n in names for u in units[n]],
                        np.asarray(x), np.asarray(y), np.asarray(jax.random.key_data(keys)),

@@ -24,9 +24,10 @@ TRANSFER_ATTACKS = ("pgd", "cw")
 _ATANH_SHRINK = 0.999999
 
 
-@engine.compiled_attack("attack", "steps", "loss", "beta")
+@engine.compiled_attack("attack", "steps", "loss", "beta", "norm")
 def transfer(source_model_fn, x: Array, y: Array, *, attack: str = "pgd", eps=8 / 255,
-             steps: int = 20, key: Array, step_size=None, loss=None, beta: float = 2.0) -> Array:
+             steps: int = 20, key: Array, step_size=None, loss=None, beta: float = 2.0,
+             norm: str = "linf") -> Array:
   """Adversarial examples crafted on a source model (PGD-20 on CE, or CW-inf), for a target:
   the last iterate, the one that maximises the source's loss."""
   x, y = engine.check_images_and_labels(x, y)
@@ -35,10 +36,10 @@ def transfer(source_model_fn, x: Array, y: Array, *, attack: str = "pgd", eps=8 
   if attack == "pgd":
     return white_box.pgd(source_model_fn, x, y, eps=eps, steps=steps, key=key,
                          step_size=step_size, loss=loss or "ce", beta=beta,
-                         keep_misclassified=False)
+                         keep_misclassified=False, norm=norm)
   return white_box.cw_inf(source_model_fn, x, y, eps=eps, steps=steps, key=key,
                           step_size=step_size, loss=loss or "cw", beta=beta,
-                          keep_misclassified=False)
+                          keep_misclassified=False, norm=norm)
 
 
 def _to_image(w: Array) -> Array:

@@ -49,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Training adversaries (paper section 5.1: PGD-10, eps 8/255, step 2/255, uniform start).
   config.attack = ml_collections.ConfigDict()
+  config.attack.norm = "linf"  # "linf" | "l2" (eps and step_size in the norm's units)
   config.attack.eps = 8 / 255
   config.attack.step_size = 2 / 255
   config.attack.steps = 10
@@ -70,7 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   config.eval.every_epochs = 1
   config.eval.num_images = 1000  # 0 = the whole test set
-  config.eval.eps = 8 / 255
+  config.eval.norm = "linf"  # the threat model of eval.eps and the reports: linf | l2 | l1
+  config.eval.eps = 8 / 255  # in the norm's units (L2 0.5, L1 12 are the usual)
   config.eval.steps = 20
   config.eval.step_size = 0.0  # 0 = eps / 10, the paper's protocol
   config.eval.loss = "joint_ce"  # adaptive: CE + beta * mean CE of the CAS heads
@@ -123,6 +125,14 @@ def get_config() -> ml_collections.ConfigDict:
   # JAX's persistent compilation cache for the CLI commands (cas_jax/compilation.py): a
   # folder, or "off". The environment variable CAS_JAX_COMPILATION_CACHE takes precedence.
   config.compilation_cache = "~/.cache/cas_jax/jax"
+  return config
+
+
+def under_l2(config: ml_collections.ConfigDict, eps: float = 0.5) -> ml_collections.ConfigDict:
+  """config trained and evaluated under L2: PGD-L2 adversaries of eps (RobustBench's 0.5) with
+  step eps / 4, as common L2 adversarial-training recipes (10 steps); reports at L2 eps."""
+  config.attack.norm, config.attack.eps, config.attack.step_size = "l2", eps, eps / 4
+  config.eval.norm, config.eval.eps = "l2", eps
   return config
 
 

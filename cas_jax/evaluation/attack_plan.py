@@ -58,19 +58,21 @@ def _single_attack(models: Models, x: Array, y: Array, keys: Array, eps, *, spec
   if method in ("fgsm", "pgd", "cas-head", "cw"):
     loss = {"cas-head": "cas_ce", "cw": cw}.get(method, ce)
     x_adv = pgd(models.main, x, y, eps=eps, steps=1 if method == "fgsm" else steps, key=keys,
-                step_size=eps if method == "fgsm" else None, loss=loss, beta=beta)
+                step_size=eps if method == "fgsm" else None, loss=loss, beta=beta,
+                norm=spec.norm)
   elif method == "md":
     x_adv = margin_decomposition(models.main, x, y, eps=eps, steps=steps, key=keys,
                                  restarts=budget.md_restarts, beta=beta if spec.joint else 0.0)
   elif method in ("eot", "avg-pgd"):
     x_adv = eot_pgd(models.random, x, y, eps=eps, steps=steps, key=keys,
-                    loss=ce if method == "eot" else cw, beta=beta, draws=budget.eot_draws)
+                    loss=ce if method == "eot" else cw, beta=beta, draws=budget.eot_draws,
+                    norm=spec.norm)
   elif method == "n-attack":
     x_adv, made = n_attack_run(models.main, x, y, eps, keys, population=budget.n_attack_population,
                                max_iters=budget.n_attack_iters)
   else:  # transfer-pgd, transfer-cw
     x_adv = transfer(models.source, x, y, attack=method[len("transfer-"):], eps=eps, steps=steps,
-                     key=keys)
+                     key=keys, norm=spec.norm)
   return x_adv, made
 
 
@@ -111,7 +113,9 @@ def single_unit(spec: AttackSpec, models: Models, ctx: "Context") -> List[cascad
 def autoattack_units(spec: AttackSpec, models: Models, ctx: "Context") -> List[cascade.Unit]:
   """AutoAttack's stages (or one part) as units; their names are shared across loss variants."""
   randomized = spec.method == "aa-rand"
-  prefix = "" if same_eps(spec.eps, ctx.eps) else f"@{spec.eps * 255:g}:"
+  same_threat = spec.norm == ctx.norm and same_eps(spec.eps, ctx.eps)
+  prefix = "" if same_threat else (f"@{spec.eps * 255:g}:" if spec.norm == "linf"
+                                   else f"{spec.norm}@{spec.eps:g}:")
   model = models.random if randomized else models.main
   options = dict(eps=spec.eps, key_kind=ctx.key_kind,
                  judge=verdicts.judge(models.main, models.random, ctx.draws),
@@ -119,7 +123,7 @@ def autoattack_units(spec: AttackSpec, models: Models, ctx: "Context") -> List[c
                  apgd_steps=ctx.budget.apgd_steps, fab_steps=ctx.budget.fab_steps,
                  square_queries=ctx.budget.square_queries, ranks=ctx.ranks,
                  eot=ctx.budget.aa_rand_draws if randomized else None,
-                 prefix=prefix + ("rand:" if randomized else ""))
+                 prefix=prefix + ("rand:" if randomized else ""), norm=spec.norm)
   units = []
   for stage in AA_STAGES[spec.method]:
     units += stage_units(model, stage, **options)
@@ -142,6 +146,7 @@ class Context:
   draws: int
   key_kind: Array  # any key array of the report's PRNG implementation
   ranks: Sequence[int]
+  norm: str = "linf"  # the report's threat model (with eps: the worst case's)
 
 
 def _stage_position(unit_name: str) -> Tuple[int, int]:
@@ -159,7 +164,7 @@ def plan(specs: Sequence[AttackSpec], models: Models, ctx: Context, *,
   AutoAttack family as one block where its first member stands) and each attack's `after`."""
   cheap = [s for s in specs if not s.expensive]
   expensive = [s for s in specs if s.expensive]
-  in_worst = lambda s: same_eps(s.eps, ctx.eps)
+  in_worst = lambda s: s.norm == ctx.norm and same_eps(s.eps, ctx.eps)
   after, done = {}, []
   steps: List[cascade.Step] = []
   blocks: List[List[AttackSpec]] = []

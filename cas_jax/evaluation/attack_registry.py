@@ -18,6 +18,9 @@ Names (case-insensitive; a number after the name sets the step count):
   transfer-pgd<k>, transfer-cw<k>   black-box transfer from a source model (Table 6)
   sweep                 pgd20@2, pgd20@4, pgd20@8, pgd20@16, pgd20@32 (Table 13)
   <name>@<e>            the attack at eps e/255 (only the report's eps enters the worst case)
+  <name>-l2, -l1, -linf the attack under another norm than the report's (its eps in that norm's
+                        units: pgd20-l2@0.5; without @, 0.5 for L2 and 12 for L1); only attacks
+                        at the report's norm and eps enter the worst case
 On a model without CAS heads the adaptive, "-joint" and "-main" variants coincide and run once.
 """
 import dataclasses
@@ -32,12 +35,46 @@ SWEEP_EPS_255 = (2, 4, 8, 16, 32)
 ALIASES = {"autoattack": "aa"}
 EOT_METHODS = ("eot", "avg-pgd", "aa-rand")  # gradients averaged over random draws
 _NAME = re.compile(r"(?P<base>[a-z][a-z-]*?)(?P<steps>\d+)?(?P<mode>-main|-joint)?"
-                   r"(?:@(?P<eps>\d+(?:\.\d+)?))?")
+                   r"(?P<norm>-linf|-l2|-l1)?(?:@(?P<eps>\d+(?:\.\d+)?))?")
+NORMS = ("linf", "l2", "l1")
+# Each norm's default eps (an attack named with another norm than the report's, and no @):
+# RobustBench's boards (L-inf 8/255, L2 0.5) and AutoAttack's L1 eps (12).
+DEFAULT_EPS = {"linf": 8 / 255, "l2": 0.5, "l1": 12.0}
+# Methods with an L2 and an L1 variant; the others (query-based N-Attack, MD) are L-inf only.
+ANY_NORM = ("fgsm", "pgd", "cw", "cas-head", "eot", "avg-pgd", "aa", "apgd-ce", "apgd-t",
+            "apgd-dlr", "fab-t", "square", "transfer-pgd", "transfer-cw")
 
 
 def same_eps(a: float, b: float) -> bool:
   """The one rule for "the same eps": equal in units of 1/255 to 4 decimals (8/255 == 8/255)."""
   return round(a * 255, 4) == round(b * 255, 4)
+
+
+def check_norm(norm: str) -> str:
+  """The norm's name in lower case; one UserError line for any other than linf, l2, l1."""
+  name = str(norm).strip().lower()
+  if name not in NORMS:
+    raise errors.UserError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)} (case-insensitive)")
+  return name
+
+
+def check_eps(eps: float, norm: str) -> None:
+  """One UserError line for an eps out of range for the norm (L-inf: (0, 1], in pixel units)."""
+  if norm == "linf":
+    engine.check_eps(eps)
+  elif not 0.0 < float(eps) < float("inf"):
+    raise errors.UserError(f"eps={eps!r} must be a positive {norm.upper()} radius (pixels in "
+                           f"[0, 1]; e.g. {DEFAULT_EPS[norm]:g})")
+
+
+def eps_text(eps: float, norm: str = "linf") -> str:
+  """The eps in its norm's units: 8/255 for L-inf, 0.5 for L2 and L1 ('L2 0.5')."""
+  if norm != "linf":
+    return f"{norm.upper()} {eps:g}"
+  in_255ths = eps * 255
+  if abs(in_255ths - round(in_255ths)) < 1e-4:
+    return f"{round(in_255ths)}/255"
+  return f"{eps:.4g}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +136,7 @@ class AttackSpec:
   steps: int
   joint: bool
   eps: float
+  norm: str = "linf"
 
   @property
   def expensive(self) -> bool:
@@ -121,11 +159,14 @@ class AttackSpec:
   def canonical(self) -> str:
     """The attack's name whatever the spelling (its random stream): method, steps, loss, eps."""
     loss = "-joint" if self.joint else "-main"
-    return f"{self.method}{self.steps or ''}{loss}@{round(self.eps * 255, 4):g}"
+    norm = "" if self.norm == "linf" else f"-{self.norm}"  # L-inf streams as before
+    return f"{self.method}{self.steps or ''}{loss}{norm}@{round(self.eps * 255, 4):g}"
 
   @property
   def description(self) -> str:
     loss = {True: "joint loss (adaptive)", False: "main head"}[self.joint]
+    if self.norm != "linf":
+      loss += f", {self.norm.upper()}"
     method, steps = self.method, self.steps
     return {
         "fgsm": f"FGSM, {loss}",
@@ -147,7 +188,7 @@ class AttackSpec:
     """The JSON-ready description the report and its sanity checks read."""
     return {"description": self.description, "method": self.method, "steps": self.steps,
             "averages_draws": self.averages_draws,
-            "joint": self.joint, "eps": self.eps, "black_box": self.black_box,
+            "joint": self.joint, "eps": self.eps, "norm": self.norm, "black_box": self.black_box,
             "expensive": self.expensive, "family": self.family, "in_worst_case": in_worst_case}
 
 
@@ -156,11 +197,14 @@ def _bad_name(name: str, why: str) -> errors.UserError:
                     "cas-head<k>, eot<k>, avg-pgd<k>, md<k>, aa, aa-joint, aa-rand, apgd-ce, "
                     "apgd-t, apgd-dlr, fab-t, square, n-attack, transfer-pgd<k>, transfer-cw<k>, "
                     "sweep; "
-                    "add -main / -joint for the loss and @<e> for eps e/255, e.g. pgd100-main@16")
+                    "add -main / -joint for the loss, -linf / -l2 / -l1 for another norm than the "
+                    "report's and @<e> for eps (e/255 under L-inf, e under L2 and L1), e.g. "
+                    "pgd100-main@16, pgd20-l2@0.5")
 
 
-def parse_attack(name: str, *, eps: float, has_cas: bool) -> AttackSpec:
-  """The AttackSpec of one name such as 'pgd100', 'cw-main', 'aa-joint' or 'pgd20@32'."""
+def parse_attack(name: str, *, eps: float, has_cas: bool, norm: str = "linf") -> AttackSpec:
+  """The AttackSpec of one name such as 'pgd100', 'cw-main', 'aa-joint', 'pgd20@32' or
+  'aa-l2@0.5' (norm, eps: the report's, which a name without its own takes)."""
   text = name.strip().lower()
   match = _NAME.fullmatch(text)
   base = ALIASES.get(match["base"], match["base"]) if match else None
@@ -177,15 +221,22 @@ def parse_attack(name: str, *, eps: float, has_cas: bool) -> AttackSpec:
   joint = method.joint if not match["mode"] else match["mode"] == "-joint"
   if base == "cas-head" and not has_cas:
     raise _bad_name(name, "this model has no CAS heads to attack")
-  attack_eps = eps if match["eps"] is None else float(match["eps"]) / 255
-  engine.check_eps(attack_eps)
+  attack_norm = match["norm"][1:] if match["norm"] else check_norm(norm)
+  if attack_norm != "linf" and base not in ANY_NORM:
+    raise _bad_name(name, f"{base} has no {attack_norm.upper()} variant (L-inf only)")
+  if match["eps"] is not None:
+    attack_eps = float(match["eps"]) / (255 if attack_norm == "linf" else 1)
+  else:
+    attack_eps = eps if attack_norm == check_norm(norm) else DEFAULT_EPS[attack_norm]
+  check_eps(attack_eps, attack_norm)
   # Without CAS heads the joint losses are the main-head losses: one variant.
   return AttackSpec(name=text, method=base, steps=steps or 0, joint=bool(joint) and has_cas,
-                    eps=attack_eps)
+                    eps=attack_eps, norm=attack_norm)
 
 
-def attack_names(attacks: Union[None, str, Sequence[str]]) -> List[str]:
-  """The names in a comma-separated string or a sequence, 'default' and 'sweep' expanded."""
+def attack_names(attacks: Union[None, str, Sequence[str]], norm: str = "linf") -> List[str]:
+  """The names in a comma-separated string or a sequence, 'default' and 'sweep' expanded (the
+  sweep is L-inf's, named as such in a report of another norm)."""
   if attacks is None:
     attacks = "default"
   if isinstance(attacks, str):
@@ -195,7 +246,7 @@ def attack_names(attacks: Union[None, str, Sequence[str]]) -> List[str]:
     if name == "default":
       names += DEFAULT_ATTACKS
     elif name == "sweep":
-      names += [f"pgd20@{e}" for e in SWEEP_EPS_255]
+      names += [f"pgd20{'' if norm == 'linf' else '-linf'}@{e}" for e in SWEEP_EPS_255]
     elif name:
       names.append(name)
   if not names:
@@ -203,11 +254,12 @@ def attack_names(attacks: Union[None, str, Sequence[str]]) -> List[str]:
   return names
 
 
-def parse_attacks(attacks, *, eps: float, has_cas: bool) -> Tuple[List[AttackSpec], List[str]]:
+def parse_attacks(attacks, *, eps: float, has_cas: bool,
+                  norm: str = "linf") -> Tuple[List[AttackSpec], List[str]]:
   """The attacks to run, each once, and notes on the names that coincide with an earlier one."""
   specs, notes, seen = [], [], {}
-  for name in attack_names(attacks):
-    spec = parse_attack(name, eps=eps, has_cas=has_cas)
+  for name in attack_names(attacks, check_norm(norm)):
+    spec = parse_attack(name, eps=eps, has_cas=has_cas, norm=norm)
     same = spec.canonical
     if same in seen:
       why = " on a model without CAS heads" if not has_cas and name != seen[same] else ""

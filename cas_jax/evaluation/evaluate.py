@@ -45,6 +45,7 @@ from cas_jax.models import loading
 from cas_jax import provenance
 from cas_jax.models import baselines
 from cas_jax.evaluation import report as report_lib
+from cas_jax.evaluation import attack_registry
 from cas_jax.evaluation.attack_registry import (AttackBudget, attack_names, parse_attacks,
                                                 same_eps)
 from cas_jax.attacks.autoattack import target_ranks
@@ -168,7 +169,8 @@ def _natural(models, x, y, keys, impl, draws, batch_size):
   return fraction > 0.5, fraction, evaluated
 
 
-def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attacks=None,
+def robustness_report(apply_fn, x, y, *, key: Array, eps: Optional[float] = None, attacks=None,
+                      norm: str = "linf",
                       beta: float = 2.0, batch_size: int = 256, indices=None,
                       budget: Optional[AttackBudget] = None, exact_per_attack: bool = False,
                       exact_autoattack: bool = True, source_fn=None, random_apply_fn=None,
@@ -176,6 +178,10 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
                       progress: bool = False,
                       title: str = "Robustness report") -> report_lib.Report:
   """Verdicts of natural, every attack in `attacks` (default: the default set) and the worst case.
+
+  norm: the threat model, "linf" (default), "l2" or "l1" (case-insensitive); eps is in its
+  units (default: 8/255, 0.5 and 12). Attacks named with another norm (e.g. "aa-l2@0.5") run
+  too, but only those at the report's norm and eps enter the worst case.
 
   source_fn(x) is the source model of the transfer attacks. random_apply_fn(x, keys) (one key
   per image) is a randomized model (e.g. SAP), which eot / avg-pgd / aa-rand attack; then
@@ -191,7 +197,9 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
   and returns the whole report.
   """
   x, y = (np.asarray(a) for a in engine.check_images_and_labels(x, y))
-  engine.check_eps(eps)
+  norm = attack_registry.check_norm(norm)
+  eps = attack_registry.DEFAULT_EPS[norm] if eps is None else eps
+  attack_registry.check_eps(eps, norm)
   if y.size == 0:
     raise errors.UserError("no images to evaluate: x and y are empty")
   if int(batch_size) != batch_size or batch_size < 1:
@@ -200,7 +208,7 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
   if indices.shape != y.shape:
     raise errors.UserError(f"indices {indices.shape} must give one global index per image {y.shape}")
   budget = budget or AttackBudget()
-  specs, notes = parse_attacks(attacks, eps=eps, has_cas=_has_cas_heads(apply_fn, x))
+  specs, notes = parse_attacks(attacks, eps=eps, has_cas=_has_cas_heads(apply_fn, x), norm=norm)
   if source_fn is None and any(s.method.startswith("transfer") for s in specs):
     raise errors.UserError("transfer attacks need the source model: pass source_fn= (or set "
                      "config.eval.transfer_checkpoint)")
@@ -222,19 +230,20 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
       image_keys(natural_key, local_indices))), jax.random.key_impl(key), draws, batch_size)
   num_classes = jax.eval_shape(lambda z: engine.main_logits(models.main, z), x[:1]).shape[-1]
   ctx = attack_plan.Context(eps=eps, budget=budget, beta=beta, draws=draws, key_kind=key,
-                            ranks=target_ranks(budget.target_classes, num_classes))
+                            ranks=target_ranks(budget.target_classes, num_classes), norm=norm)
   steps, after = attack_plan.plan(specs, models, ctx, exact_per_attack=exact_per_attack,
                                   exact_autoattack=exact_autoattack)
   infos = {}
   for spec in specs:
-    infos[spec.name] = spec.info(in_worst_case=same_eps(spec.eps, eps))
+    infos[spec.name] = spec.info(in_worst_case=spec.norm == norm and same_eps(spec.eps, eps))
     infos[spec.name]["gradient_draws"] = (
         (budget.aa_rand_draws if spec.method == "aa-rand" else budget.eot_draws)
         if spec.averages_draws and draws else 0)
   state_path = None
   if state_dir:
     state_path = os.path.join(state_dir, f"report_state.p{jax.process_index()}.npz")
-  fingerprint = _fingerprint(models, x, y, local_indices, key, natural, eps=eps, beta=beta,
+  fingerprint = _fingerprint(models, x, y, local_indices, key, natural, eps=eps, norm=norm,
+                             beta=beta,
                              attacks=[s.name for s in specs], budget=vars(budget),
                              after=after, draws=draws, processes=jax.process_count())
   result = cascade.run(steps, x, y, key_data, eligible={s.name: natural for s in specs},
@@ -256,7 +265,8 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: float = 8 / 255, attac
   natural_cost = summed.pop(report_lib.NATURAL)
   costs = report_lib.assemble_costs(summed, steps, natural_rows=natural_cost["forward_rows"],
                                     natural_padding=natural_cost["padding_rows"])
-  report = report_lib.Report(eps=eps, indices=indices, verdicts=verdicts, ran_on=ran_on,
+  report = report_lib.Report(eps=eps, norm=norm, indices=indices, verdicts=verdicts,
+                             ran_on=ran_on,
                              attacks=infos, notes=notes, title=title, draws=draws,
                              seconds={n: c["seconds"] for n, c in costs["attacks"].items()},
                              costs=costs, cut_short=cut,
@@ -281,12 +291,13 @@ def _sum_over_processes(costs: Dict[str, Dict[str, float]]) -> Dict[str, Dict[st
 # ----------------------------------------------------------------------------- per-epoch check
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "steps", "step_size", "loss", "beta"))
+@functools.partial(jax.jit, static_argnames=("eps", "steps", "step_size", "loss", "beta",
+                                              "norm"))
 def _natural_and_pgd_counts(apply_fn, batch, key: Array, *, eps: float, steps: int,
-                            step_size: Optional[float], loss: str, beta: float):
+                            step_size: Optional[float], loss: str, beta: float, norm: str):
   x, y, mask = batch["image"], batch["label"], batch["mask"]
   x_adv = pgd(apply_fn, x, y, eps=eps, steps=steps, step_size=step_size, loss=loss, beta=beta,
-              key=engine.index_keys(key, batch["index"]))
+              key=engine.index_keys(key, batch["index"]), norm=norm)
   return {"natural": jnp.sum(verdicts.correct(apply_fn, x, y) & mask),
           "pgd": jnp.sum(verdicts.correct(apply_fn, x_adv, y) & mask), "count": jnp.sum(mask)}
 
@@ -297,7 +308,8 @@ def natural_and_pgd_accuracy(apply_fn, dataset, config, *, key: Array,
   config.eval.num_images test images (0 = all), each batch sharded over every device."""
   evaluation, mesh = config.eval, mesh or input_pipeline.data_mesh()
   settings = dict(eps=evaluation.eps, steps=evaluation.steps, loss=evaluation.loss,
-                  step_size=evaluation.step_size or None, beta=config.loss.beta)
+                  step_size=evaluation.step_size or None, beta=config.loss.beta,
+                  norm=evaluation.get("norm", "linf"))
   totals = {"natural": 0, "pgd": 0, "count": 0}
   for batch in dataset.eval_batches(config.eval_batch_size,
                                     num_images=evaluation.num_images or None):
@@ -355,7 +367,8 @@ def evaluate_workdir(config, workdir: str,
   """
   config = evaluation_config(config)
   evaluation = config.eval
-  parse_attacks(evaluation.attacks, eps=evaluation.eps, has_cas=True)  # fail fast on typos
+  norm = evaluation.get("norm", "linf")
+  parse_attacks(evaluation.attacks, eps=evaluation.eps, has_cas=True, norm=norm)  # typos: now
   budget = budget_from_config(evaluation)
   dataset = input_pipeline.create_dataset(config)
   count = min(evaluation.get("report_images", 0) or dataset.num_test, dataset.num_test)
@@ -382,14 +395,14 @@ def evaluate_workdir(config, workdir: str,
     label, step, variables = target.label, target.step, target.variables
     where = f"{label} checkpoint (step {step})" if step is not None else label
     title = (f"{config.model.name}, {where}: {count} test images, "
-             f"eps {report_lib.format_eps(evaluation.eps)}, computed in {config.model.dtype}")
+             f"eps {report_lib.format_eps(evaluation.eps, norm)}, computed in {config.model.dtype}")
     if step is not None and step in by_step:  # last == best: evaluated once
       report = report_lib.Report.from_json(by_step[step].to_json())
       report.title = title
       report.notes = report.notes + [f"The same checkpoint as the report above (step {step})."]
     else:
       report = robustness_report(
-          bind_model(expectation, variables), x, y, key=key, eps=evaluation.eps,
+          bind_model(expectation, variables), x, y, key=key, eps=evaluation.eps, norm=norm,
           attacks=evaluation.attacks, beta=config.loss.beta, batch_size=config.eval_batch_size,
           budget=budget, exact_per_attack=evaluation.get("exact_per_attack", False),
           exact_autoattack=evaluation.get("exact_autoattack", True), source_fn=source_fn,

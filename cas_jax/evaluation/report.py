@@ -17,22 +17,23 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from cas_jax.attacks.cascade import COST_FIELDS
-from cas_jax.evaluation.attack_registry import same_eps
+from cas_jax.evaluation.attack_registry import eps_text, same_eps
 
 NATURAL, WORST_CASE = "natural", "worst_case"
 # Points by which the worst case may undercut the best single attack (and AutoAttack's joint
 # and main variants may disagree) before the sanity report says so.
 TOLERANCE_POINTS = 2.0
 # PGD at eps 32/255 must leave at most this much accuracy (paper Table 13: ~0).
-LARGE_EPS, LARGE_EPS_MAX_POINTS = 32 / 255, 5.0
+# The sanity check's eps, per norm: L-inf 32/255 (paper Table 13); L2 7 and L1 386, radii of
+# balls that contain that L-inf ball on a 32x32x3 image (32/255 sqrt(3072) = 6.95, 32/255 x
+# 3072 = 385.5): a model robust in them would be robust at L-inf 32/255.
+LARGE_EPS = {"linf": 32 / 255, "l2": 7.0, "l1": 386.0}
+LARGE_EPS_MAX_POINTS = 5.0
 
 
-def format_eps(eps: float) -> str:
-  """8/255 -> '8/255'; an eps that is not a whole number of 255ths -> '0.031'."""
-  in_255ths = eps * 255
-  if abs(in_255ths - round(in_255ths)) < 1e-4:
-    return f"{round(in_255ths)}/255"
-  return f"{eps:.4g}"
+def format_eps(eps: float, norm: str = "linf") -> str:
+  """8/255 -> '8/255' under L-inf; 'L2 0.5' under L2 (attack_registry.eps_text)."""
+  return eps_text(eps, norm)
 
 
 @dataclasses.dataclass
@@ -65,6 +66,7 @@ class Report:
   # (cas_jax/provenance.py: for_report); summary_line(...) is printed under the title.
   provenance: Dict[str, object] = dataclasses.field(default_factory=dict)
   provenance_line: str = ""
+  norm: str = "linf"  # the threat model of eps and of the worst case
 
   @property
   def num_images(self) -> int:
@@ -112,12 +114,14 @@ class Report:
       if self.draws:
         description += (f" [EOT: {info['gradient_draws']} draws per step]"
                         if info.get("gradient_draws") else " [on the expectation (no noise)]")
-      rows.append(f"| {name}: {description} | {format_eps(info['eps'])} | "
+      eps = format_eps(info["eps"], info.get("norm", "linf"))
+      rows.append(f"| {name}: {description} | {eps} | "
                   f"{self.figure(name)} | {cumulative} | {self.num_images} | "
                   f"{int(np.sum(self.ran_on[name]))} |")
     worst = f"{100 * self.accuracy(WORST_CASE):.1f}"
-    rows.append(f"| **worst case** (every attack at eps {format_eps(self.eps)}) | "
-                f"{format_eps(self.eps)} | **{worst}** | {worst} | {self.num_images} | - |")
+    eps = format_eps(self.eps, self.norm)
+    rows.append(f"| **worst case** (every attack at eps {eps}) | "
+                f"{eps} | **{worst}** | {worst} | {self.num_images} | - |")
     return "\n".join(rows)
 
   def markdown(self) -> str:
@@ -153,6 +157,7 @@ class Report:
         "costs": self.costs,
         "cut_short": {name: as_list(v) for name, v in self.cut_short.items()},
         "provenance": self.provenance, "provenance_line": self.provenance_line,
+        "norm": self.norm,
     }
     return json.dumps(data, indent=1, default=str)
 
@@ -169,7 +174,8 @@ class Report:
                natural_mean=data.get("natural_mean"), costs=data.get("costs", {}),
                cut_short={k: as_array(v) for k, v in data.get("cut_short", {}).items()},
                provenance=data.get("provenance", {}),
-               provenance_line=data.get("provenance_line", ""))
+               provenance_line=data.get("provenance_line", ""),
+               norm=data.get("norm", "linf"))
 
 
 def assemble_costs(unit_costs: Dict[str, dict], steps, natural_rows: int,
@@ -264,10 +270,12 @@ def _worst_case_gap(report: Report) -> List[str]:
 def _large_eps_not_broken(report: Report) -> List[str]:
   warnings = []
   for name, info in report.attacks.items():
-    if (info["method"] == "pgd" and same_eps(info["eps"], LARGE_EPS)
+    norm = info.get("norm", "linf")
+    if (info["method"] == "pgd" and same_eps(info["eps"], LARGE_EPS[norm])
         and _points(report, name) > LARGE_EPS_MAX_POINTS):
       warnings.append(
-          f"{name} leaves {_points(report, name):.1f}% accuracy at eps 32/255 (more than "
+          f"{name} leaves {_points(report, name):.1f}% accuracy at eps "
+          f"{format_eps(LARGE_EPS[norm], norm)} (more than "
           f"{LARGE_EPS_MAX_POINTS:.0f}%): a large enough perturbation should break every image; "
           "suspect gradient masking (paper Table 13).")
   return warnings
@@ -280,6 +288,7 @@ def _fgsm_beats_pgd(report: Report) -> List[str]:
       continue
     for pgd, p_info in report.attacks.items():
       if (p_info["method"] == "pgd" and same_eps(p_info["eps"], f_info["eps"])
+          and p_info.get("norm") == f_info.get("norm")
           and p_info["joint"] == f_info["joint"] and report.is_exact(pgd)
           and report.accuracy(fgsm) < report.accuracy(pgd)):
         warnings.append(
@@ -308,7 +317,7 @@ def _joint_main_disagree(report: Report) -> List[str]:
     if j_info["family"] != "autoattack" or not j_info["joint"]:
       continue
     for main, m_info in report.attacks.items():
-      same = (all(m_info[k] == j_info[k] for k in ("family", "method"))
+      same = (all(m_info.get(k) == j_info.get(k) for k in ("family", "method", "norm"))
               and same_eps(m_info["eps"], j_info["eps"]))
       if not same or m_info["joint"]:
         continue

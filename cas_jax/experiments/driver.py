@@ -56,6 +56,9 @@ EVAL_DEFAULTS = {"eval.attacks": "default,fgsm", "eval.checkpoints": "last"}
 # The fields a setting takes from default.setting(...) when it names an objective / a model.
 OBJECTIVE_FIELDS = ("loss.objective", "loss.lam", "attack.start", "attack.eps", "attack.step_size")
 MODEL_FIELDS = ("model.name", "loss.beta", "optim.weight_decay")
+# What --config.attack.norm=l2 sets in every setting (configs.default.under_l2), unless the
+# command line sets it too: every objective's adversary and the reports move to L2 eps 0.5.
+L2_FIELDS = ("attack.eps", "attack.step_size", "eval.norm", "eval.eps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,6 +241,10 @@ def setting_config(name: str, setting: Setting, base: ml_collections.ConfigDict,
   changes = {**EVAL_DEFAULTS, "eval.attacks": experiment.attacks,
              **({"eval.exact_per_attack": True} if experiment.exact else {}), **fields}
   config.update_from_flattened_dict({p: v for p, v in changes.items() if p not in command_line})
+  if config.attack.get("norm", "linf") == "l2":  # --config.attack.norm=l2: the L2 recipe
+    recipe = default.under_l2(default.get_config())
+    config.update_from_flattened_dict({p: _get(recipe, p) for p in L2_FIELDS
+                                       if p not in command_line})
   if setting.extra_attacks:
     config.eval.attacks = f"{config.eval.attacks},{setting.extra_attacks}"
   train.validate_config(config)

@@ -225,7 +225,7 @@ def setting_row(info: Dict[str, Any], label: str, reports: List[report_lib.Repor
             if len(per_seed) > 1 else 0.0 for n in names}
   return {**info, "checkpoint": label, "seeds": seeds, "workdir": os.path.dirname(workdirs[0])
           if len(workdirs) > 1 else workdirs[0],
-          "num_images": first.num_images, "eps": first.eps,
+          "num_images": first.num_images, "eps": first.eps, "norm": first.norm,
           "accuracy": accuracy, "accuracy_std": spread,
           "figure": {n: _figure(reports, n) for n in names},
           "descriptions": {n: d["description"] for n, d in first.attacks.items()},

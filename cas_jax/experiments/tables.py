@@ -152,7 +152,8 @@ def markdown(result: dict) -> str:
               f"({accuracy}); the transfer examples are crafted on it, then shown to each row.",
               ""]
   lines += [
-      f"{first['num_images']} test images, eps {report_lib.format_eps(first['eps'])}; white-box "
+      f"{first['num_images']} test images, eps "
+      f"{report_lib.format_eps(first['eps'], first.get('norm', 'linf'))}; white-box "
       "attacks on CAS models are adaptive (joint loss of the main and CAS heads). The worst "
       "case counts an image as robust only if it is correct and every attack at that eps "
       "failed on it. `<= x`: an upper bound (the attack ran only on the images that earlier "

@@ -84,7 +84,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   models.from_config(config, config.data.num_classes)  # name, width, CAS stages: before any data
   for name in ("attack", "eval"):
     try:
-      engine.check_eps(config[name].eps)
+      engine.check_eps(config[name].eps, engine.check_norm(config[name].get("norm", "linf")))
     except ValueError as error:  # engine (cas_jax/attacks) raises plain ValueErrors
       raise errors.UserError(f"config.{name}.{error}") from None
   devices = jax.device_count()
@@ -170,7 +170,8 @@ def craft_training_adversaries(state: TrainState, x: jax.Array, y: jax.Array, ke
   else:
     loss_fn = lambda z: losses.joint_ce(*model_fn(z), y, beta)
   return engine.ascend(loss_fn, x, eps=config.attack.eps, step_size=config.attack.step_size,
-                       steps=config.attack.steps, key=key, start=config.attack.start)
+                       steps=config.attack.steps, key=key, start=config.attack.start,
+                       norm=config.attack.get("norm", "linf"))
 
 
 def _pcl_branches(updates) -> list:

@@ -1,0 +1,11 @@
+"""ResNet-18 on CIFAR-10, PGD-AT + CAS under L2: PGD-L2 adversaries, eps 0.5, step 0.125, 10 steps.
+
+Run: python main.py --config=configs/cifar10_at_cas_l2.py --workdir=runs/cifar10_at_cas_l2
+"""
+from cas_jax.configs import default
+
+
+def get_config():
+  """ResNet-18 on CIFAR-10, PGD-AT + CAS under L2 (eps 0.5); reports at L2 eps 0.5."""
+  return default.under_l2(default.setting(objective="at", cas=True, model="resnet18",
+                                          dataset="cifar10"))

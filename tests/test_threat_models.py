@@ -1,0 +1,92 @@
+"""Reports under L2 and L1: attack names with a norm, eps in the norm's units, the worst case
+keyed by (norm, eps), the sanity check per norm, one line of error for bad input."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cas_jax import errors
+from cas_jax.evaluation import attack_registry
+from cas_jax.evaluation import evaluate
+from cas_jax.evaluation import report as report_lib
+from cas_jax.evaluation.attack_registry import AttackBudget, parse_attack, parse_attacks
+
+
+def test_names_carry_a_norm_and_eps_in_its_units():
+  spec = parse_attack("pgd20-l2@0.5", eps=8 / 255, has_cas=False)
+  assert (spec.method, spec.steps, spec.norm, spec.eps) == ("pgd", 20, "l2", 0.5)
+  spec = parse_attack("aa-l1", eps=8 / 255, has_cas=False)  # the norm's default eps
+  assert (spec.method, spec.norm, spec.eps) == ("aa", "l1", 12.0)
+  spec = parse_attack("pgd20@32", eps=0.5, has_cas=False, norm="L2")  # the report's norm
+  assert (spec.norm, spec.eps) == ("l2", 32.0)
+  spec = parse_attack("apgd-ce-joint-linf@8", eps=0.5, has_cas=True, norm="l2")
+  assert (spec.method, spec.joint, spec.norm, spec.eps) == ("apgd-ce", True, "linf", 8 / 255)
+  # One attack whatever the spelling; another norm is another attack.
+  specs, notes = parse_attacks("pgd20,pgd20-l2,pgd20-l2@0.5", eps=0.5, has_cas=False,
+                               norm="l2")
+  assert [s.name for s in specs] == ["pgd20"] and len(notes) == 2
+  specs, _ = parse_attacks("pgd20,pgd20-l2", eps=8 / 255, has_cas=False)
+  assert [(s.norm, s.eps) for s in specs] == [("linf", 8 / 255), ("l2", 0.5)]
+  assert specs[0].canonical != specs[1].canonical
+  assert parse_attack("pgd20", eps=8 / 255, has_cas=False).canonical == "pgd20-main@8"
+  # The sweep is L-inf's whatever the report's norm.
+  assert attack_registry.attack_names("sweep", "l2")[0] == "pgd20-linf@2"
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: attack_registry.check_norm("l3"), "unknown norm 'l3'; valid: linf, l2, l1"),
+    (lambda: parse_attack("pgd20", eps=-1.0, has_cas=False, norm="l2"), "positive L2 radius"),
+    (lambda: parse_attack("pgd20@300", eps=8 / 255, has_cas=False), "eps"),
+    (lambda: parse_attack("n-attack-l2", eps=8 / 255, has_cas=False), "no L2 variant"),
+    (lambda: parse_attack("md-l1", eps=8 / 255, has_cas=False), "no L1 variant"),
+])
+def test_bad_norms_and_eps_give_one_line(call, message):
+  with pytest.raises(errors.UserError, match=message) as raised:
+    call()
+  assert "\n" not in str(raised.value)
+
+
+def test_eps_is_written_in_its_norms_units():
+  assert report_lib.format_eps(8 / 255) == "8/255"
+  assert report_lib.format_eps(0.5, "l2") == "L2 0.5"
+  assert report_lib.format_eps(12.0, "l1") == "L1 12"
+
+
+W = jax.random.normal(jax.random.key(0), (48, 10)) / 7
+KEY = jax.random.key(0)
+BUDGET = AttackBudget(apgd_steps=5, fab_steps=5, square_queries=20, target_classes=2)
+
+
+def linear(x):
+  return x.reshape(x.shape[0], -1) @ W
+
+
+def _data(n=16):
+  x = np.random.default_rng(0).uniform(0.3, 0.7, (n, 4, 4, 3)).astype(np.float32)
+  return x, np.asarray(jnp.argmax(linear(jnp.asarray(x)), -1), np.int32)
+
+
+def test_an_l2_report_keys_its_worst_case_on_norm_and_eps():
+  x, y = _data()
+  report = evaluate.robustness_report(linear, x, y, key=KEY, norm="L2", eps=0.2,
+                                      attacks="pgd10,aa,pgd10-linf@2", budget=BUDGET,
+                                      batch_size=8)
+  assert report.norm == "l2" and report.attacks["aa"]["norm"] == "l2"
+  assert report.attacks["pgd10-linf@2"]["norm"] == "linf"
+  assert not report.attacks["pgd10-linf@2"]["in_worst_case"]
+  v = report.verdicts
+  np.testing.assert_array_equal(v["worst_case"], v["natural"] & v["pgd10"] & v["aa"])
+  assert 0 < v["worst_case"].sum() < v["natural"].sum()  # eps 0.2 breaks some, not all
+  assert "(every attack at eps L2 0.2)" in report.markdown()
+  again = report_lib.Report.from_json(report.to_json())
+  assert again.norm == "l2" and again.markdown() == report.markdown()
+
+
+def test_the_sanity_check_at_a_large_eps_has_a_counterpart_per_norm():
+  x, y = _data()
+  masked = lambda z: jax.lax.stop_gradient(linear(z))  # no gradient: PGD cannot move
+  for norm, name in (("l2", "pgd5@7"), ("l1", "pgd5@386")):
+    report = evaluate.robustness_report(masked, x, y, key=KEY, norm=norm, attacks=name,
+                                        budget=BUDGET, batch_size=16)
+    (warning,) = [w for w in report.sanity if "a large enough perturbation" in w]
+    assert f"at eps {norm.upper()} " in warning
