@@ -131,8 +131,8 @@ def project(x_adv: Array, x: Array, eps, norm: str = "linf") -> Array:
     delta = x_adv - x
     length = _per_image(norm_of(delta, "l2"), delta)
     return jnp.clip(x + delta / (length + _TINY) * jnp.minimum(eps, length), 0.0, 1.0)
-  if norm == "l1":
-    return x + l1_box_projection(x_adv - x, x, eps)
+  if norm == "l1":  # the clip only undoes x + (1 - x) rounding above 1
+    return jnp.clip(x + l1_box_projection(x_adv - x, x, eps), 0.0, 1.0)
   raise errors.UserError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
 
 
