@@ -253,3 +253,76 @@ def test_apgd_breaks_what_pgd_breaks_on_a_trained_mlp(norm, eps):
                                     norm=norm))
   assert 0 < by_pgd.sum() and by_apgd.sum() >= by_pgd.sum(), (by_pgd.sum(), by_apgd.sum())
   assert not np.any(by_pgd & ~by_apgd)
+
+
+# ---------------------------------------------------------------- against the official APGD
+
+
+def _official_and_ours(norm, eps, steps, precise, continued=False):
+  """One APGD run by pyautoattack's APGDAttack and by apgd_run from one start; (theirs, ours).
+
+  L2 starts both at clip(x + eps t / ||t||_2); a fresh L1 run has the official draw t itself
+  (torch.randn patched) and project x + t, ours starts at our projection of x + t; a continued
+  L1 run (a use_largereps stage) starts both at that point passed as x_init.
+  """
+  torch = pytest.importorskip("torch")
+  official = pytest.importorskip("pyautoattack.autopgd_base")
+  np_dtype, torch_dtype = (np.float64, torch.float64) if precise else (np.float32, torch.float32)
+  t = np.array(jax.random.normal(jax.random.key(11), X.shape)).astype(np_dtype)
+  to_nchw = lambda a: torch.tensor(np.ascontiguousarray(np.transpose(np.asarray(a, np_dtype),
+                                                                     (0, 3, 1, 2))))
+  x = jnp.asarray(np.asarray(X, np_dtype))
+  y = jnp.argmax(mlp(x), -1)
+  if norm == "l2":
+    length = np.sqrt(np.sum(t.reshape(len(t), -1) ** 2, axis=1)).reshape(-1, 1, 1, 1)
+    x_start = np.clip(np.asarray(x) + eps * t / length, 0.0, 1.0)
+  else:
+    x_start = np.asarray(engine.project(x + t, x, eps, "l1"))
+  reference = official.APGDAttack(_torch_mlp(torch, torch_dtype), n_iter=steps,
+                                  norm=norm.upper(), eps=eps, loss="ce")
+  reference.init_hyperparam(to_nchw(x))
+  default_dtype, randn = torch.get_default_dtype(), torch.randn
+  torch.set_default_dtype(torch_dtype)  # the tensors the reference makes itself (step sizes)
+  try:
+    labels = torch.tensor(np.asarray(y, np.int64))
+    if norm == "l1" and not continued:
+      torch.randn = lambda *shape, **kw: to_nchw(t)
+      x_best, acc, loss_best, _ = reference.attack_single_run(to_nchw(x), labels)
+    else:
+      x_best, acc, loss_best, _ = reference.attack_single_run(to_nchw(x), labels,
+                                                              x_init=to_nchw(x_start))
+  finally:
+    torch.set_default_dtype(default_dtype)
+    torch.randn = randn
+  ours = apgd_module.apgd_run(mlp, x, y, y, engine.example_keys(jax.random.key(7), len(y)),
+                              jnp.asarray(x_start), eps, steps=steps, loss="ce", beta=2.0,
+                              norm=norm, continued=continued)
+  theirs = {"x_best": np.transpose(x_best.numpy(), (0, 2, 3, 1)),
+            "loss_best": loss_best.numpy(), "fooled": ~acc.numpy()}
+  return theirs, jax.tree.map(np.asarray, ours)
+
+
+@pytest.mark.parametrize("steps", [10, 20])
+def test_apgd_l2_follows_the_official_trajectory_in_float64(steps):
+  with jax.enable_x64(True):
+    theirs, ours = _official_and_ours("l2", 0.25, steps, precise=True)
+  assert ours["x_best"].dtype == np.float64
+  np.testing.assert_allclose(ours["loss_best"], theirs["loss_best"], rtol=1e-9, atol=1e-9)
+  np.testing.assert_allclose(ours["x_best"], theirs["x_best"], rtol=0, atol=1e-9)
+  np.testing.assert_array_equal(ours["fooled"], theirs["fooled"])
+  assert 0 < ours["fooled"].sum() < len(X)  # the budget matters
+  assert len(set(ours["step_sizes"][-1])) > 1  # images halved their steps differently
+
+
+@pytest.mark.parametrize("continued", [False, True])
+@pytest.mark.parametrize("steps", [10, 25])
+def test_apgd_l1_follows_the_official_trajectory(steps, continued):
+  # In float32 (the official L1 projection computes in float32 whatever the input): every
+  # sparse step, sparsity and step-size change must match for the best points to agree.
+  theirs, ours = _official_and_ours("l1", 1.0, steps, precise=False, continued=continued)
+  np.testing.assert_allclose(ours["loss_best"], theirs["loss_best"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ours["x_best"], theirs["x_best"], rtol=0, atol=1e-5)
+  np.testing.assert_array_equal(ours["fooled"], theirs["fooled"])
+  assert 0 < ours["fooled"].sum() < len(X)
+  assert len(set(ours["step_sizes"].ravel())) > 2  # steps were reset and shrunk
+  _in_ball(ours["x_best"], np.asarray(X), 1.0, "l1")
