@@ -5,7 +5,6 @@ pyautoattack code), the steps' norms, every attack's points inside their ball an
 PGD-L2's closed-form worst case on a linear model, APGD against PGD on a trained MLP, and
 APGD-L2 / APGD-L1 trajectories against the official APGDAttack's from the same start.
 """
-import functools
 import importlib
 
 import jax
@@ -19,11 +18,11 @@ from cas_jax.attacks import norms
 from cas_jax.attacks import randomized
 from cas_jax.attacks import white_box
 from tests.test_attacks import _edge_images, _ignoring_keys, _linear_model, _trained_mlp
-from tests.test_autoattack import CLASSES, X, _torch_mlp, mlp
+from tests.test_autoattack import X, _torch_mlp, mlp
 
 apgd_module = importlib.import_module("cas_jax.attacks.apgd")  # the package exports apgd()
 
-DIM, N = 16, 8
+DIM, N = 16, 8  # the linear models' and trained MLP's 4x4x1 images
 EPS = {"linf": 0.1, "l2": 0.5, "l1": 2.0}
 SLACK = 1 + 1e-5
 
@@ -165,7 +164,8 @@ def test_steps_have_unit_norm():
   x_adv = jnp.ones((1, 4, 4, 3)).at[0, 0, 0, 0].set(0.5)
   g = jnp.ones_like(x_adv).at[0, 0, 0, 1].set(10.0)
   moved = norms.steepest_step(x_adv, g, 0.1, "l1") - x_adv
-  assert float(moved[0, 0, 0, 0]) == pytest.approx(0.1) and float(jnp.sum(moved)) == pytest.approx(0.1)
+  assert float(moved[0, 0, 0, 0]) == pytest.approx(0.1)
+  assert float(jnp.sum(moved)) == pytest.approx(0.1)
 
 
 # ---------------------------------------------------------------- every attack, every norm

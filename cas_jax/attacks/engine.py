@@ -1,4 +1,4 @@
-"""The attack engine: start in the eps-ball, then a compiled loop of gradient -> step rule -> projection.
+"""The attack engine: start in the eps-ball, then a compiled loop of gradient -> step -> projection.
 
 Every white-box attack in cas_jax (and the adversaries of `train_step`) is `ascend` with
 its own per-example loss and step rule:
@@ -249,9 +249,10 @@ def _pixels(x: Array) -> int:
 
 
 def compiled_attack(*static_argnames: str):
-  """jit for a public attack fn(model_fn, x, y, **options): x, y, norm and eps are checked first (one
-  clear line), model_fn travels as a Partial (`as_partial`), eps, key and the other options are
-  traced except `static_argnames`. A Partial(apply_fn, variables) compiles once for any weights.
+  """jit for a public attack fn(model_fn, x, y, **options): x, y, norm and eps are checked
+  first (one clear line; the norm's name lower-cased), model_fn travels as a Partial
+  (`as_partial`), eps, key and the other options are traced except `static_argnames`. A
+  Partial(apply_fn, variables) compiles once for any weights.
   """
   def decorate(fn):
     compiled = jit_with_model(*static_argnames)(fn)
