@@ -326,3 +326,34 @@ def test_apgd_l1_follows_the_official_trajectory(steps, continued):
   assert 0 < ours["fooled"].sum() < len(X)
   assert len(set(ours["step_sizes"].ravel())) > 2  # steps were reset and shrunk
   _in_ball(ours["x_best"], np.asarray(X), 1.0, "l1")
+
+
+def test_apgd_l1_largereps_follows_the_official_schedule(monkeypatch):
+  # The official decr_eps_pgd from x + t projected into the 3 eps ball: runs of its
+  # iterations at 3, 2 and 1 eps (3, 3 and 4 of 10), each from the last best point.
+  torch = pytest.importorskip("torch")
+  official = pytest.importorskip("pyautoattack.autopgd_base")
+  eps, steps = 1.0, 10
+  t = np.array(jax.random.normal(jax.random.key(12), X.shape), np.float32)
+  to_nchw = lambda a: torch.tensor(np.ascontiguousarray(np.transpose(np.asarray(a), (0, 3, 1, 2))))
+  y = jnp.argmax(mlp(X), -1)
+  reference = official.APGDAttack(_torch_mlp(torch, torch.float32), n_iter=steps, norm="L1",
+                                  eps=eps, loss="ce", use_largereps=True)
+  reference.init_hyperparam(to_nchw(X))
+  schedule = apgd_module.largereps_schedule(steps)
+  assert schedule == ((3.0, 3), (2.0, 3), (1.0, 4))
+  monkeypatch.setattr(torch, "randn_like", lambda a: to_nchw(t))
+  x_best, acc, loss_best, _ = reference.decr_eps_pgd(
+      to_nchw(X), torch.tensor(np.asarray(y, np.int64)), [f * eps for f, _ in schedule],
+      [c for _, c in schedule])
+  monkeypatch.setattr(apgd_module.engine, "random_start",
+                      lambda keys, x, radius, norm: engine.project(x + t, x, radius, norm))
+  ours = apgd_module.start_and_run(mlp, X, y, y, engine.example_keys(jax.random.key(7), len(y)),
+                                   eps, steps=steps, loss="ce", beta=2.0, norm="l1",
+                                   use_largereps=True)
+  np.testing.assert_allclose(ours["loss_best"], loss_best.numpy(), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ours["x_best"], np.transpose(x_best.numpy(), (0, 2, 3, 1)),
+                             rtol=0, atol=1e-5)
+  np.testing.assert_array_equal(ours["fooled"], ~acc.numpy())
+  assert 0 < ours["fooled"].sum() < len(X)
+  _in_ball(ours["x_best"], X, eps, "l1")
