@@ -94,8 +94,10 @@ def should_halve(increases: Array, interval, loss_best: Array, loss_best_at_chec
 
 
 def largereps_schedule(steps: int) -> tuple:
-  """((eps factor, iterations), ...) of use_largereps: 3, 2, 1 x eps over ceil(0.3 steps),
-  ceil(0.3 steps) and the rest, as the official L1-APGD splits them."""
+  """((eps factor, iterations), ...) of use_largereps: 3, 2, 1 x eps, as the official splits steps.
+
+  The iterations are ceil(0.3 steps), ceil(0.3 steps) and the rest (the official's own floats).
+  """
   first = [math.ceil(fraction * steps) for _, fraction in LARGEREPS[:-1]]
   counts = first + [steps - sum(first)]
   return tuple((factor, count) for (factor, _), count in zip(LARGEREPS, counts))

@@ -49,8 +49,10 @@ def project(x_adv: Array, x: Array, eps, norm: str = "linf") -> Array:
 
 
 def check_eps(eps, norm: str = "linf", dim=None) -> None:
-  """One UserError line for a (Python) eps outside its norm's range: L-inf (0, 1], L2
-  (0, sqrt(dim)], L1 (0, dim], dim = pixels per image (unbounded above when None)."""
+  """One UserError line for a (Python) eps outside its norm's range (norms.check_eps).
+
+  L-inf (0, 1], L2 (0, sqrt(dim)], L1 (0, dim]; dim = values per image (no bound when None).
+  """
   norms.check_eps(eps, norm, dim)
 
 

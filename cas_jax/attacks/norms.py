@@ -145,8 +145,10 @@ def start_in_ball(draw, x: Array, eps, norm: str = "linf") -> Array:
 
 
 def sparse_direction(grad: Array, sparsity) -> Array:
-  """sign(g) on the coordinates whose |g| is among the top `sparsity` fraction (scalar or (N,)),
-  divided by their count: unit L1 norm (the official L1-APGD's step; ties at the cut all move)."""
+  """The official L1-APGD's step: sign(g) on the top `sparsity` fraction of |g|, over their count.
+
+  sparsity: a scalar or one per example; ties at the cut all move; the result has unit L1 norm.
+  """
   magnitude = _rows(jnp.abs(grad))
   dim = magnitude.shape[1]
   cut = jnp.clip((1.0 - jnp.broadcast_to(sparsity, (grad.shape[0],))) * dim, 0, dim - 1)
