@@ -42,6 +42,12 @@ def test_norm_names_are_case_insensitive_and_a_bad_one_is_one_line():
   assert [engine.check_norm(n) for n in ("Linf", "L2", "l1")] == ["linf", "l2", "l1"]
   with pytest.raises(errors.UserError, match=r"^unknown norm 'l3'; valid: linf, l2, l1$"):
     engine.check_norm("l3")
+  x0 = _edge_images(2)
+  for name in ("L2", "L1"):  # the lower-level functions take any case too
+    np.testing.assert_array_equal(engine.project(x0 + 0.3, x0, 0.5, name),
+                                  engine.project(x0 + 0.3, x0, 0.5, name.lower()))
+    np.testing.assert_array_equal(norms.direction(x0 - 0.5, name),
+                                  norms.direction(x0 - 0.5, name.lower()))
   x, y = _edge_images(2), jnp.zeros(2, jnp.int32)
   for attack in (white_box.pgd, white_box.fgsm, apgd_module.apgd):
     with pytest.raises(errors.UserError, match="unknown norm 'L3'"):

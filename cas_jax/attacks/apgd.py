@@ -111,8 +111,10 @@ def apgd_run(model_fn, x: Array, y: Array, targets: Array, keys: Array, x_start:
 
   x_adv / fooled: the last misclassified iterate and whether there was one; x_best / loss_best:
   the highest-loss point; step_sizes: (steps, N) the step each image used at each iteration.
-  continued (L1): x_start is an earlier stage's best point, whose sparsity seeds this run's.
+  norm: the ball (module doc). continued (L1): x_start is an earlier stage's best point, whose
+  sparsity seeds this run's (the official run with x_init).
   """
+  norm = engine.check_norm(norm)
   loss_fn = apgd_loss(loss, beta)
   n = x.shape[0]
   per_image = lambda v: engine.per_image(v, x)

@@ -133,11 +133,12 @@ def project(x_adv: Array, x: Array, eps, norm: str = "linf") -> Array:
     return jnp.clip(x + delta / (length + _TINY) * jnp.minimum(eps, length), 0.0, 1.0)
   if norm == "l1":  # the clip only undoes x + (1 - x) rounding above 1
     return jnp.clip(x + l1_box_projection(x_adv - x, x, eps), 0.0, 1.0)
-  raise errors.UserError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
+  return project(x_adv, x, eps, check_norm(norm))  # "L2" -> "l2", or one UserError line
 
 
 def start_in_ball(draw, x: Array, eps, norm: str = "linf") -> Array:
   """The random start before projection; draw(sample_fn) draws sample_fn(key, shape) per example."""
+  norm = check_norm(norm)
   if norm == "linf":
     return x + draw(lambda k, s: jax.random.uniform(k, s, x.dtype, -eps, eps))
   t = draw(lambda k, s: jax.random.normal(k, s, x.dtype))
@@ -164,11 +165,14 @@ def direction(grad: Array, norm: str = "linf", sparsity=PGD_L1_SPARSITY) -> Arra
     return jnp.sign(grad)
   if norm == "l2":
     return normalize(grad, "l2")
-  return sparse_direction(grad, sparsity)
+  if norm == "l1":
+    return sparse_direction(grad, sparsity)
+  return direction(grad, check_norm(norm), sparsity)  # "L2" -> "l2", or one UserError line
 
 
 def steepest_step(x_adv: Array, grad: Array, step_size, norm: str = "linf") -> Array:
   """PGD's step rule: x_adv + step_size * direction (L1: among coordinates the box lets move)."""
+  norm = check_norm(norm)
   if norm == "linf":
     return x_adv + step_size * jnp.sign(grad)
   if norm == "l1":
