@@ -1,7 +1,8 @@
 """Attacks on any JAX classifier, all built on one engine (`engine.ascend`).
 
-Modules: engine (the loop), white_box (PGD, FGSM, CW-inf, MD), randomized (EOT, Avg-PGD),
-blackbox (transfer, N-Attack), apgd, fab, square, autoattack.
+Modules: engine (the loop), norms (the L-inf / L2 / L1 balls: engine.NORMS, engine.distance),
+white_box (PGD, FGSM, CW-inf, MD), randomized (EOT, Avg-PGD), blackbox (transfer, N-Attack),
+apgd, fab, square, autoattack.
 
     from cas_jax import attacks
     x_adv = attacks.pgd(logits_fn, x, y, eps=8/255, steps=20, key=key)
@@ -9,6 +10,8 @@ blackbox (transfer, N-Attack), apgd, fab, square, autoattack.
     # CAS-aware (adaptive): model_fn(x) -> (logits, cas_logits) and a joint loss.
     x_adv = attacks.pgd(apply_fn, x, y, eps=8/255, steps=20, key=key, loss="joint_ce", beta=2.0)
     x_adv = attacks.autoattack(apply_fn, x, y, eps=8/255, key=key, loss="joint", beta=2.0)
+    # Other threat models: norm="l2" or "l1" on the white-box, randomized and APGD attacks.
+    x_adv = attacks.apgd(logits_fn, x, y, eps=0.5, key=key, norm="l2")
 
 Images are NHWC in [0, 1]; `key` is one key or one key per example (then an image's result
 does not depend on the batch it is in).

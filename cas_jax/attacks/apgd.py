@@ -1,7 +1,13 @@
-"""Auto-PGD (Croce & Hein, ICML 2020): L-inf PGD with momentum and a self-tuning step size.
+"""Auto-PGD (Croce & Hein, ICML 2020): PGD with momentum and a self-tuning step size.
 
 Each image starts at step 2 * eps and halves its own step at the checkpoints of
-`checkpoints(steps)` when its loss stalled, restarting from its best point. `loss` names what
+`checkpoints(steps)` when its loss stalled, restarting from its best point. `norm` (static)
+picks the ball: "linf" (default, sign steps), "l2" (normalised steps, the same schedule) or
+"l1", the official L1-APGD (Croce & Hein, ICCV 2021): sparse steps on the top `sparsity`
+fraction of |grad| without momentum, a step eps that at every max(int(0.04 steps), 1)
+iterations is reset where the best point's sparsity fell by 5% (with a restart from the best
+point) and divided by 1.5 elsewhere (within [eps / 10, eps]), and a sparsity of the best
+point's L0 / 1.5. `use_largereps` runs L1-APGD at 3 eps, 2 eps, then eps. `loss` names what
 is ascended; the joint losses reach the CAS heads (the adaptive attack for CAS models):
 
     x_adv = apgd(model_fn, x, y, eps=8/255, key=key)                              # APGD-CE
@@ -9,12 +15,14 @@ is ascended; the joint losses reach the CAS heads (the adaptive attack for CAS m
                  target_ranks=range(2, 11))                                     # APGD-T
     x_adv = apgd(model_fn, x, y, eps=8/255, key=key, loss="joint_ce", beta=2.0)   # adaptive
     x_adv = apgd(random_model_fn, x, y, eps=8/255, key=key, loss="dlr", eot=20)   # randomized
+    x_adv = apgd(model_fn, x, y, eps=12.0, key=key, norm="l1", use_largereps=True)  # L1-APGD
 
 The result is the adversarial example where one was found and x elsewhere. `model_fn(x)`
 returns logits or (logits, cas_logits); with `eot` set it is `model_fn(x, keys)` with one
 key per example (the convention of attacks/randomized.py). `key` is one key or N keys.
 """
 import functools
+import math
 from typing import Sequence, Union
 
 import jax
@@ -25,6 +33,7 @@ from cas_jax import errors
 from cas_jax import losses
 from cas_jax.attacks import cascade
 from cas_jax.attacks import engine
+from cas_jax.attacks import norms
 from cas_jax.attacks import white_box
 
 Array = jax.Array
@@ -32,6 +41,9 @@ Array = jax.Array
 APGD_LOSSES = ("ce", "dlr", "targeted_dlr", "joint_ce", "joint_dlr", "joint_targeted_dlr")
 TARGETED_LOSSES = ("targeted_dlr", "joint_targeted_dlr")
 MOMENTUM = 0.75
+# The official L1-APGD's schedule: start sparsity, step reset/shrink, the largereps stages.
+L1_SPARSITY, L1_SHRINK, L1_MIN_STEP = 0.2, 1.5, 10.0
+LARGEREPS = ((3.0, 0.3), (2.0, 0.3), (1.0, 0.4))
 # fold_in tags of the per-example streams: a run's random start and model draws (under the
 # stream of its round: restart / target rank), and the clean prediction.
 _START, _MODEL, _PREDICT, _ROUND = 0, 1, 2, 3
@@ -81,14 +93,28 @@ def should_halve(increases: Array, interval, loss_best: Array, loss_best_at_chec
   return (increases <= rho * interval) | (~reduced_at_check & (loss_best_at_check >= loss_best))
 
 
-@engine.jit_with_model("steps", "loss", "beta", "rho", "eot")
+def largereps_schedule(steps: int) -> tuple:
+  """((eps factor, iterations), ...) of use_largereps: 3, 2, 1 x eps, as the official splits steps.
+
+  The iterations are ceil(0.3 steps), ceil(0.3 steps) and the rest (the official's own floats).
+  """
+  first = [math.ceil(fraction * steps) for _, fraction in LARGEREPS[:-1]]
+  counts = first + [steps - sum(first)]
+  return tuple((factor, count) for (factor, _), count in zip(LARGEREPS, counts))
+
+
+@engine.jit_with_model("steps", "loss", "beta", "rho", "eot", "norm", "continued")
 def apgd_run(model_fn, x: Array, y: Array, targets: Array, keys: Array, x_start: Array, eps,
-             *, steps: int, loss: str, beta: float, rho: float = 0.75, eot=None) -> dict:
+             *, steps: int, loss: str, beta: float, rho: float = 0.75, eot=None,
+             norm: str = "linf", continued: bool = False) -> dict:
   """One APGD run from x_start; a dict of per-example results (keys: the EOT draws).
 
   x_adv / fooled: the last misclassified iterate and whether there was one; x_best / loss_best:
   the highest-loss point; step_sizes: (steps, N) the step each image used at each iteration.
+  norm: the ball (module doc). continued (L1): x_start is an earlier stage's best point, whose
+  sparsity seeds this run's (the official run with x_init).
   """
+  norm = engine.check_norm(norm)
   loss_fn = apgd_loss(loss, beta)
   n = x.shape[0]
   per_image = lambda v: engine.per_image(v, x)
@@ -123,6 +149,11 @@ def apgd_run(model_fn, x: Array, y: Array, targets: Array, keys: Array, x_start:
     value, grad, logits = jax.lax.fori_loop(1, eot, add_draw, one_draw(0))
     return value / eot, grad / eot, jnp.argmax(logits, -1) == y
 
+  l1 = norm == "l1"
+  dim = int(np.prod(x.shape[1:]))
+  l1_interval = max(int(0.04 * steps), 1)
+  nonzero = lambda z: jnp.sum((z - x).reshape(n, -1) != 0, axis=1).astype(x.dtype)
+
   value, grad, correct = evaluate(x_start, 0)
   # The reference code compares the first iterate's loss with 0, not with the start's: its
   # loss history is read one row back, at index -1, which wraps to a row not yet written.
@@ -132,31 +163,53 @@ def apgd_run(model_fn, x: Array, y: Array, targets: Array, keys: Array, x_start:
                x_fooled=x_start, fooled=~correct, increases=jnp.zeros(n, jnp.int32),
                loss_best_at_check=value, reduced_at_check=jnp.ones(n, bool),
                step_sizes=jnp.zeros((steps, n)))
+  if l1:
+    sparse_at_start = nonzero(x_start)
+    state.update(
+        step=jnp.full((n,), 1.0 * eps),
+        sparsity=(sparse_at_start / dim / L1_SHRINK if continued
+                  else jnp.full((n,), L1_SPARSITY, x.dtype)),
+        sparse_old=sparse_at_start if continued else jnp.full((n,), float(dim), x.dtype))
 
   def body(i, s):
-    momentum = jnp.where(i > 0, MOMENTUM, 1.0)
-    z = engine.project(s["x_adv"] + per_image(s["step"]) * jnp.sign(s["grad"]), x, eps)
-    x_new = engine.project(s["x_adv"] + momentum * (z - s["x_adv"])
-                           + (1.0 - momentum) * (s["x_adv"] - s["x_prev"]), x, eps)
+    if l1:  # no momentum, as the official L1-APGD
+      x_new = engine.project(s["x_adv"] + per_image(s["step"]) * norms.direction(
+          s["grad"], norm, s["sparsity"]), x, eps, norm)
+    else:
+      momentum = jnp.where(i > 0, MOMENTUM, 1.0)
+      z = engine.project(s["x_adv"] + per_image(s["step"]) * norms.direction(
+          s["grad"], norm), x, eps, norm)
+      x_new = engine.project(s["x_adv"] + momentum * (z - s["x_adv"])
+                             + (1.0 - momentum) * (s["x_adv"] - s["x_prev"]), x, eps, norm)
     value, grad, correct = evaluate(x_new, i + 1)
     improved = value > s["loss_best"]
     x_best = jnp.where(per_image(improved), x_new, s["x_best"])
     grad_best = jnp.where(per_image(improved), grad, s["grad_best"])
     loss_best = jnp.where(improved, value, s["loss_best"])
     increases = s["increases"] + (value > s["loss_prev"])
-    at_check = is_checkpoint[i + 1]
-    reduce = at_check & should_halve(increases, interval[i + 1], loss_best,
-                                     s["loss_best_at_check"], s["reduced_at_check"], rho)
+    extra = {}
+    if l1:  # the official L1-APGD's adaptive sparsity and step
+      at_check = (i + 1) % l1_interval == 0
+      sparse_now = nonzero(x_best)
+      reduce = at_check & (sparse_now / s["sparse_old"] < 0.95)
+      step = jnp.where(at_check, jnp.clip(jnp.where(reduce, eps, s["step"] / L1_SHRINK),
+                                          eps / L1_MIN_STEP, eps), s["step"])
+      extra = dict(sparsity=jnp.where(at_check, sparse_now / dim / L1_SHRINK, s["sparsity"]),
+                   sparse_old=jnp.where(at_check, sparse_now, s["sparse_old"]))
+    else:
+      at_check = is_checkpoint[i + 1]
+      reduce = at_check & should_halve(increases, interval[i + 1], loss_best,
+                                       s["loss_best_at_check"], s["reduced_at_check"], rho)
+      step = jnp.where(reduce, s["step"] / 2, s["step"])
     return dict(
         x_adv=jnp.where(per_image(reduce), x_best, x_new), x_prev=s["x_adv"],
-        grad=jnp.where(per_image(reduce), grad_best, grad),
-        step=jnp.where(reduce, s["step"] / 2, s["step"]),
+        grad=jnp.where(per_image(reduce), grad_best, grad), step=step,
         x_best=x_best, grad_best=grad_best, loss_best=loss_best, loss_prev=value,
         x_fooled=jnp.where(per_image(~correct), x_new, s["x_fooled"]),
         fooled=s["fooled"] | ~correct, increases=jnp.where(at_check, 0, increases),
         loss_best_at_check=jnp.where(at_check, loss_best, s["loss_best_at_check"]),
         reduced_at_check=jnp.where(at_check, reduce, s["reduced_at_check"]),
-        step_sizes=s["step_sizes"].at[i].set(s["step"]))
+        step_sizes=s["step_sizes"].at[i].set(s["step"]), **extra)
 
   s = jax.lax.fori_loop(0, steps, body, state)
   return dict(x_adv=s["x_fooled"], fooled=s["fooled"], x_best=s["x_best"],
@@ -172,9 +225,34 @@ def ranked_targets(logits: Array, rank: int) -> Array:
   return jnp.argsort(logits, axis=-1)[:, -rank]
 
 
-@engine.jit_with_model("steps", "loss", "beta", "rho", "eot")
+def start_and_run(model_fn, x: Array, y: Array, targets: Array, round_keys: Array, eps, *,
+                  steps: int, norm: str = "linf", use_largereps: bool = False,
+                  **options) -> dict:
+  """A round's random start in the `norm` ball and its apgd_run (options: apgd_run's).
+
+  use_largereps (L1): the official schedule: a start in the 3 eps ball, then runs at 3 eps,
+  2 eps and eps (`largereps_schedule`), each from the last one's best point projected into
+  its ball; the dict of the last run (earlier runs' examples lie outside the eps-ball).
+  """
+  start_keys = engine.fold_keys(round_keys, _START)
+  if not use_largereps:
+    start = engine.random_start(start_keys, x, eps, norm=norm)
+    return apgd_run(model_fn, x, y, targets, round_keys, start, eps, steps=steps, norm=norm,
+                    **options)
+  schedule = largereps_schedule(steps)
+  x_start = engine.random_start(start_keys, x, schedule[0][0] * eps, norm=norm)
+  for factor, count in schedule:
+    x_start = engine.project(x_start, x, factor * eps, norm)
+    out = apgd_run(model_fn, x, y, targets, round_keys, x_start, factor * eps, steps=count,
+                   norm=norm, continued=True, **options)
+    x_start = out["x_best"]
+  return out
+
+
+@engine.jit_with_model("steps", "loss", "beta", "rho", "eot", "norm", "use_largereps")
 def apgd_round(model_fn, x: Array, y: Array, keys: Array, eps, *, steps: int, loss: str,
-               beta: float = 2.0, rho: float = 0.75, eot=None, rank=None, number=0):
+               beta: float = 2.0, rho: float = 0.75, eot=None, rank=None, number=0,
+               norm: str = "linf", use_largereps: bool = False):
   """Round `number` of APGD (one target rank, one restart) on a batch: (x_adv, fooled).
 
   rank: the target class's rank by the clean logits (targeted losses), else None. rank and
@@ -182,21 +260,33 @@ def apgd_round(model_fn, x: Array, y: Array, keys: Array, eps, *, steps: int, lo
   costs steps + 1 gradient passes (each over `eot` draws), plus one forward pass for the
   targets (`round_passes`). With `eot` it returns the iterate of the highest EOT-averaged loss
   (its best point, what a judge over many draws should see), not one a single draw misread.
+  norm / use_largereps: the ball and the L1 schedule (`start_and_run`; 3 runs: 2 more passes).
   """
   targets = y
   if rank is not None:
     clean = engine.predict(model_fn, x, engine.fold_keys(keys, _PREDICT), eot is not None)
     targets = ranked_targets(clean, rank)
-  round_keys = engine.fold_keys(keys, _ROUND, number)
-  start = engine.random_start(engine.fold_keys(round_keys, _START), x, eps)
-  out = apgd_run(model_fn, x, y, targets, round_keys, start, eps, steps=steps, loss=loss,
-                 beta=beta, rho=rho, eot=eot)
+  out = start_and_run(model_fn, x, y, targets, engine.fold_keys(keys, _ROUND, number), eps,
+                      steps=steps, loss=loss, beta=beta, rho=rho, eot=eot, norm=norm,
+                      use_largereps=use_largereps)
   return out["x_best" if eot is not None else "x_adv"], out["fooled"]
 
 
-def round_passes(steps: int, eot=None, targeted: bool = False):
+def round_passes(steps: int, eot=None, targeted: bool = False, use_largereps: bool = False):
   """(forward, gradient) batch passes of one apgd_round."""
-  return int(targeted), (steps + 1) * (eot or 1)
+  runs = len(LARGEREPS) if use_largereps else 1
+  return int(targeted), (steps + runs) * (eot or 1)
+
+
+def check_largereps(steps: int, norm: str) -> None:
+  """One UserError line when use_largereps cannot run: not L1, or a stage without iterations."""
+  if norm != "l1":
+    raise errors.UserError(f"use_largereps is the official L1-APGD's eps schedule; got "
+                           f"norm={norm!r}, use norm='l1' or use_largereps=False")
+  if min(count for _, count in largereps_schedule(steps)) < 1:
+    raise errors.UserError(f"use_largereps splits steps={steps} into "
+                           f"{[c for _, c in largereps_schedule(steps)]}: a stage without "
+                           "iterations; use steps=3 or steps >= 5")
 
 
 def check_budget(steps: int, restarts: int = 1, eot=None) -> None:
@@ -210,15 +300,22 @@ def check_budget(steps: int, restarts: int = 1, eot=None) -> None:
 def apgd(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, steps: int = 100,
          loss: str = "ce", target_ranks: Union[int, Sequence[int]] = 2, beta: float = 2.0,
          restarts: int = 1, rho: float = 0.75, eot=None, best_loss: bool = False,
-         active=None) -> Array:
+         active=None, norm: str = "linf", use_largereps: bool = False) -> Array:
   """APGD on `loss`: each restart (and target rank) runs only on the images still robust.
 
   Targeted losses attack each rank in `target_ranks` in turn (ranks by the clean logits;
   range(2, 11) is APGD-T). `active` (N,) bool picks the images to attack (default: those
   classified correctly); best_loss=True returns every image's highest-loss point instead.
+  norm: "linf", "l2" or "l1" (module doc). use_largereps (default False, L1 only): each round
+  runs at 3 eps, 2 eps, then eps over ceil(0.3 steps), ceil(0.3 steps) and the remaining
+  iterations, as the official L1-APGD with use_largereps=True (also with best_loss, where
+  the official runs without it); the result lies in the eps-ball.
   """
   x, y = engine.check_images_and_labels(x, y)
-  engine.check_eps(eps)
+  norm = engine.check_norm(norm)
+  engine.check_eps(eps, norm, int(np.prod(x.shape[1:])))
+  if use_largereps:
+    check_largereps(steps, norm)
   apgd_loss(loss, beta)  # validates the name
   check_budget(steps, restarts, eot)
   ranks = (target_ranks,) if isinstance(target_ranks, int) else tuple(target_ranks)
@@ -234,19 +331,19 @@ def apgd(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, steps: int = 
     targets = {r: y if r is None else ranked_targets(clean_logits, r) for r in ranks}
     x_best, loss_best = x, jnp.full(x.shape[:1], -jnp.inf)
     for number, (r, _) in enumerate(rounds):
-      round_keys = engine.fold_keys(keys, _ROUND, number)
-      start = engine.random_start(engine.fold_keys(round_keys, _START), x, eps)
-      out = apgd_run(model_fn, x, y, targets[r], round_keys, start, eps, steps=steps,
-                     loss=loss, beta=beta, rho=rho, eot=eot)
+      out = start_and_run(model_fn, x, y, targets[r], engine.fold_keys(keys, _ROUND, number),
+                          eps, steps=steps, loss=loss, beta=beta, rho=rho, eot=eot, norm=norm,
+                          use_largereps=use_largereps)
       better = out["loss_best"] > loss_best
       x_best = jnp.where(engine.per_image(better, x), out["x_best"], x_best)
       loss_best = jnp.maximum(out["loss_best"], loss_best)
     return x_best
 
   robust = jnp.argmax(clean_logits, -1) == y if active is None else jnp.asarray(active)
-  forward, gradient = round_passes(steps, eot, loss in TARGETED_LOSSES)
+  forward, gradient = round_passes(steps, eot, loss in TARGETED_LOSSES, use_largereps)
   units = [cascade.attack_unit(
       f"apgd/{number}", functools.partial(apgd_round, model_fn, steps=steps, loss=loss,
-                                          beta=beta, rho=rho, eot=eot, rank=r, number=number),
+                                          beta=beta, rho=rho, eot=eot, rank=r, number=number,
+                                          norm=norm, use_largereps=use_largereps),
       eps, keys, forward, gradient) for number, (r, _) in enumerate(rounds)]
   return cascade.attack_in_rounds(units, x, y, keys, np.asarray(robust))

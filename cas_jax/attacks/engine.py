@@ -1,4 +1,4 @@
-"""The attack engine: start in the L-inf ball, then a compiled loop of gradient -> step rule -> projection.
+"""The attack engine: start in the eps-ball, then a compiled loop of gradient -> step -> projection.
 
 Every white-box attack in cas_jax (and the adversaries of `train_step`) is `ascend` with
 its own per-example loss and step rule:
@@ -8,6 +8,8 @@ its own per-example loss and step rule:
 
 `loss_fn(x_adv)` returns one loss per example; the engine ascends their sum, which gives
 per-example gradients because examples do not interact in an evaluation-mode forward pass.
+The ball is the static `norm`'s ("linf", default, "l2" or "l1"): norms.py holds what depends
+on it (projection, random start, steepest step, distance, eps range), re-exported here.
 A randomized model is attacked the same way: its loss averaged over draws
 (`mean_over_draws`) is just another loss, fresh at every step (`with_step=True`).
 
@@ -23,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cas_jax import errors
+from cas_jax.attacks import norms
+from cas_jax.attacks.norms import NORMS, check_norm, distance  # pylint: disable=unused-import
 
 Array = jax.Array
 LossFn = Callable[[Array], Array]
@@ -39,15 +43,17 @@ def split_outputs(outputs) -> Tuple[Array, tuple]:
   return outputs, ()
 
 
-def project(x_adv: Array, x: Array, eps) -> Array:
-  """Clip x_adv into the L-inf ball of radius eps around x and into [0, 1]."""
-  return jnp.clip(jnp.clip(x_adv, x - eps, x + eps), 0.0, 1.0)
+def project(x_adv: Array, x: Array, eps, norm: str = "linf") -> Array:
+  """x_adv moved into the `norm` ball of radius eps around x and into [0, 1] (norms.project)."""
+  return norms.project(x_adv, x, eps, norm)
 
 
-def check_eps(eps) -> None:
-  """Raise one clear ValueError when a (Python) eps is outside (0, 1]."""
-  if isinstance(eps, (int, float)) and not 0.0 < eps <= 1.0:
-    raise errors.UserError(f"eps={eps} is outside (0, 1]; images are in [0, 1], e.g. eps=8/255.")
+def check_eps(eps, norm: str = "linf", dim=None) -> None:
+  """One UserError line for a (Python) eps outside its norm's range (norms.check_eps).
+
+  L-inf (0, 1], L2 (0, sqrt(dim)], L1 (0, dim]; dim = values per image (no bound when None).
+  """
+  norms.check_eps(eps, norm, dim)
 
 
 def check_images(x) -> Array:
@@ -119,17 +125,19 @@ def per_example(sample_fn: Callable[[Array, tuple], Array], key: Array, shape: t
   return jax.vmap(lambda k: sample_fn(k, shape[1:]))(example_keys(key, shape[0]))
 
 
-def random_start(key: Array, x: Array, eps, start: str = "uniform", sigma: float = 0.001) -> Array:
-  """A starting point: uniform in the eps-ball, x + sigma * N(0, 1) (TRADES / MART), or x itself."""
+def random_start(key: Array, x: Array, eps, start: str = "uniform", sigma: float = 0.001,
+                 norm: str = "linf") -> Array:
+  """A starting point: random in the eps-ball (norms.start_in_ball), x + sigma * N(0, 1)
+  (TRADES / MART), or x itself; projected into the `norm` ball and the box."""
   if start == "uniform":
-    x0 = x + per_example(lambda k, s: jax.random.uniform(k, s, x.dtype, -eps, eps), key, x.shape)
+    x0 = norms.start_in_ball(lambda sample: per_example(sample, key, x.shape), x, eps, norm)
   elif start == "normal":
     x0 = x + sigma * per_example(lambda k, s: jax.random.normal(k, s, x.dtype), key, x.shape)
   elif start == "none":
     x0 = x
   else:
     raise errors.UserError(f"unknown start {start!r}; valid: {', '.join(STARTS)}")
-  return project(x0, x, eps)
+  return project(x0, x, eps, norm)
 
 
 def sign_step(x_adv: Array, grad: Array, step_size) -> Array:
@@ -138,9 +146,13 @@ def sign_step(x_adv: Array, grad: Array, step_size) -> Array:
 
 
 def ascend(loss_fn: LossFn, x: Array, *, eps, step_size, steps: int, key: Array,
-           start: str = "uniform", sigma: float = 0.001, step_rule: StepRule = sign_step,
-           with_step: bool = False, track: Optional[Tuple[Any, Callable]] = None):
-  """Maximise sum(loss_fn(x_adv)) over the eps-ball around x with `steps` projected steps.
+           start: str = "uniform", sigma: float = 0.001, step_rule: Optional[StepRule] = None,
+           with_step: bool = False, track: Optional[Tuple[Any, Callable]] = None,
+           norm: str = "linf"):
+  """Maximise sum(loss_fn(x_adv)) over the `norm` eps-ball around x with `steps` projected steps.
+
+  step_rule(x_adv, grad, step_size) defaults to the norm's steepest step (norms.steepest_step:
+  sign under L-inf, grad / ||grad||_2 under L2, a sparse step under L1).
 
   with_step: loss_fn(x_adv, i) also gets the step index i (e.g. fresh random draws per
   step), and step_size may be a function of i. track = (state, update): loss_fn returns
@@ -148,7 +160,11 @@ def ascend(loss_fn: LossFn, x: Array, *, eps, step_size, steps: int, key: Array,
   ascend returns (x_final, state) (e.g. the best iterate so far).
   """
   x = check_images(x)
-  check_eps(eps)
+  norm = check_norm(norm)
+  check_eps(eps, norm, _pixels(x))
+  if step_rule is None:
+    step_rule = lambda x_adv, grad, size: norms.steepest_step(x_adv, grad, size, norm)
+
   def objective(z, i):
     value = loss_fn(z, i) if with_step else loss_fn(z)
     value, aux = value if track is not None else (value, None)
@@ -162,9 +178,9 @@ def ascend(loss_fn: LossFn, x: Array, *, eps, step_size, steps: int, key: Array,
     grad, aux = grad_fn(x_adv, i)
     if track is not None:
       state = track[1](state, x_adv, aux)
-    return project(step_rule(x_adv, grad, size_at(i)), x, eps), state
+    return project(step_rule(x_adv, grad, size_at(i)), x, eps, norm), state
 
-  carry = (random_start(key, x, eps, start, sigma), None if track is None else track[0])
+  carry = (random_start(key, x, eps, start, sigma, norm), None if track is None else track[0])
   x_adv, state = jax.lax.fori_loop(0, steps, body, carry)
   x_adv = jax.lax.stop_gradient(x_adv)
   return x_adv if track is None else (x_adv, state)
@@ -229,10 +245,16 @@ def jit_with_model(*static_argnames: str):
   return decorate
 
 
+def _pixels(x: Array) -> int:
+  """The number of values per image of a batch x (D, the dimension of the eps-ball)."""
+  return int(np.prod(x.shape[1:]))
+
+
 def compiled_attack(*static_argnames: str):
-  """jit for a public attack fn(model_fn, x, y, **options): x, y and eps are checked first (one
-  clear line), model_fn travels as a Partial (`as_partial`), eps, key and the other options are
-  traced except `static_argnames`. A Partial(apply_fn, variables) compiles once for any weights.
+  """jit for a public attack fn(model_fn, x, y, **options): x, y, norm and eps are checked
+  first (one clear line; the norm's name lower-cased), model_fn travels as a Partial
+  (`as_partial`), eps, key and the other options are traced except `static_argnames`. A
+  Partial(apply_fn, variables) compiles once for any weights.
   """
   def decorate(fn):
     compiled = jit_with_model(*static_argnames)(fn)
@@ -240,7 +262,9 @@ def compiled_attack(*static_argnames: str):
     @functools.wraps(fn)
     def attack(model_fn, x, y, **options):
       x, y = check_images_and_labels(x, y)
-      check_eps(options.get("eps", 0.5))
+      if "norm" in options:
+        options["norm"] = check_norm(options["norm"])
+      check_eps(options.get("eps", 0.5), options.get("norm", "linf"), _pixels(x))
       return compiled(model_fn, x, y, **options)
     attack.jitted = compiled.jitted
     return attack

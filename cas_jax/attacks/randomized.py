@@ -10,6 +10,8 @@ x_adv + N(0, noise_std^2), averaging the gradient over nearby points.
     x_adv = eot_pgd(random_model_fn, x, y, eps=8/255, steps=20, draws=10, key=key)
     x_adv = avg_pgd(random_model_fn, x, y, eps=8/255, key=key)     # Avg-PGD-100, margin loss
     x_adv = avg_pgd(lambda z, keys: model_fn(z), x, y, eps=8/255, key=key, noise_std=0.01)
+
+`norm` ("linf", default, "l2" or "l1"; static) picks the ball as for `pgd`.
 """
 import jax
 
@@ -25,18 +27,18 @@ _MODEL_STREAM, _NOISE_STREAM = 1, 2
 
 
 @engine.compiled_attack("steps", "draws", "loss", "beta", "noise_std", "start",
-                        "keep_misclassified")
+                        "keep_misclassified", "norm")
 def eot_pgd(random_model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 20,
             draws: int = 10, key: Array, step_size=None, loss="ce", beta: float = 2.0,
             noise_std: float = 0.0, start: str = "uniform",
-            keep_misclassified: bool = True) -> Array:
+            keep_misclassified: bool = True, norm: str = "linf") -> Array:
   """PGD whose every step ascends the loss averaged over `draws` fresh random draws (EOT).
 
   keep_misclassified: as `pgd`'s, with an iterate misclassified when its draws' mean logits
   are (the last iterate's drawn at step index `steps`: `draws` more forward passes).
   """
   x, y = engine.check_images_and_labels(x, y)
-  engine.check_eps(eps)
+  engine.check_eps(eps, norm)
   if draws < 1:
     raise errors.UserError(f"draws={draws} must be a positive number of random draws per step")
   loss_fn = attack_loss(loss, beta)
@@ -54,7 +56,8 @@ def eot_pgd(random_model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 20
       return loss_fn(outputs, y), engine.split_outputs(outputs)[0]
     return engine.mean_over_draws(draw_loss, draws)(z)
 
-  options = dict(eps=eps, step_size=step_size, steps=steps, key=keys, start=start, with_step=True)
+  options = dict(eps=eps, step_size=step_size, steps=steps, key=keys, start=start, with_step=True,
+                 norm=norm)
   if not keep_misclassified:
     return engine.ascend(lambda z, step: step_loss(z, step)[0], x, **options)
   x_last, tracked = engine.ascend(step_loss, x, track=engine.misclassified_tracker(x, y),
@@ -62,12 +65,13 @@ def eot_pgd(random_model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 20
   return engine.prefer_misclassified(x_last, step_loss(x_last, steps)[1], y, tracked)
 
 
-@engine.compiled_attack("steps", "draws", "loss", "beta", "noise_std", "keep_misclassified")
+@engine.compiled_attack("steps", "draws", "loss", "beta", "noise_std", "keep_misclassified",
+                        "norm")
 def avg_pgd(random_model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 100,
             draws: int = 10, key: Array, step_size=None, loss="cw", beta: float = 2.0,
-            noise_std: float = 0.0, keep_misclassified: bool = True) -> Array:
+            noise_std: float = 0.0, keep_misclassified: bool = True, norm: str = "linf") -> Array:
   """Avg-PGD-100 (Tramer et al. 2020): PGD on the margin loss averaged over random draws."""
   x, y = engine.check_images_and_labels(x, y)
   return eot_pgd(random_model_fn, x, y, eps=eps, steps=steps, draws=draws, key=key,
                  step_size=step_size, loss=loss, beta=beta, noise_std=noise_std,
-                 keep_misclassified=keep_misclassified)
+                 keep_misclassified=keep_misclassified, norm=norm)

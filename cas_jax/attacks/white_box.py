@@ -1,4 +1,4 @@
-"""White-box L-inf attacks on the engine: PGD, FGSM, CW-inf and Margin Decomposition.
+"""White-box attacks on the engine: PGD, FGSM, CW-inf and Margin Decomposition.
 
 Every attack is a pure function of (model_fn, x, y, key) returning x_adv, compiled with lax
 loops (jit it with the ints, `loss` and `model_fn` static). `model_fn(x)` returns logits or
@@ -12,6 +12,8 @@ adaptive attacks on CAS models are the same functions with a joint loss:
 
 `key` is one key (folded with 0..N-1, one per example) or a batch of N per-example keys:
 evaluation passes keys folded with global image indices, so results do not depend on batching.
+`norm` ("linf", default, "l2" or "l1"; static) picks the ball, its random start, its steepest
+step and its projection (attacks/norms.py): pgd(..., eps=0.5, norm="l2") is PGD-L2.
 """
 from typing import Callable, Union
 
@@ -55,21 +57,24 @@ def attack_loss(name: Union[str, AttackLoss], beta: float = 2.0) -> AttackLoss:
   return lambda outputs, y: fn(*engine.split_outputs(outputs), y)
 
 
-@engine.compiled_attack("steps", "loss", "beta", "start", "keep_misclassified")
+@engine.compiled_attack("steps", "loss", "beta", "start", "keep_misclassified", "norm")
 def pgd(model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 20, key: Array,
         step_size=None, loss="ce", beta: float = 2.0, start: str = "uniform",
-        keep_misclassified: bool = True) -> Array:
+        keep_misclassified: bool = True, norm: str = "linf") -> Array:
   """PGD-`steps` with step `step_size` (default eps/10, the paper's protocol) on `loss`.
+
+  Under norm "l2" each step is step_size * grad / ||grad||_2; under "l1" a sparse step
+  (norms.steepest_step), each then projected into the norm's eps-ball and [0, 1].
 
   keep_misclassified: an image some iterate misclassified (main head) gets that iterate when
   the last one is classified correctly, as APGD does (one more forward pass); False returns
   the last iterate (e.g. transfer examples, crafted to maximise the source's loss).
   """
   x, y = engine.check_images_and_labels(x, y)
-  engine.check_eps(eps)
+  engine.check_eps(eps, norm)
   loss_fn = attack_loss(loss, beta)
   step_size = eps / 10 if step_size is None else step_size
-  options = dict(eps=eps, step_size=step_size, steps=steps, key=key, start=start)
+  options = dict(eps=eps, step_size=step_size, steps=steps, key=key, start=start, norm=norm)
   if not keep_misclassified:
     return engine.ascend(lambda z: loss_fn(model_fn(z), y), x, **options)
 
@@ -81,21 +86,28 @@ def pgd(model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 20, key: Arra
   return engine.prefer_misclassified(x_last, engine.main_logits(model_fn, x_last), y, tracked)
 
 
-@engine.compiled_attack("loss", "beta")
+@engine.compiled_attack("loss", "beta", "norm", "start")
 def fgsm(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, loss="ce",
-         beta: float = 2.0) -> Array:
-  """FGSM as the paper runs it: one signed step of size eps from a uniform random start."""
+         beta: float = 2.0, norm: str = "linf", start: str = "uniform") -> Array:
+  """FGSM as the paper runs it: one signed step of size eps from a random start in the ball.
+
+  Under "l2" / "l1" it is FGM: one normalised step of size eps (norms.steepest_step);
+  start="none" steps from x itself (the classic FGSM / FGM).
+  """
   x, y = engine.check_images_and_labels(x, y)
-  return pgd(model_fn, x, y, eps=eps, steps=1, key=key, step_size=eps, loss=loss, beta=beta)
+  return pgd(model_fn, x, y, eps=eps, steps=1, key=key, step_size=eps, loss=loss, beta=beta,
+             norm=norm, start=start)
 
 
-@engine.compiled_attack("steps", "loss", "beta", "keep_misclassified")
+@engine.compiled_attack("steps", "loss", "beta", "keep_misclassified", "norm")
 def cw_inf(model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 20, key: Array,
-           step_size=None, loss="cw", beta: float = 2.0, keep_misclassified: bool = True) -> Array:
-  """CW-inf: PGD on the margin loss max_{k != y} z_k - z_y ("joint_cw" for CAS models)."""
+           step_size=None, loss="cw", beta: float = 2.0, keep_misclassified: bool = True,
+           norm: str = "linf") -> Array:
+  """CW-inf: PGD on the margin loss max_{k != y} z_k - z_y ("joint_cw" for CAS models); the
+  same margin attack in another ball with norm="l2" / "l1"."""
   x, y = engine.check_images_and_labels(x, y)
   return pgd(model_fn, x, y, eps=eps, steps=steps, key=key, step_size=step_size, loss=loss,
-             beta=beta, keep_misclassified=keep_misclassified)
+             beta=beta, keep_misclassified=keep_misclassified, norm=norm)
 
 
 # ---------------------------------------------------------------- per-example best so far
@@ -131,10 +143,11 @@ def _other_max_logit(logits: Array, y: Array) -> Array:
   return jnp.max(jnp.where(is_label, -jnp.inf, logits), axis=-1)
 
 
-@engine.compiled_attack("steps", "restarts", "change_point", "beta")
+@engine.compiled_attack("steps", "restarts", "change_point", "beta", "norm")
 def margin_decomposition(model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 40,
                          key: Array, restarts: int = 1, change_point=None,
-                         first_step_size=None, step_size=None, beta: float = 0.0) -> Array:
+                         first_step_size=None, step_size=None, beta: float = 0.0,
+                         norm: str = "linf") -> Array:
   """The MD attack (Ma et al., "Imbalanced Gradients"): one margin term first, then the margin.
 
   Each restart runs twice from a uniform random start: once ascending -z_y, once
@@ -145,9 +158,10 @@ def margin_decomposition(model_fn, x: Array, y: Array, *, eps=8 / 255, steps: in
   Every iterate is checked: an example counts as broken if any run breaks it, and the
   breaking iterate is returned (else the one with the largest margin).
   beta > 0 adds beta * (the mean over CAS heads of the same term): an adaptive MD.
+  norm: the ball, start and steps (the same step sizes, of normalised steps under l2 / l1).
   """
   x, y = engine.check_images_and_labels(x, y)
-  engine.check_eps(eps)
+  engine.check_eps(eps, norm)
   change_point = steps // 2 if change_point is None else change_point
   if not 0 <= change_point <= steps:
     raise errors.UserError(f"change_point={change_point} must lie in [0, steps={steps}]")
@@ -177,7 +191,8 @@ def margin_decomposition(model_fn, x: Array, y: Array, *, eps=8 / 255, steps: in
                                                                   first_step_size, step_size))
     track = (best, lambda state, x_adv, logits: keep_best(state, x_adv, logits, y))
     x_adv, best = engine.ascend(objective, x, eps=eps, step_size=step_size_at, steps=steps,
-                                key=engine.fold_keys(keys, run), with_step=True, track=track)
+                                key=engine.fold_keys(keys, run), with_step=True, track=track,
+                                norm=norm)
     return keep_best(best, x_adv, engine.main_logits(model_fn, x_adv), y)
 
   best = init_best(x, engine.main_logits(model_fn, x), y)
