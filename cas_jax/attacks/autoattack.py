@@ -51,6 +51,7 @@ LOSS_MODES = ("main", "joint")
 # Square gathers the images still standing after these queries (most fall early), then
 # every SQUARE_CHUNK queries.
 SQUARE_GATHERS = (10, 30, 70, 150)
+L1_RESTARTS = 5  # AutoAttack standard under L1: APGD-CE restarts and APGD-T targets
 SQUARE_CHUNK = 250
 # Folded into every image's key before a stage's tag: AutoAttack's streams, the same in the
 # public `autoattack()` and in a report, apart from every other attack's.
@@ -102,12 +103,21 @@ def stage_units(model_fn, stage: str, *, eps, key_kind: Array, judge: verdicts.J
 
   if stage.startswith("apgd"):
     name = stage + ("-joint" if joint else "")
-    rounds = ranks if stage == "apgd-t" else (None,)
-    forward, gradient = apgd_round_passes(apgd_steps, eot, stage == "apgd-t")
-    return [unit(name + ("" if rank is None else f"/{rank}"),
+    # Under L1 the standard version runs APGD with large eps first (use_largereps), APGD-CE
+    # with L1_RESTARTS restarts and APGD-T on the first L1_RESTARTS targets (as the authors').
+    largereps = norm == "l1" and eot is None
+    if stage == "apgd-t":
+      rounds = tuple(ranks)[:L1_RESTARTS] if largereps else tuple(ranks)
+    else:
+      rounds = (None,) * (L1_RESTARTS if largereps and stage == "apgd-ce" else 1)
+    forward, gradient = apgd_round_passes(apgd_steps, eot, stage == "apgd-t", largereps)
+    label = lambda number, rank: (f"/{rank}" if rank is not None
+                                  else f"/r{number}" if len(rounds) > 1 else "")
+    return [unit(name + label(number, rank),
                  functools.partial(apgd_round, model_fn, steps=apgd_steps,
                                    loss=_apgd_loss(stage, joint), beta=beta, eot=eot,
-                                   rank=rank, number=number, norm=norm), forward, gradient)
+                                   rank=rank, number=number, norm=norm,
+                                   use_largereps=largereps), forward, gradient)
             for number, rank in enumerate(rounds)]
   if stage == "fab-t":
     forward, gradient = fab_round_passes(fab_steps)

@@ -150,11 +150,11 @@ class Context:
 
 
 def _stage_position(unit_name: str) -> Tuple[int, int]:
-  """(stage, position within the stage) of an AutoAttack unit name such as 'fab-t/3'."""
+  """(stage, position within the stage) of an AutoAttack unit name: 'fab-t/3', 'apgd-ce/r2'."""
   bare = unit_name.rpartition(":")[2]
   stage, _, rest = bare.partition("/")
   stage = stage.replace("-joint", "")
-  return STAGE_ORDER.index(stage), int(rest.lstrip("q") or 0)
+  return STAGE_ORDER.index(stage), int(rest.lstrip("qr") or 0)
 
 
 def plan(specs: Sequence[AttackSpec], models: Models, ctx: Context, *,

@@ -29,6 +29,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 from cas_jax import errors
 from cas_jax.attacks import engine
+from cas_jax.attacks.norms import NORMS, check_eps, check_norm  # pylint: disable=unused-import
 
 DEFAULT_ATTACKS = ("pgd20", "cw", "aa", "aa-joint")
 SWEEP_EPS_255 = (2, 4, 8, 16, 32)
@@ -36,35 +37,17 @@ ALIASES = {"autoattack": "aa"}
 EOT_METHODS = ("eot", "avg-pgd", "aa-rand")  # gradients averaged over random draws
 _NAME = re.compile(r"(?P<base>[a-z][a-z-]*?)(?P<steps>\d+)?(?P<mode>-main|-joint)?"
                    r"(?P<norm>-linf|-l2|-l1)?(?:@(?P<eps>\d+(?:\.\d+)?))?")
-NORMS = ("linf", "l2", "l1")
 # Each norm's default eps (an attack named with another norm than the report's, and no @):
 # RobustBench's boards (L-inf 8/255, L2 0.5) and AutoAttack's L1 eps (12).
 DEFAULT_EPS = {"linf": 8 / 255, "l2": 0.5, "l1": 12.0}
-# Methods with an L2 and an L1 variant; the others (query-based N-Attack, MD) are L-inf only.
-ANY_NORM = ("fgsm", "pgd", "cw", "cas-head", "eot", "avg-pgd", "aa", "apgd-ce", "apgd-t",
+# Methods with an L2 and an L1 variant; the query-based N-Attack is L-inf only.
+ANY_NORM = ("fgsm", "pgd", "cw", "cas-head", "eot", "avg-pgd", "md", "aa", "apgd-ce", "apgd-t",
             "apgd-dlr", "fab-t", "square", "transfer-pgd", "transfer-cw")
 
 
 def same_eps(a: float, b: float) -> bool:
   """The one rule for "the same eps": equal in units of 1/255 to 4 decimals (8/255 == 8/255)."""
   return round(a * 255, 4) == round(b * 255, 4)
-
-
-def check_norm(norm: str) -> str:
-  """The norm's name in lower case; one UserError line for any other than linf, l2, l1."""
-  name = str(norm).strip().lower()
-  if name not in NORMS:
-    raise errors.UserError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)} (case-insensitive)")
-  return name
-
-
-def check_eps(eps: float, norm: str) -> None:
-  """One UserError line for an eps out of range for the norm (L-inf: (0, 1], in pixel units)."""
-  if norm == "linf":
-    engine.check_eps(eps)
-  elif not 0.0 < float(eps) < float("inf"):
-    raise errors.UserError(f"eps={eps!r} must be a positive {norm.upper()} radius (pixels in "
-                           f"[0, 1]; e.g. {DEFAULT_EPS[norm]:g})")
 
 
 def eps_text(eps: float, norm: str = "linf") -> str:
