@@ -19,8 +19,8 @@ from cas_jax.attacks.square import _into_l1_ball, _window_pattern, square, squar
 
 N, SIDE, CLASSES = 32, 10, 10
 DIM = SIDE * SIDE * 3
-W1 = np.asarray(jax.random.normal(jax.random.key(0), (DIM, 32))) / np.sqrt(DIM)
-W2 = np.asarray(jax.random.normal(jax.random.key(1), (32, CLASSES))) / np.sqrt(32)
+W1 = (np.asarray(jax.random.normal(jax.random.key(0), (DIM, 32))) / np.sqrt(DIM)).astype(np.float32)
+W2 = (np.asarray(jax.random.normal(jax.random.key(1), (32, CLASSES))) / np.sqrt(32)).astype(np.float32)
 X = jax.random.uniform(jax.random.key(3), (N, SIDE, SIDE, 3))
 X = X.at[:, 0].set(jnp.round(X[:, 0]))  # pixels on the box faces
 KEY = jax.random.key(7)
@@ -194,3 +194,43 @@ def test_square_chunks_equal_one_run_and_batches_do_not_matter(norm):
   part, _, _, _ = square_chunk(masked, X[:8], Y[:8], keys[:8], None, 0, 60, eps,
                                total_queries=60, norm=norm)
   np.testing.assert_allclose(np.asarray(part), np.asarray(whole[:8]), atol=1e-5)
+
+
+# ---------------------------------------------------------------- the authors' attacks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm,eps", [("l2", 0.25), ("l1", 1.0)])
+def test_fab_and_square_break_as_many_images_as_the_official_code(norm, eps):
+  """A torch twin of mlp under pyautoattack's FABAttack_PT (targeted, 3 target classes, one
+  restart: it starts at x, so no seed matters) and SquareAttack (300 queries), 3 seeds each:
+  FAB-T breaks the same images (but 1), Square as many on average (but 2.5)."""
+  torch = pytest.importorskip("torch")
+  fab_pt = pytest.importorskip("pyautoattack.fab_pt")
+  official_square = pytest.importorskip("pyautoattack.square")
+  w1, w2 = torch.tensor(W1), torch.tensor(W2)
+  net = lambda x: torch.relu(x.permute(0, 2, 3, 1).reshape(x.shape[0], -1) @ w1) @ w2 * 4.0
+  x = torch.tensor(np.ascontiguousarray(np.transpose(np.asarray(X), (0, 3, 1, 2))))
+  y = torch.tensor(np.asarray(Y))
+  official_broken = lambda adv: (net(adv).argmax(1) != y).numpy()
+  theirs_fab, theirs_square, ours_fab, ours_square = [], [], [], []
+  for seed in range(3):
+    attack = fab_pt.FABAttack_PT(net, norm=norm.upper(), n_restarts=1, n_iter=20, eps=eps,
+                                 targeted=True, n_target_classes=3, seed=seed, device="cpu")
+    theirs_fab.append(official_broken(attack.perturb(x, y)))
+    attack = official_square.SquareAttack(net, norm=norm.upper(), n_queries=300, eps=eps,
+                                          seed=seed, resc_schedule=False, device="cpu")
+    theirs_square.append(official_broken(attack.perturb(x, y)))
+    key = jax.random.key(seed)
+    ours_fab.append(_check_attack(fab(mlp, X, Y, eps=eps, key=key, steps=20,
+                                      target_ranks=range(2, 5), norm=norm), eps, norm))
+    ours_square.append(_check_attack(square(masked, X, Y, eps=eps, key=key, queries=300,
+                                            norm=norm), eps, norm))
+  theirs_fab, theirs_square = np.array(theirs_fab), np.array(theirs_square)
+  ours_fab, ours_square = np.array(ours_fab), np.array(ours_square)
+  print(f"\n{norm} eps={eps}: FAB-T ours {ours_fab.sum(1)} official {theirs_fab.sum(1)}; "
+        f"Square ours {ours_square.sum(1)} official {theirs_square.sum(1)}")
+  assert 0 < theirs_fab.sum(1).min() and theirs_fab.sum(1).max() < N  # eps matters
+  assert 0 < theirs_square.sum(1).min() and theirs_square.sum(1).max() < N
+  assert (ours_fab != theirs_fab).sum(1).max() <= 1
+  assert abs(ours_square.sum(1).mean() - theirs_square.sum(1).mean()) <= 2.5
