@@ -1,4 +1,4 @@
-"""Targeted FAB (Croce & Hein, ICML 2020) under L-inf, L2 or L1: AutoAttack's minimal-perturbation attack.
+"""Targeted FAB (Croce & Hein, ICML 2020), L-inf/L2/L1: AutoAttack's minimal-perturbation attack.
 
 Each iteration linearises g(x) = z_t(x) - z_y(x) of the main head at the current point,
 projects both that point and the clean image onto the hyperplane g = 0 (inside [0, 1]),

@@ -1,4 +1,4 @@
-"""Square Attack (Andriushchenko et al., ECCV 2020) under L-inf, L2 or L1: a score-based black-box attack.
+"""Square Attack (Andriushchenko et al., ECCV 2020), L-inf/L2/L1: a score-based black-box attack.
 
 Start from vertical stripes of +-eps; each query redraws one random square window of the
 image to +-eps per channel and keeps it when the margin z_y - max_{k != y} z_k of the main
@@ -16,10 +16,9 @@ rescaled so that the perturbation's mass stays near eps (see `_lp_proposal`).
 Windows and signs are drawn per image (the reference code shares one window across the
 batch), so an image's result does not depend on its batch. Images are NHWC.
 """
-import numpy as np
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cas_jax import errors
 from cas_jax import losses
@@ -123,7 +122,8 @@ def _lp_start(keys: Array, x: Array, eps, norm: str) -> Array:
   offset = (height - 5 * side) // 2
   grid_rows, grid_cols = height // side, width // side
   rows, cols = np.arange(height) - offset, np.arange(width) - offset
-  cell_row, cell_col = np.clip(rows // side, 0, grid_rows - 1), np.clip(cols // side, 0, grid_cols - 1)
+  cell_row = np.clip(rows // side, 0, grid_rows - 1)
+  cell_col = np.clip(cols // side, 0, grid_cols - 1)
   on_grid = (((rows >= 0) & (rows // side < grid_rows))[:, None]
              & ((cols >= 0) & (cols // side < grid_cols))[None, :])
   draws = engine.per_example(lambda k, s: jax.random.uniform(k, s), engine.fold_keys(keys, 0),
