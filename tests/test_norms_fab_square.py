@@ -257,3 +257,13 @@ def test_an_unknown_norm_or_a_bad_eps_is_refused_and_l1_takes_eps_above_one():
       attack(mlp, X, Y, eps=0.0, key=KEY, norm="l2")
   x_adv = square(masked, X, Y, eps=12.0, key=KEY, queries=2, norm="l1")
   assert _distance(np.asarray(x_adv) - np.asarray(X), "l1").max() <= 12.0 * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("norm", ["l2", "l1"])
+def test_fab_restarts_start_on_the_half_eps_sphere(norm):
+  """As the reference: x + eps/2 * a Gaussian direction of unit norm, then clipped to [0, 1]."""
+  fab_module = pytest.importorskip("cas_jax.attacks.fab")
+  x = jnp.full((N, SIDE, SIDE, 3), 0.5)  # far from the box faces: nothing is clipped
+  start = fab_module._random_start(jax.random.split(KEY, N), x, 0.2, norm)
+  np.testing.assert_allclose(_distance(np.asarray(start - x), norm), 0.2, rtol=1e-5)
+  assert len(np.unique(np.asarray(start[:, 0, 0, 0]))) == N  # a direction per image
