@@ -1,4 +1,4 @@
-"""Targeted FAB (Croce & Hein, ICML 2020), L-inf: the minimal-perturbation attack of AutoAttack.
+"""Targeted FAB (Croce & Hein, ICML 2020), L-inf/L2/L1: AutoAttack's minimal-perturbation attack.
 
 Each iteration linearises g(x) = z_t(x) - z_y(x) of the main head at the current point,
 projects both that point and the clean image onto the hyperplane g = 0 (inside [0, 1]),
@@ -10,6 +10,8 @@ On a CAS model the gradient of g passes through the CAS masks like any other lay
 
 An image counts as fooled when the smallest adversarial found lies within eps; the result is
 that example, and x elsewhere. `key` (one key or N keys) only seeds restarts after the first.
+`norm` ("linf", "l2" or "l1") picks the projection, the sizes that weigh the step towards x,
+the smallest-adversarial bookkeeping, the eps check and the restarts' random start.
 """
 import functools
 from typing import Sequence, Union
@@ -24,48 +26,64 @@ from cas_jax.attacks import cascade
 from cas_jax.attacks import engine
 from cas_jax.attacks.apgd import ranked_targets
 from cas_jax.attacks.engine import jit_with_model, predict
+from cas_jax.attacks.fab_projections import (project_onto_hyperplane_l1,
+                                             project_onto_hyperplane_l2,
+                                             project_onto_hyperplane_linf)
 
 Array = jax.Array
 
-
-def project_onto_hyperplane_linf(points: Array, w: Array, b: Array,
-                                 max_newton_steps: int = 100) -> Array:
-  """Smallest L-inf step d (per row) with w.(points + d) = b and points + d in [0, 1].
-
-  Where the box does not reach the hyperplane, d moves to the box corner closest to it.
-  points, w: (N, D); b: (N,). On the path d_i(lam) = -sign(w_i) min(lam, room_i), the fall
-  of w.x, sum_i |w_i| min(lam, room_i), is concave, increasing and piecewise linear in lam:
-  Newton's method from lam = target / sum|w| (below the root) climbs to the root without
-  overshooting and lands on it exactly once in its segment, typically in ~5 steps (a sort
-  over the D coordinates, as the reference does, is ~10x slower on CPU).
-  """
-  side = jnp.where(jnp.sum(w * points, -1) - b >= 0, 1.0, -1.0)[:, None]
-  w, b = w * side, b * side[:, 0]  # now w.points >= b: w.x must fall by `target`
-  target = jnp.sum(w * points, -1) - b
-  room = jnp.where(w < 0, 1.0 - points, points)
-  w_abs = jnp.abs(w)
-  safe = lambda v: jnp.where(v > 0, v, 1.0)
-
-  def newton(state):
-    lam, moving, count = state
-    fall = jnp.sum(w_abs * jnp.minimum(lam[:, None], room), -1)
-    slope = jnp.sum(jnp.where(room > lam[:, None], w_abs, 0.0), -1)
-    step = jnp.where(moving & (slope > 0), jnp.maximum(target - fall, 0.0) / safe(slope), 0.0)
-    # A row that converged stays where it is, so no row's result depends on its batch.
-    return lam + step, moving & (step > 1e-7), count + 1
-
-  lam, _, _ = jax.lax.while_loop(
-      lambda state: jnp.any(state[1]) & (state[2] < max_newton_steps), newton,
-      (target / safe(jnp.sum(w_abs, -1)), jnp.ones(target.shape, bool), 0))
-  reachable = (target < jnp.sum(w_abs * room, -1))[:, None]
-  return -jnp.sign(w) * jnp.where(reachable, jnp.minimum(lam[:, None], room), room)
+_NORMS = ("linf", "l2", "l1")
+_PROJECTIONS = {"linf": project_onto_hyperplane_linf, "l2": project_onto_hyperplane_l2,
+                "l1": project_onto_hyperplane_l1}
 
 
-@jit_with_model("steps", "alpha_max", "eta", "backtrack")
+def _check_norm(norm: str) -> None:
+  """Raise a UserError for a norm other than linf, l2, l1."""
+  if norm not in _NORMS:
+    raise errors.UserError(f"unknown norm {norm!r}; valid: {', '.join(_NORMS)}")
+
+
+def _check_eps(eps, norm: str) -> None:
+  """eps in (0, 1] under L-inf (engine.check_eps); under L2 and L1 any positive eps."""
+  if norm == "linf":
+    engine.check_eps(eps)
+  elif isinstance(eps, (int, float)) and not eps > 0:
+    raise errors.UserError(f"eps={eps} must be > 0")
+
+
+def _distance(delta: Array, norm: str) -> Array:
+  """The norm of each row of a flat (N, D) perturbation."""
+  if norm == "linf":
+    return jnp.max(jnp.abs(delta), -1)
+  if norm == "l2":
+    return jnp.sqrt(jnp.sum(delta * delta, -1))
+  return jnp.sum(jnp.abs(delta), -1)
+
+
+def _random_start(keys: Array, x: Array, radius, norm: str) -> Array:
+  """A restart's start: uniform in the L-inf radius-ball, else (as the reference) a Gaussian
+  direction scaled to L2 or L1 length radius; clipped to [0, 1]."""
+  if norm == "linf":
+    return engine.random_start(keys, x, radius)
+  direction = engine.per_example(lambda k, s: jax.random.normal(k, s, x.dtype), keys, x.shape)
+  length = _distance(direction.reshape(x.shape[0], -1), norm)
+  return jnp.clip(x + radius * direction / engine.per_image(length, x), 0.0, 1.0)
+
+
+def _into_ball(x_adv: Array, x: Array, eps, norm: str) -> Array:
+  """x_adv into the eps-ball around x (and [0, 1]): L-inf clips, L2 and L1 shrink x_adv - x."""
+  if norm == "linf":
+    return engine.project(x_adv, x, eps)
+  size = _distance((x_adv - x).reshape(x.shape[0], -1), norm)
+  shrunk = x + (x_adv - x) * engine.per_image(eps / jnp.maximum(size, 1e-12), x)
+  return jnp.where(engine.per_image(size > eps, x), shrunk, x_adv)
+
+
+@jit_with_model("steps", "alpha_max", "eta", "backtrack", "norm")
 def fab_targeted_run(model_fn, x: Array, y: Array, targets: Array, x_start: Array, *,
                      steps: int, alpha_max: float = 0.1, eta: float = 1.05,
-                     backtrack: float = 0.9):
-  """One FAB-T run towards `targets`: (smallest adversarial found, its L-inf size or inf)."""
+                     backtrack: float = 0.9, norm: str = "linf"):
+  """One FAB-T run towards `targets`: (smallest adversarial found, its `norm` size or inf)."""
   n = x.shape[0]
   flat = lambda a: a.reshape(n, -1)
   per_image = lambda v: v.reshape((n,) + (1,) * (x.ndim - 1))
@@ -84,15 +102,15 @@ def fab_targeted_run(model_fn, x: Array, y: Array, targets: Array, x_start: Arra
     grad, value = gap_grad(x1)
     w = flat(grad)
     b = jnp.sum(w * flat(x1), -1) - value
-    d1 = project_onto_hyperplane_linf(flat(x1), w, b)
-    d0 = project_onto_hyperplane_linf(flat(x), w, b)
-    a1 = jnp.maximum(jnp.max(jnp.abs(d1), -1), 1e-8)
-    a0 = jnp.maximum(jnp.max(jnp.abs(d0), -1), 1e-8)
+    d1 = _PROJECTIONS[norm](flat(x1), w, b)
+    d0 = _PROJECTIONS[norm](flat(x), w, b)
+    a1 = jnp.maximum(_distance(d1, norm), 1e-8)
+    a0 = jnp.maximum(_distance(d0, norm), 1e-8)
     alpha = per_image(jnp.clip(a1 / (a1 + a0), 0.0, alpha_max))
     x1 = jnp.clip((x1 + eta * d1.reshape(x.shape)) * (1 - alpha)
                   + (x + eta * d0.reshape(x.shape)) * alpha, 0.0, 1.0)
     fooled = jnp.argmax(logits_fn(x1), -1) != y
-    size = jnp.max(jnp.abs(flat(x1 - x)), -1)
+    size = _distance(flat(x1 - x), norm)
     smaller = fooled & (size < dist)
     best = jnp.where(per_image(smaller), x1, best)
     dist = jnp.where(smaller, size, dist)
@@ -103,10 +121,10 @@ def fab_targeted_run(model_fn, x: Array, y: Array, targets: Array, x_start: Arra
   return best, dist
 
 
-@jit_with_model("steps", "alpha_max", "eta", "backtrack")
+@jit_with_model("steps", "alpha_max", "eta", "backtrack", "norm")
 def fab_round(model_fn, x: Array, y: Array, keys: Array, eps, *, steps: int, rank,
               restart=0, number=0, alpha_max: float = 0.1, eta: float = 1.05,
-              backtrack: float = 0.9):
+              backtrack: float = 0.9, norm: str = "linf"):
   """Round `number` of FAB-T (a target rank, a restart) on a batch: (x_adv, fooled).
 
   rank, restart and number are traced: every target and restart runs one compiled program.
@@ -114,11 +132,11 @@ def fab_round(model_fn, x: Array, y: Array, keys: Array, eps, *, steps: int, ran
   """
   targets = ranked_targets(predict(model_fn, x, keys), rank)
   keys = engine.fold_keys(keys, number)
-  start = jnp.where(jnp.asarray(restart) == 0, x, engine.random_start(keys, x, eps / 2))
+  start = jnp.where(jnp.asarray(restart) == 0, x, _random_start(keys, x, eps / 2, norm))
   best, dist = fab_targeted_run(model_fn, x, y, targets, start, steps=steps,
-                                alpha_max=alpha_max, eta=eta, backtrack=backtrack)
+                                alpha_max=alpha_max, eta=eta, backtrack=backtrack, norm=norm)
   fooled = (dist <= eps) & (jnp.argmax(predict(model_fn, best, keys), -1) != y)
-  return engine.project(best, x, eps), fooled
+  return _into_ball(best, x, eps, norm), fooled
 
 
 def round_passes(steps: int):
@@ -129,15 +147,17 @@ def round_passes(steps: int):
 def fab(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, steps: int = 100,
         target_ranks: Union[int, Sequence[int]] = 2, restarts: int = 1,
         alpha_max: float = 0.1, eta: float = 1.05, backtrack: float = 0.9,
-        active=None) -> Array:
+        active=None, norm: str = "linf") -> Array:
   """FAB-T: for each target rank (by the clean logits), then each restart, on the still-robust.
 
   The first restart starts at x (as AutoAttack's FAB-T); later ones at a uniform point of
-  the eps/2-ball. range(2, 11) is AutoAttack's FAB-T on 10 classes. `active` (N,) bool
-  picks the images to attack (default: those classified correctly).
+  the eps/2-ball (L2, L1: on its sphere, as the reference). range(2, 11) is AutoAttack's FAB-T
+  on 10 classes. `active` (N,) bool picks the images to attack (default: those classified
+  correctly). eps is measured in `norm`.
   """
   x, y = engine.check_images_and_labels(x, y)
-  engine.check_eps(eps)
+  _check_norm(norm)
+  _check_eps(eps, norm)
   if steps < 1 or restarts < 1:
     raise errors.UserError(f"steps={steps} and restarts={restarts} must both be >= 1")
   ranks = (target_ranks,) if isinstance(target_ranks, int) else tuple(target_ranks)
@@ -151,7 +171,8 @@ def fab(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, steps: int = 1
   units = [cascade.attack_unit(
       f"fab/{number}", functools.partial(fab_round, model_fn, steps=steps, rank=rank,
                                          restart=restart, number=number,
-                                         alpha_max=alpha_max, eta=eta, backtrack=backtrack),
+                                         alpha_max=alpha_max, eta=eta, backtrack=backtrack,
+                                         norm=norm),
       eps, keys, forward, gradient)
       for number, (rank, restart) in enumerate(rounds)]
   return cascade.attack_in_rounds(units, x, y, keys, np.asarray(robust))

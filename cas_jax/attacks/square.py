@@ -1,4 +1,4 @@
-"""Square Attack (Andriushchenko et al., ECCV 2020), L-inf: a score-based black-box attack.
+"""Square Attack (Andriushchenko et al., ECCV 2020), L-inf/L2/L1: a score-based black-box attack.
 
 Start from vertical stripes of +-eps; each query redraws one random square window of the
 image to +-eps per channel and keeps it when the margin z_y - max_{k != y} z_k of the main
@@ -7,17 +7,24 @@ of `square_fraction`. It needs only logits, so masks and gradients play no part:
 
     x_adv = square(model_fn, x, y, eps=8/255, key=key)             # AutoAttack's 5000 queries
 
+Under L2 and L1 (norm="l2" / "l1", as the reference): the start is a grid of windows of
+side h // 5, each holding the pattern `_window_pattern` with a random sign per channel, scaled
+to the eps-sphere (L2) or projected into the eps-ball (L1); each query takes two windows of
+odd side >= 3, clears the second, and refills the first with the pattern plus its old content,
+rescaled so that the perturbation's mass stays near eps (see `_lp_proposal`).
+
 Windows and signs are drawn per image (the reference code shares one window across the
 batch), so an image's result does not depend on its batch. Images are NHWC.
 """
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cas_jax import errors
 from cas_jax import losses
 from cas_jax.attacks import engine
 from cas_jax.attacks.engine import jit_with_model, predict
+from cas_jax.attacks.fab import _check_eps, _check_norm
 
 Array = jax.Array
 
@@ -46,10 +53,132 @@ def vertical_stripes(keys: Array, x: Array, eps) -> Array:
   return jnp.clip(x + eps * stripes, 0.0, 1.0)
 
 
-@jit_with_model("total_queries", "p_init", "rescale_schedule")
+def _lp_size(v: Array, norm: str, axes) -> Array:
+  """The L2 or L1 norm of v over `axes` (kept as size-1 axes)."""
+  if norm == "l2":
+    return jnp.sqrt(jnp.sum(v * v, axes, keepdims=True))
+  return jnp.sum(jnp.abs(v), axes, keepdims=True)
+
+
+def _window_pattern(r: Array, c: Array, side, norm: str, size: int) -> Array:
+  """The reference's eta(side) at coordinates (r, c) relative to a window (0 outside it).
+
+  Its top side // 2 rows hold +1/(k+1)^q summed over the concentric squares k around their
+  centre (q = 2 for L2, 4 for L1), its bottom rows the same pattern negated; each half has
+  norm 1, then the whole has norm 1. `side` may be traced; size >= side is static.
+  """
+  power = 2 if norm == "l2" else 4
+  tail = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, size + 2) ** power)])
+  tail = jnp.asarray(tail, jnp.float32)  # tail[n] = sum_{k < n} 1 / (k + 1)^q
+
+  def raw(r, c):
+    upper = r < side // 2
+    rows = jnp.where(upper, side // 2, side - side // 2)
+    i = jnp.where(upper, r, r - side // 2)
+    ring = jnp.maximum(jnp.abs(i - rows // 2), jnp.abs(c - side // 2))
+    inside = (r >= 0) & (r < side) & (c >= 0) & (c < side)
+    value = tail[side // 2 + 1] - tail[jnp.clip(ring, 0, size + 1)]
+    return jnp.where(inside & upper, value, 0.0), jnp.where(inside & ~upper, value, 0.0)
+
+  grid = jnp.arange(size)
+  top, bottom = raw(grid[:, None], grid[None, :])
+  top_size, bottom_size = _lp_size(top, norm, None), _lp_size(bottom, norm, None)
+  whole = _lp_size(top / jnp.maximum(top_size, 1e-30) - bottom / jnp.maximum(bottom_size, 1e-30),
+                   norm, None)
+  top, bottom = raw(r, c)
+  return (top / jnp.maximum(top_size, 1e-30) - bottom / jnp.maximum(bottom_size, 1e-30)) / whole
+
+
+def _into_l1_ball(x: Array, delta: Array, eps, steps: int = 40) -> Array:
+  """x + delta moved to the nearest point of [0, 1] with L1 distance <= eps from x.
+
+  As the reference's L1_projection: each |delta_i| shrinks by clip(cut, what the box needs,
+  |delta_i|), with the smallest cut that fits (found by bisection; the upper end is kept).
+  """
+  n = x.shape[0]
+  size = jnp.abs(delta).reshape(n, -1)
+  needed = jnp.maximum(jnp.maximum(x + delta - 1.0, -(x + delta)), 0.0).reshape(n, -1)
+  kept = lambda cut: jnp.sum(size - jnp.clip(cut[:, None], needed, size), -1)
+
+  def bisect(_, bounds):
+    low, high = bounds
+    middle = (low + high) / 2
+    fits = kept(middle) <= eps
+    return jnp.where(fits, low, middle), jnp.where(fits, middle, high)
+
+  zero = jnp.zeros((n,), x.dtype)
+  _, high = jax.lax.fori_loop(0, steps, bisect, (zero, jnp.max(size, -1)))
+  cut = jnp.where(kept(zero) <= eps, zero, high)
+  shrunk = jnp.sign(delta) * (size - jnp.clip(cut[:, None], needed, size)).reshape(x.shape)
+  return jnp.clip(x + shrunk, 0.0, 1.0)
+
+
+def _lp_start(keys: Array, x: Array, eps, norm: str) -> Array:
+  """The reference's L2 / L1 start: a grid of side-(h // 5) window patterns with a random
+  sign per window and channel (and a random transpose per window), scaled to eps (L2, then
+  clipped to [0, 1]) or projected into the eps-ball (L1)."""
+  n, height, width, channels = x.shape
+  side = max(height // 5, 1)  # the reference needs height >= 5
+  offset = (height - 5 * side) // 2
+  grid_rows, grid_cols = height // side, width // side
+  rows, cols = np.arange(height) - offset, np.arange(width) - offset
+  cell_row = np.clip(rows // side, 0, grid_rows - 1)
+  cell_col = np.clip(cols // side, 0, grid_cols - 1)
+  on_grid = (((rows >= 0) & (rows // side < grid_rows))[:, None]
+             & ((cols >= 0) & (cols // side < grid_cols))[None, :])
+  draws = engine.per_example(lambda k, s: jax.random.uniform(k, s), engine.fold_keys(keys, 0),
+                             (n, grid_rows, grid_cols, 1 + channels))
+  draws = draws[:, cell_row][:, :, cell_col]  # (N, H, W, 1 + C): each pixel's window's draws
+  r, c = np.broadcast_arrays((rows % side)[:, None], (cols % side)[None, :])
+  flip = draws[..., 0] < 0.5
+  pattern = _window_pattern(jnp.where(flip, c, r), jnp.where(flip, r, c), side, norm,
+                            min(height, width))
+  delta = (pattern * on_grid)[..., None] * jnp.where(draws[..., 1:] < 0.5, -1.0, 1.0)
+  if norm == "l2":
+    return jnp.clip(x + eps * delta / (_lp_size(delta, norm, (1, 2, 3)) + 1e-12), 0.0, 1.0)
+  return _into_l1_ball(x, delta, eps * (1.0 - 1e-6))
+
+
+def _lp_proposal(k: Array, x: Array, x_best: Array, p, eps, norm: str) -> Array:
+  """One image's L2 / L1 proposal (the reference's): windows 1 and 2 of odd side >= 3; window
+  2 is cleared, window 1 gets (pattern * channel signs + its old content at unit norm),
+  rescaled per channel to the mass of both windows plus an even share of what the image lacks
+  of eps; then the whole is scaled to eps (L2) or projected into the eps-ball (L1)."""
+  height, width, channels = x.shape
+  side = jnp.round(jnp.sqrt(p * height * width)).astype(jnp.int32)
+  side = jnp.maximum(side, 3)
+  side = jnp.minimum(side + (side % 2 == 0), min(height, width))
+  u = jax.random.uniform(k, (5 + channels,))
+  spans = jnp.array([height, width, height, width]) - side
+  top1, left1, top2, left2 = jnp.floor(u[:4] * spans).astype(jnp.int32)
+  rows, cols = jnp.arange(height)[:, None], jnp.arange(width)[None, :]
+  in_window = lambda top, left: ((rows >= top) & (rows < top + side) & (cols >= left)
+                                 & (cols < left + side))[..., None]
+  window1, window2 = in_window(top1, left1), in_window(top2, left2)
+  r, c = rows - top1, cols - left1
+  flip = u[4] > 0.5
+  pattern = _window_pattern(jnp.where(flip, c, r), jnp.where(flip, r, c), side, norm,
+                            min(height, width))
+  delta = x_best - x
+  spatial = lambda v: _lp_size(v, norm, (0, 1))
+  old = delta * window1 / (1e-12 + spatial(delta * window1))
+  new = pattern[..., None] * jnp.where(u[5:] < 0.5, -1.0, 1.0) + old
+  image_size, both_windows = _lp_size(delta, norm, None), spatial(delta * (window1 | window2))
+  if norm == "l2":
+    mass = jnp.sqrt(jnp.maximum(eps ** 2 - image_size ** 2, 0.0) / channels + both_windows ** 2)
+  else:
+    mass = (jnp.maximum(eps - image_size, 0.0) / channels + both_windows) * channels
+  new = new / (1e-12 + spatial(new)) * mass
+  delta = jnp.where(window1, new, jnp.where(window2, 0.0, delta))
+  if norm == "l2":
+    return jnp.clip(x + eps * delta / (_lp_size(delta, norm, None) + 1e-12), 0.0, 1.0)
+  return _into_l1_ball(x[None], delta[None], eps * (1.0 - 1e-6))[0]
+
+
+@jit_with_model("total_queries", "p_init", "rescale_schedule", "norm")
 def square_run(model_fn, x: Array, y: Array, keys: Array, x_best: Array, margin_best: Array,
                first_query, end_query, eps, *, total_queries: int, p_init: float = 0.8,
-               rescale_schedule: bool = False):
+               rescale_schedule: bool = False, norm: str = "linf"):
   """Queries first_query .. end_query - 1 of one Square run of total_queries, from (x_best,
   margin_best); it stops once every image is fooled (margin <= 0).
 
@@ -72,18 +201,25 @@ def square_run(model_fn, x: Array, y: Array, keys: Array, x_best: Array, margin_
 
   proposal_keys = engine.fold_keys(keys, 1)
 
-  def body(state):
-    i, x_best, margin_best = state
-    p = square_fraction(i, total_queries, p_init, rescale_schedule)
+  def linf_proposal(step_keys, p, x_best):
     side = jnp.clip(jnp.round(jnp.sqrt(p * height * width)).astype(jnp.int32), 1,
                     min(height, width))
-    top, left, channel_signs = jax.vmap(proposal, in_axes=(0, None))(
-        engine.fold_keys(proposal_keys, i), side)
+    top, left, channel_signs = jax.vmap(proposal, in_axes=(0, None))(step_keys, side)
     within = lambda index, start: ((index >= start[:, None, None, None])
                                    & (index < start[:, None, None, None] + side))
     window = within(rows, top) & within(cols, left)
-    x_new = engine.project(
+    return engine.project(
         x_best + window * 2.0 * eps * channel_signs[:, None, None, :], x, eps)
+
+  def body(state):
+    i, x_best, margin_best = state
+    p = square_fraction(i, total_queries, p_init, rescale_schedule)
+    step_keys = engine.fold_keys(proposal_keys, i)
+    if norm == "linf":
+      x_new = linf_proposal(step_keys, p, x_best)
+    else:
+      x_new = jax.vmap(_lp_proposal, in_axes=(0, 0, 0, None, None, None))(
+          step_keys, x, x_best, p, eps, norm)
     margin = _margin(model_fn, x_new, y)
     # Images already misclassified stop; the rest keep a proposal that lowers the margin.
     accept = (margin_best > 0) & ((margin < margin_best) | (margin <= 0))
@@ -98,28 +234,32 @@ def square_run(model_fn, x: Array, y: Array, keys: Array, x_best: Array, margin_
   return x_best, margin_best, last - first_query
 
 
-@jit_with_model("total_queries", "p_init", "rescale_schedule")
+@jit_with_model("total_queries", "p_init", "rescale_schedule", "norm")
 def square_chunk(model_fn, x: Array, y: Array, keys: Array, carry, first_query, end_query, eps,
-                 *, total_queries: int, p_init: float = 0.8, rescale_schedule: bool = False):
+                 *, total_queries: int, p_init: float = 0.8, rescale_schedule: bool = False,
+                 norm: str = "linf"):
   """One chunk of Square queries: (x_best, fooled, carry for the next chunk, forward passes).
 
-  carry None starts the run (vertical stripes, one query); else it is (x_best, margin).
+  carry None starts the run (vertical stripes under L-inf, `_lp_start` under L2 / L1, one
+  query); else it is (x_best, margin).
   """
   starts = carry is None
   if starts:
-    x_best = vertical_stripes(keys, x, eps)
+    x_best = vertical_stripes(keys, x, eps) if norm == "linf" else _lp_start(keys, x, eps, norm)
     carry = (x_best, _margin(model_fn, x_best, y))
   x_best, margin, made = square_run(model_fn, x, y, keys, *carry, first_query, end_query, eps,
                                     total_queries=total_queries, p_init=p_init,
-                                    rescale_schedule=rescale_schedule)
+                                    rescale_schedule=rescale_schedule, norm=norm)
   return x_best, margin <= 0, (x_best, margin), made + int(starts)
 
 
 def square(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, queries: int = 5000,
-           p_init: float = 0.8, rescale_schedule: bool = False, active=None) -> Array:
+           p_init: float = 0.8, rescale_schedule: bool = False, active=None,
+           norm: str = "linf") -> Array:
   """Square Attack on `active` images (default: those classified correctly); else x stays."""
   x, y = engine.check_images_and_labels(x, y)
-  engine.check_eps(eps)
+  _check_norm(norm)
+  _check_eps(eps, norm)
   if queries < 1 or not 0.0 < p_init <= 1.0:
     raise errors.UserError(f"queries={queries} must be >= 1 and p_init={p_init} in (0, 1]")
   keys = engine.example_keys(key, x.shape[0])
@@ -127,6 +267,6 @@ def square(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, queries: in
     active = jnp.argmax(predict(model_fn, x, keys), -1) == y
   x_best, fooled, _, _ = square_chunk(model_fn, x, y, keys, None, 0, queries, eps,
                                       total_queries=queries, p_init=p_init,
-                                      rescale_schedule=rescale_schedule)
+                                      rescale_schedule=rescale_schedule, norm=norm)
   keep = engine.per_image(jnp.asarray(active) & fooled, x)
   return jnp.where(keep, x_best, x)
