@@ -24,6 +24,7 @@ import numpy as np
 from cas_jax import errors
 from cas_jax.attacks import cascade
 from cas_jax.attacks import engine
+from cas_jax.attacks import norms
 from cas_jax.attacks.apgd import ranked_targets
 from cas_jax.attacks.engine import jit_with_model, predict
 from cas_jax.attacks.fab_projections import (project_onto_hyperplane_l1,
@@ -32,32 +33,8 @@ from cas_jax.attacks.fab_projections import (project_onto_hyperplane_l1,
 
 Array = jax.Array
 
-_NORMS = ("linf", "l2", "l1")
 _PROJECTIONS = {"linf": project_onto_hyperplane_linf, "l2": project_onto_hyperplane_l2,
                 "l1": project_onto_hyperplane_l1}
-
-
-def _check_norm(norm: str) -> None:
-  """Raise a UserError for a norm other than linf, l2, l1."""
-  if norm not in _NORMS:
-    raise errors.UserError(f"unknown norm {norm!r}; valid: {', '.join(_NORMS)}")
-
-
-def _check_eps(eps, norm: str) -> None:
-  """eps in (0, 1] under L-inf (engine.check_eps); under L2 and L1 any positive eps."""
-  if norm == "linf":
-    engine.check_eps(eps)
-  elif isinstance(eps, (int, float)) and not eps > 0:
-    raise errors.UserError(f"eps={eps} must be > 0")
-
-
-def _distance(delta: Array, norm: str) -> Array:
-  """The norm of each row of a flat (N, D) perturbation."""
-  if norm == "linf":
-    return jnp.max(jnp.abs(delta), -1)
-  if norm == "l2":
-    return jnp.sqrt(jnp.sum(delta * delta, -1))
-  return jnp.sum(jnp.abs(delta), -1)
 
 
 def _random_start(keys: Array, x: Array, radius, norm: str) -> Array:
@@ -66,7 +43,7 @@ def _random_start(keys: Array, x: Array, radius, norm: str) -> Array:
   if norm == "linf":
     return engine.random_start(keys, x, radius)
   direction = engine.per_example(lambda k, s: jax.random.normal(k, s, x.dtype), keys, x.shape)
-  length = _distance(direction.reshape(x.shape[0], -1), norm)
+  length = norms.norm_of(direction.reshape(x.shape[0], -1), norm)
   return jnp.clip(x + radius * direction / engine.per_image(length, x), 0.0, 1.0)
 
 
@@ -74,7 +51,7 @@ def _into_ball(x_adv: Array, x: Array, eps, norm: str) -> Array:
   """x_adv into the eps-ball around x (and [0, 1]): L-inf clips, L2 and L1 shrink x_adv - x."""
   if norm == "linf":
     return engine.project(x_adv, x, eps)
-  size = _distance((x_adv - x).reshape(x.shape[0], -1), norm)
+  size = norms.norm_of((x_adv - x).reshape(x.shape[0], -1), norm)
   shrunk = x + (x_adv - x) * engine.per_image(eps / jnp.maximum(size, 1e-12), x)
   return jnp.where(engine.per_image(size > eps, x), shrunk, x_adv)
 
@@ -104,13 +81,13 @@ def fab_targeted_run(model_fn, x: Array, y: Array, targets: Array, x_start: Arra
     b = jnp.sum(w * flat(x1), -1) - value
     d1 = _PROJECTIONS[norm](flat(x1), w, b)
     d0 = _PROJECTIONS[norm](flat(x), w, b)
-    a1 = jnp.maximum(_distance(d1, norm), 1e-8)
-    a0 = jnp.maximum(_distance(d0, norm), 1e-8)
+    a1 = jnp.maximum(norms.norm_of(d1, norm), 1e-8)
+    a0 = jnp.maximum(norms.norm_of(d0, norm), 1e-8)
     alpha = per_image(jnp.clip(a1 / (a1 + a0), 0.0, alpha_max))
     x1 = jnp.clip((x1 + eta * d1.reshape(x.shape)) * (1 - alpha)
                   + (x + eta * d0.reshape(x.shape)) * alpha, 0.0, 1.0)
     fooled = jnp.argmax(logits_fn(x1), -1) != y
-    size = _distance(flat(x1 - x), norm)
+    size = norms.norm_of(flat(x1 - x), norm)
     smaller = fooled & (size < dist)
     best = jnp.where(per_image(smaller), x1, best)
     dist = jnp.where(smaller, size, dist)
@@ -156,8 +133,8 @@ def fab(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, steps: int = 1
   correctly). eps is measured in `norm`.
   """
   x, y = engine.check_images_and_labels(x, y)
-  _check_norm(norm)
-  _check_eps(eps, norm)
+  norm = norms.check_norm(norm)
+  norms.check_eps(eps, norm)
   if steps < 1 or restarts < 1:
     raise errors.UserError(f"steps={steps} and restarts={restarts} must both be >= 1")
   ranks = (target_ranks,) if isinstance(target_ranks, int) else tuple(target_ranks)

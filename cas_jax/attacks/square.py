@@ -24,7 +24,7 @@ from cas_jax import errors
 from cas_jax import losses
 from cas_jax.attacks import engine
 from cas_jax.attacks.engine import jit_with_model, predict
-from cas_jax.attacks.fab import _check_eps, _check_norm
+from cas_jax.attacks import norms
 
 Array = jax.Array
 
@@ -258,8 +258,8 @@ def square(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, queries: in
            norm: str = "linf") -> Array:
   """Square Attack on `active` images (default: those classified correctly); else x stays."""
   x, y = engine.check_images_and_labels(x, y)
-  _check_norm(norm)
-  _check_eps(eps, norm)
+  norm = norms.check_norm(norm)
+  norms.check_eps(eps, norm)
   if queries < 1 or not 0.0 < p_init <= 1.0:
     raise errors.UserError(f"queries={queries} must be >= 1 and p_init={p_init} in (0, 1]")
   keys = engine.example_keys(key, x.shape[0])

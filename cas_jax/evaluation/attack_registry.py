@@ -28,7 +28,6 @@ import re
 from typing import List, Optional, Sequence, Tuple, Union
 
 from cas_jax import errors
-from cas_jax.attacks import engine
 from cas_jax.attacks.norms import NORMS, check_eps, check_norm  # pylint: disable=unused-import
 
 DEFAULT_ATTACKS = ("pgd20", "cw", "aa", "aa-joint")
