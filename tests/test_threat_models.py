@@ -68,11 +68,11 @@ def _data(n=16):
 def test_an_l2_report_keys_its_worst_case_on_norm_and_eps():
   x, y = _data()
   report = evaluate.robustness_report(linear, x, y, key=KEY, norm="L2", eps=0.2,
-                                      attacks="pgd10,aa,pgd10-linf@2", budget=BUDGET,
+                                      attacks="pgd10,aa,pgd10-linf@51", budget=BUDGET,  # 51/255 = 0.2
                                       batch_size=8)
   assert report.norm == "l2" and report.attacks["aa"]["norm"] == "l2"
-  assert report.attacks["pgd10-linf@2"]["norm"] == "linf"
-  assert not report.attacks["pgd10-linf@2"]["in_worst_case"]
+  assert report.attacks["pgd10-linf@51"]["norm"] == "linf"
+  assert not report.attacks["pgd10-linf@51"]["in_worst_case"]
   v = report.verdicts
   np.testing.assert_array_equal(v["worst_case"], v["natural"] & v["pgd10"] & v["aa"])
   assert 0 < v["worst_case"].sum() < v["natural"].sum()  # eps 0.2 breaks some, not all
@@ -89,3 +89,52 @@ def test_the_sanity_check_at_a_large_eps_has_a_counterpart_per_norm():
                                         budget=BUDGET, batch_size=16)
     (warning,) = [w for w in report.sanity if "a large enough perturbation" in w]
     assert f"at eps {norm.upper()} " in warning
+
+
+@pytest.mark.parametrize("norm,eps", [("l2", 0.2), ("l1", 1.5)])
+def test_public_autoattack_under_a_norm_gives_the_reports_verdicts(norm, eps):
+  """One assembler under L2 and L1 too (L1: APGD with large eps, 5 restarts, 5 targets)."""
+  from cas_jax.attacks.autoattack import autoattack  # pylint: disable=g-import-not-at-top
+  x, y = _data()
+  budget = AttackBudget(apgd_steps=10, fab_steps=5, square_queries=20, target_classes=2)
+  _, robust = autoattack(linear, x, y, eps=eps, key=KEY, norm=norm.upper(),
+                         return_per_attack=True, apgd_steps=10, fab_steps=5, square_queries=20,
+                         target_classes=2)
+  report = evaluate.robustness_report(linear, x, y, key=KEY, eps=eps, norm=norm, attacks="aa",
+                                      budget=budget, batch_size=8)
+  np.testing.assert_array_equal(robust["square"], report.verdicts["aa"])
+  stages = report.costs["stages"]
+  if norm == "l1":
+    assert [n for n in stages if n.startswith("apgd-ce")] == [f"apgd-ce/r{i}" for i in range(5)]
+  else:
+    assert "apgd-ce" in stages
+
+
+def test_training_under_l2_crafts_adversaries_in_the_l2_ball():
+  from cas_jax.configs import default  # pylint: disable=g-import-not-at-top
+  from cas_jax.training import train  # pylint: disable=g-import-not-at-top
+  from test_train import init_state, random_batch, tiny_config  # pylint: disable=g-import-not-at-top
+  config = default.under_l2(tiny_config("at"), eps=0.5)
+  state = init_state(config)
+  batch = random_batch(config)
+  x_adv = train.craft_training_adversaries(state, batch["image"], batch["label"],
+                                           jax.random.key(3), config)
+  size = jnp.sqrt(jnp.sum((x_adv - batch["image"]) ** 2, axis=(1, 2, 3)))
+  assert float(jnp.max(size)) <= 0.5 * (1 + 1e-5) and float(jnp.min(size)) > 0.25
+  assert float(jnp.max(jnp.abs(x_adv - batch["image"]))) > 8 / 255  # not an L-inf ball
+  assert 0.0 <= float(jnp.min(x_adv)) and float(jnp.max(x_adv)) <= 1.0
+
+
+def test_table3_under_l2_moves_every_setting_to_the_l2_recipe():
+  from cas_jax.experiments import driver  # pylint: disable=g-import-not-at-top
+  import importlib  # pylint: disable=g-import-not-at-top
+  base = importlib.import_module("configs.smoke").get_config()
+  base.attack.norm = "l2"
+  for setting in driver.select_settings("table3"):
+    config = driver.setting_config("table3", setting, base, command_line={"attack.norm"})
+    assert (config.attack.norm, config.attack.eps, config.attack.step_size) == ("l2", 0.5, 0.125)
+    assert (config.eval.norm, config.eval.eps) == ("l2", 0.5)
+  base.eval.eps = 0.25
+  config = driver.setting_config("table3", driver.select_settings("table3")[0], base,
+                                 command_line={"attack.norm", "eval.eps"})
+  assert config.eval.eps == 0.25  # what the command line sets, it keeps
