@@ -100,9 +100,15 @@ def test_public_autoattack_under_a_norm_gives_the_reports_verdicts(norm, eps):
   _, robust = autoattack(linear, x, y, eps=eps, key=KEY, norm=norm.upper(),
                          return_per_attack=True, apgd_steps=10, fab_steps=5, square_queries=20,
                          target_classes=2)
-  report = evaluate.robustness_report(linear, x, y, key=KEY, eps=eps, norm=norm, attacks="aa",
+  seen = []
+  def counted(z):  # the rows the model evaluates, each call's
+    jax.debug.callback(lambda rows: seen.append(int(rows)), z.shape[0])
+    return linear(z)
+  report = evaluate.robustness_report(counted, x, y, key=KEY, eps=eps, norm=norm, attacks="aa",
                                       budget=budget, batch_size=8)
+  jax.effects_barrier()
   np.testing.assert_array_equal(robust["square"], report.verdicts["aa"])
+  assert report.costs["total"]["rows"] == sum(seen)  # the cost accounting holds per norm
   stages = report.costs["stages"]
   if norm == "l1":
     assert [n for n in stages if n.startswith("apgd-ce")] == [f"apgd-ce/r{i}" for i in range(5)]
