@@ -144,3 +144,16 @@ def test_table3_under_l2_moves_every_setting_to_the_l2_recipe():
   config = driver.setting_config("table3", driver.select_settings("table3")[0], base,
                                  command_line={"attack.norm", "eval.eps"})
   assert config.eval.eps == 0.25  # what the command line sets, it keeps
+
+
+def test_the_rand_version_runs_under_l2_with_eot_in_the_l2_ball():
+  """aa-rand under L2 on a randomized model: APGD-CE / APGD-DLR averaged over draws."""
+  x, y = _data(8)
+  noisy = lambda z, keys: linear(z) + 0.05 * jax.vmap(lambda k: jax.random.normal(k, (10,)))(keys)
+  budget = AttackBudget(apgd_steps=5, aa_rand_draws=3, verdict_draws=5, target_classes=2)
+  report = evaluate.robustness_report(linear, x, y, key=KEY, eps=0.2, norm="l2",
+                                      attacks="aa-rand", budget=budget, batch_size=8,
+                                      random_apply_fn=noisy)
+  info = report.attacks["aa-rand"]
+  assert info["norm"] == "l2" and info["gradient_draws"] == 3
+  assert set(report.costs["stages"]) == {"rand:apgd-ce", "rand:apgd-dlr"}

@@ -40,8 +40,8 @@ _NAME = re.compile(r"(?P<base>[a-z][a-z-]*?)(?P<steps>\d+)?(?P<mode>-main|-joint
 # RobustBench's boards (L-inf 8/255, L2 0.5) and AutoAttack's L1 eps (12).
 DEFAULT_EPS = {"linf": 8 / 255, "l2": 0.5, "l1": 12.0}
 # Methods with an L2 and an L1 variant; the query-based N-Attack is L-inf only.
-ANY_NORM = ("fgsm", "pgd", "cw", "cas-head", "eot", "avg-pgd", "md", "aa", "apgd-ce", "apgd-t",
-            "apgd-dlr", "fab-t", "square", "transfer-pgd", "transfer-cw")
+ANY_NORM = ("fgsm", "pgd", "cw", "cas-head", "eot", "avg-pgd", "md", "aa", "aa-rand", "apgd-ce",
+            "apgd-t", "apgd-dlr", "fab-t", "square", "transfer-pgd", "transfer-cw")
 
 
 def same_eps(a: float, b: float) -> bool:
