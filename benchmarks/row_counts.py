@@ -2,6 +2,7 @@
 the reference) and torchattacks' (a second reference), on the same weights and images.
 
   python -m benchmarks.row_counts --images=128 --out=benchmarks/results/row_counts.json
+  python -m benchmarks.row_counts --images=128 --norm=l2   # or l1: the official and ours
 
 A row is one image through one forward pass of the model; a gradient row also took a backward
 pass. The PyTorch sides' rows are counted by a wrapper around their network (every forward
@@ -32,6 +33,11 @@ flags.DEFINE_integer("images", 128, "Test images (8x8 CIFAR-10, or synthetic wit
 flags.DEFINE_integer("steps", 25, "APGD and FAB iterations on both sides.")
 flags.DEFINE_integer("queries", 500, "Square queries on both sides.")
 flags.DEFINE_string("out", "", "Write the results as JSON here.")
+flags.DEFINE_enum("norm", "linf", ["linf", "l2", "l1"],
+                  "The threat model (torchattacks: L-inf only).")
+# eps per norm on the 8x8x3 images: L-inf 4/255, and the L2 / L1 radii of about the same ball
+# size (4/255 sqrt(192) = 0.22, 4/255 x 192 = 3.0), rounded.
+EPS = {"linf": 4 / 255, "l2": 0.25, "l1": 2.0}
 
 
 def counting_network(torch, net):
@@ -69,11 +75,13 @@ def torchattacks_rows(torch, torchattacks, net, x, y, eps, steps, queries, seed=
           **_images(correct, robust)}
 
 
-def official_rows(torch, auto_attack, net, x, y, eps, steps, queries, seed=0) -> dict:
+def official_rows(torch, auto_attack, net, x, y, eps, steps, queries, seed=0,
+                  norm="linf") -> dict:
   """The official AutoAttack standard at these budgets: rows, seconds, robust accuracy."""
   counted = counting_network(torch, net)
   start = time.perf_counter()
-  adversary = auto_attack(counted, eps=eps, norm="Linf", version="standard", seed=seed)
+  adversary = auto_attack(counted, eps=eps, norm={"linf": "Linf"}.get(norm, norm.upper()),
+                          version="standard", seed=seed)
   adversary.verbose = False
   adversary.apgd.n_iter = adversary.apgd_targeted.n_iter = adversary.fab.n_iter = steps
   adversary.square.n_queries = queries
@@ -109,11 +117,16 @@ def our_rows(model_fn, x_nchw, y, eps, steps, queries, attacks="aa", **options) 
           **_images(report.verdicts["natural"], report.verdicts["worst_case"])}
 
 
-def compare(torch, torchattacks, auto_attack, net, model_fn, x, y, eps, steps, queries) -> dict:
+def compare(torch, torchattacks, auto_attack, net, model_fn, x, y, eps, steps, queries,
+            norm="linf") -> dict:
   """Rows and seconds of the official AutoAttack, ours and torchattacks', and of our default
-  report with and without exact AutoAttack."""
-  ours = our_rows(model_fn, x, y, eps, steps, queries)
-  official = official_rows(torch, auto_attack, net, x, y, eps, steps, queries)
+  report with and without exact AutoAttack (under L2 / L1: the official and ours only)."""
+  ours = our_rows(model_fn, x, y, eps, steps, queries, norm=norm)
+  official = official_rows(torch, auto_attack, net, x, y, eps, steps, queries, norm=norm)
+  if norm != "linf":
+    return {"official": official, "ours": ours, "ratio": ours["rows"] / official["rows"],
+            "seconds_ratio": ours["seconds"] / official["seconds"],
+            "missed_by_ours": sorted(set(official["broken"]) - set(ours["broken"]))}
   theirs = torchattacks_rows(torch, torchattacks, net, x, y, eps, steps, queries)
   exact = our_rows(model_fn, x, y, eps, steps, queries, attacks="pgd20,cw,aa")
   bound = our_rows(model_fn, x, y, eps, steps, queries, attacks="pgd20,cw,aa",
@@ -135,6 +148,7 @@ def main(_):
   torch.set_num_threads(1)
   images, labels, source = parity._parity_data()  # pylint: disable=protected-access
   results = {"source": source, "images": FLAGS.images, "steps": FLAGS.steps,
+             "norm": FLAGS.norm, "eps": EPS[FLAGS.norm],
              "queries": FLAGS.queries, "jax": jax.__version__, "torch": torch.__version__,
              "torchattacks": torchattacks.__version__,
              "pyautoattack": importlib.metadata.version("pyautoattack"),
@@ -142,9 +156,9 @@ def main(_):
   for name in ("plain", "cas"):
     net, model_fn = parity.trained_pair(torch, images, labels, cas=name == "cas")
     x, y = images[5000:5000 + FLAGS.images], labels[5000:5000 + FLAGS.images]
-    eps = 4 / 255 if source == "cifar" else 24 / 255
+    eps = EPS[FLAGS.norm] * (1 if source == "cifar" else 6)
     results[name] = compare(torch, torchattacks, pyautoattack.AutoAttack, net, model_fn, x, y,
-                            eps, FLAGS.steps, FLAGS.queries)
+                            eps, FLAGS.steps, FLAGS.queries, FLAGS.norm)
     print(name, json.dumps(results[name]), flush=True)
   print(json.dumps(results, indent=1))
   if FLAGS.out:
