@@ -51,8 +51,8 @@ LOSS_MODES = ("main", "joint")
 # Square gathers the images still standing after these queries (most fall early), then
 # every SQUARE_CHUNK queries.
 SQUARE_GATHERS = (10, 30, 70, 150)
-L1_RESTARTS = 5  # AutoAttack standard under L1: APGD-CE restarts and APGD-T targets
 SQUARE_CHUNK = 250
+L1_RESTARTS = 5  # AutoAttack standard under L1: APGD-CE restarts and APGD-T targets
 # Folded into every image's key before a stage's tag: AutoAttack's streams, the same in the
 # public `autoattack()` and in a report, apart from every other attack's.
 STREAM = zlib.crc32(b"autoattack") & 0x7FFFFFFF

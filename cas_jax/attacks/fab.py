@@ -43,8 +43,7 @@ def _random_start(keys: Array, x: Array, radius, norm: str) -> Array:
   if norm == "linf":
     return engine.random_start(keys, x, radius)
   direction = engine.per_example(lambda k, s: jax.random.normal(k, s, x.dtype), keys, x.shape)
-  length = norms.norm_of(direction.reshape(x.shape[0], -1), norm)
-  return jnp.clip(x + radius * direction / engine.per_image(length, x), 0.0, 1.0)
+  return jnp.clip(x + radius * norms.normalize(direction, norm), 0.0, 1.0)
 
 
 def _into_ball(x_adv: Array, x: Array, eps, norm: str) -> Array:
