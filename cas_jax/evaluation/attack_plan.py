@@ -7,8 +7,9 @@
 compiled attack for the PGD family, MD, EOT, N-Attack and transfer; AutoAttack's stages
 (`autoattack.stage_units`, the same as the public `autoattack()`) for aa, aa-rand and the
 AutoAttack parts. Every unit judges its adversarial examples with `attacks/verdicts.py` (the
-model, or the majority over fresh draws of a randomized one). Cheap attacks run on every clean-correct image; expensive ones on the
-images every earlier attack of another family left standing (`after`), unless
+model, or the majority over fresh draws of a randomized one). Cheap attacks run on every
+clean-correct image; expensive ones on the images every earlier attack of another family
+left standing (`after`), unless
 exact_per_attack, and the AutoAttack family on every clean-correct image unless
 exact_autoattack=False (it costs at most ~1.5x; docs/evaluation.md has the measurement).
 Units shared by several attacks (FAB-T and Square of aa and aa-joint) run once, on the images
@@ -22,7 +23,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
-from cas_jax.evaluation.attack_registry import AttackBudget, AttackSpec, same_eps
+from cas_jax.evaluation.attack_registry import AttackBudget, AttackSpec
 from cas_jax.attacks.autoattack import ATTACKS, VERSIONS, stage_units
 from cas_jax.attacks import cascade
 from cas_jax.attacks import engine
@@ -113,8 +114,7 @@ def single_unit(spec: AttackSpec, models: Models, ctx: "Context") -> List[cascad
 def autoattack_units(spec: AttackSpec, models: Models, ctx: "Context") -> List[cascade.Unit]:
   """AutoAttack's stages (or one part) as units; their names are shared across loss variants."""
   randomized = spec.method == "aa-rand"
-  same_threat = spec.norm == ctx.norm and same_eps(spec.eps, ctx.eps)
-  prefix = "" if same_threat else (f"@{spec.eps * 255:g}:" if spec.norm == "linf"
+  prefix = "" if spec.in_threat(ctx.norm, ctx.eps) else (f"@{spec.eps * 255:g}:" if spec.norm == "linf"
                                    else f"{spec.norm}@{spec.eps:g}:")
   model = models.random if randomized else models.main
   options = dict(eps=spec.eps, key_kind=ctx.key_kind,
@@ -164,7 +164,7 @@ def plan(specs: Sequence[AttackSpec], models: Models, ctx: Context, *,
   AutoAttack family as one block where its first member stands) and each attack's `after`."""
   cheap = [s for s in specs if not s.expensive]
   expensive = [s for s in specs if s.expensive]
-  in_worst = lambda s: s.norm == ctx.norm and same_eps(s.eps, ctx.eps)
+  in_worst = lambda s: s.in_threat(ctx.norm, ctx.eps)
   after, done = {}, []
   steps: List[cascade.Step] = []
   blocks: List[List[AttackSpec]] = []

@@ -137,6 +137,10 @@ class AttackSpec:
     """Whether its gradients average over random draws (EOT): the attack for randomized models."""
     return self.method in EOT_METHODS
 
+  def in_threat(self, norm: str, eps: float) -> bool:
+    """Whether it runs in the threat model (norm, eps): the one rule of the worst case."""
+    return self.norm == norm and same_eps(self.eps, eps)
+
   @property
   def canonical(self) -> str:
     """The attack's name whatever the spelling (its random stream): method, steps, loss, eps."""
@@ -203,13 +207,14 @@ def parse_attack(name: str, *, eps: float, has_cas: bool, norm: str = "linf") ->
   joint = method.joint if not match["mode"] else match["mode"] == "-joint"
   if base == "cas-head" and not has_cas:
     raise _bad_name(name, "this model has no CAS heads to attack")
-  attack_norm = match["norm"][1:] if match["norm"] else check_norm(norm)
+  norm = check_norm(norm)
+  attack_norm = match["norm"][1:] if match["norm"] else norm
   if attack_norm != "linf" and base not in ANY_NORM:
     raise _bad_name(name, f"{base} has no {attack_norm.upper()} variant (L-inf only)")
   if match["eps"] is not None:
     attack_eps = float(match["eps"]) / (255 if attack_norm == "linf" else 1)
   else:
-    attack_eps = eps if attack_norm == check_norm(norm) else DEFAULT_EPS[attack_norm]
+    attack_eps = eps if attack_norm == norm else DEFAULT_EPS[attack_norm]
   check_eps(attack_eps, attack_norm)
   # Without CAS heads the joint losses are the main-head losses: one variant.
   return AttackSpec(name=text, method=base, steps=steps or 0, joint=bool(joint) and has_cas,

@@ -46,8 +46,7 @@ from cas_jax import provenance
 from cas_jax.models import baselines
 from cas_jax.evaluation import report as report_lib
 from cas_jax.evaluation import attack_registry
-from cas_jax.evaluation.attack_registry import (AttackBudget, attack_names, parse_attacks,
-                                                same_eps)
+from cas_jax.evaluation.attack_registry import AttackBudget, attack_names, parse_attacks
 from cas_jax.attacks.autoattack import target_ranks
 from cas_jax.attacks import cascade
 from cas_jax.attacks import engine
@@ -235,7 +234,7 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: Optional[float] = None
                                   exact_autoattack=exact_autoattack)
   infos = {}
   for spec in specs:
-    infos[spec.name] = spec.info(in_worst_case=spec.norm == norm and same_eps(spec.eps, eps))
+    infos[spec.name] = spec.info(in_worst_case=spec.in_threat(norm, eps))
     infos[spec.name]["gradient_draws"] = (
         (budget.aa_rand_draws if spec.method == "aa-rand" else budget.eot_draws)
         if spec.averages_draws and draws else 0)

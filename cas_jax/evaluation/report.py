@@ -281,14 +281,18 @@ def _large_eps_not_broken(report: Report) -> List[str]:
   return warnings
 
 
+def _same_threat(a: dict, b: dict) -> bool:
+  """Whether two attacks' infos run in the same threat model (norm and eps)."""
+  return a.get("norm", "linf") == b.get("norm", "linf") and same_eps(a["eps"], b["eps"])
+
+
 def _fgsm_beats_pgd(report: Report) -> List[str]:
   warnings = []
   for fgsm, f_info in report.attacks.items():
     if f_info["method"] != "fgsm":
       continue
     for pgd, p_info in report.attacks.items():
-      if (p_info["method"] == "pgd" and same_eps(p_info["eps"], f_info["eps"])
-          and p_info.get("norm") == f_info.get("norm")
+      if (p_info["method"] == "pgd" and _same_threat(p_info, f_info)
           and p_info["joint"] == f_info["joint"] and report.is_exact(pgd)
           and report.accuracy(fgsm) < report.accuracy(pgd)):
         warnings.append(
@@ -317,8 +321,8 @@ def _joint_main_disagree(report: Report) -> List[str]:
     if j_info["family"] != "autoattack" or not j_info["joint"]:
       continue
     for main, m_info in report.attacks.items():
-      same = (all(m_info.get(k) == j_info.get(k) for k in ("family", "method", "norm"))
-              and same_eps(m_info["eps"], j_info["eps"]))
+      same = (all(m_info[k] == j_info[k] for k in ("family", "method"))
+              and _same_threat(m_info, j_info))
       if not same or m_info["joint"]:
         continue
       # Compared on the images both attacked, so that the gap is exact either way.
