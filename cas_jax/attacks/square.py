@@ -89,28 +89,10 @@ def _window_pattern(r: Array, c: Array, side, norm: str, size: int) -> Array:
   return (top / jnp.maximum(top_size, 1e-30) - bottom / jnp.maximum(bottom_size, 1e-30)) / whole
 
 
-def _into_l1_ball(x: Array, delta: Array, eps, steps: int = 40) -> Array:
-  """x + delta moved to the nearest point of [0, 1] with L1 distance <= eps from x.
-
-  As the reference's L1_projection: each |delta_i| shrinks by clip(cut, what the box needs,
-  |delta_i|), with the smallest cut that fits (found by bisection; the upper end is kept).
-  """
-  n = x.shape[0]
-  size = jnp.abs(delta).reshape(n, -1)
-  needed = jnp.maximum(jnp.maximum(x + delta - 1.0, -(x + delta)), 0.0).reshape(n, -1)
-  kept = lambda cut: jnp.sum(size - jnp.clip(cut[:, None], needed, size), -1)
-
-  def bisect(_, bounds):
-    low, high = bounds
-    middle = (low + high) / 2
-    fits = kept(middle) <= eps
-    return jnp.where(fits, low, middle), jnp.where(fits, middle, high)
-
-  zero = jnp.zeros((n,), x.dtype)
-  _, high = jax.lax.fori_loop(0, steps, bisect, (zero, jnp.max(size, -1)))
-  cut = jnp.where(kept(zero) <= eps, zero, high)
-  shrunk = jnp.sign(delta) * (size - jnp.clip(cut[:, None], needed, size)).reshape(x.shape)
-  return jnp.clip(x + shrunk, 0.0, 1.0)
+def _into_l1_ball(x: Array, delta: Array, eps) -> Array:
+  """x + delta moved to the nearest point of [0, 1] with L1 distance <= eps from x (the
+  reference's L1_projection: norms.l1_box_projection)."""
+  return jnp.clip(x + norms.l1_box_projection(delta, x, eps), 0.0, 1.0)
 
 
 def _lp_start(keys: Array, x: Array, eps, norm: str) -> Array:
