@@ -157,3 +157,15 @@ def test_the_rand_version_runs_under_l2_with_eot_in_the_l2_ball():
   info = report.attacks["aa-rand"]
   assert info["norm"] == "l2" and info["gradient_draws"] == 3
   assert set(report.costs["stages"]) == {"rand:apgd-ce", "rand:apgd-dlr"}
+
+
+def test_the_rand_version_under_l2_stays_in_the_l2_ball():
+  """Public autoattack(version="rand", norm="l2"): points within L2 0.2 (an L-inf ball of 0.2
+  reaches L2 1.4 on these 48 values) that do move."""
+  from cas_jax.attacks.autoattack import autoattack  # pylint: disable=g-import-not-at-top
+  x, y = _data(8)
+  noisy = lambda z, keys: linear(z) + 0.05 * jax.vmap(lambda k: jax.random.normal(k, (10,)))(keys)
+  x_adv = autoattack(noisy, x, y, eps=0.2, key=KEY, version="rand", norm="l2", apgd_steps=5,
+                     eot_draws=3, verdict_draws=5)
+  size = np.sqrt(np.sum((np.asarray(x_adv) - x) ** 2, axis=(1, 2, 3)))
+  assert size.max() <= 0.2 * (1 + 1e-5) and size.max() > 0.1
