@@ -31,13 +31,9 @@ import numpy as np
 from ml_collections import config_flags
 import torch
 
+from benchmarks import common
 from cas_jax import attacks
-from cas_jax.evaluation import evaluate
 from cas_jax import input_pipeline
-from cas_jax.models import interop
-from cas_jax.models import loading
-from cas_jax import models
-from tests.test_interop import build_torch_network
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A config file from configs/ (model, data).")
@@ -59,33 +55,6 @@ flags.DEFINE_string("out", "", "Write the per-image verdicts and the summary as 
 
 STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
 ENVIRONMENT = {}  # versions and devices of this run (or of the merged runs)
-
-
-class MainLogits(torch.nn.Module):
-  """The authors' CAS network seen by torchattacks: main-head logits only."""
-
-  def __init__(self, net):
-    super().__init__()
-    self.net = net
-
-  def forward(self, x):
-    return self.net(x)[0]
-
-
-def load_models(config, image_shape, device):
-  """(our model_fn, the torch network on `device` returning main logits) with the same weights."""
-  if str(config.model.cas_stages) != "default" or config.get("baseline", "none") != "none":
-    raise ValueError("the torch reference networks have the authors' CAS placement and no "
-                     "baseline: use model.cas_stages=default and baseline=none")
-  loaded = loading.load(config, FLAGS.checkpoint, 10, image_shape)  # a workdir or a .pth
-  model, variables = loaded.model, loaded.variables
-  net = build_torch_network(config.model.name, models.options_from_config(config.model))
-  state = {k: torch.from_numpy(v) for k, v in
-           interop.to_torch_state_dict(config.model.name, variables).items()}
-  missing, unexpected = net.load_state_dict(state, strict=False)
-  if unexpected or not all(interop.is_ignored_key(config.model.name, k) for k in missing):
-    raise ValueError(f"state_dict mismatch: missing {missing}, unexpected {unexpected}")
-  return evaluate.bind_model(model, variables), MainLogits(net).eval().to(device)
 
 
 def first_breaking_stage(flags_by_stage: dict) -> list:
@@ -244,16 +213,10 @@ def main(_):
   device = FLAGS.torch_device
   if device == "auto":
     device = "cuda" if torch.cuda.is_available() else "cpu"
-  model_fn, net = load_models(config, x.shape[1:], device)
+  model_fn, net = common.load_models(config, FLAGS.checkpoint, x.shape[1:], device)
   ENVIRONMENT.update(environment(device))
   x_nchw = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-  ours_logits = np.asarray(model_fn(x)[0])
-  with torch.no_grad():
-    torch_logits = net(torch.tensor(x_nchw, device=device)).cpu().numpy()
-  logit_gap = float(np.max(np.abs(ours_logits - torch_logits)))
-  if logit_gap > 1e-3 or np.any(ours_logits.argmax(1) != torch_logits.argmax(1)):
-    raise RuntimeError(f"the exported torch network disagrees with ours (max logit gap "
-                       f"{logit_gap:.2e}): the comparison would be meaningless")
+  logit_gap, ours_logits = common.checked_logit_gap(model_fn, net, x, device)
   clean = ours_logits.argmax(1) == y
   eps = FLAGS.eps / 255
   verdicts, seconds = {"ours": [], "reference": []}, {"ours": [], "reference": []}

@@ -18,3 +18,52 @@ def report(result: dict, out: str) -> None:
   if out:
     with open(out, "w") as f:
       json.dump(result, f, indent=2)
+
+
+def load_models(config, checkpoint: str, image_shape, device: str):
+  """(our model_fn, the authors'-layout torch network on `device` returning main logits) with
+  the same weights, from a workdir (its latest checkpoint) or an authors'-layout .pth."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from cas_jax import models  # pylint: disable=g-import-not-at-top
+  from cas_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  from cas_jax.models import interop, loading  # pylint: disable=g-import-not-at-top
+  from tests.test_interop import build_torch_network  # pylint: disable=g-import-not-at-top
+  if str(config.model.cas_stages) != "default" or config.get("baseline", "none") != "none":
+    raise ValueError("the torch reference networks have the authors' CAS placement and no "
+                     "baseline: use model.cas_stages=default and baseline=none")
+  loaded = loading.load(config, checkpoint, config.data.num_classes, image_shape)
+  net = build_torch_network(config.model.name, models.options_from_config(config.model))
+  state = {k: torch.from_numpy(v) for k, v in
+           interop.to_torch_state_dict(config.model.name, loaded.variables).items()}
+  missing, unexpected = net.load_state_dict(state, strict=False)
+  if unexpected or not all(interop.is_ignored_key(config.model.name, k) for k in missing):
+    raise ValueError(f"state_dict mismatch: missing {missing}, unexpected {unexpected}")
+
+  class MainLogits(torch.nn.Module):
+    """The authors' CAS network as the PyTorch attacks see it: main-head logits only."""
+
+    def __init__(self, inner):
+      super().__init__()
+      self.inner = inner
+
+    def forward(self, images):
+      return self.inner(images)[0]
+
+  model_fn = evaluate.bind_model(loaded.model, loaded.variables)
+  return model_fn, MainLogits(net).eval().to(device)
+
+
+def checked_logit_gap(model_fn, net, x_nhwc, device: str):
+  """(max |logit difference|, our logits) of the two networks on x; RuntimeError if they differ
+  by more than 1e-3 or in any prediction (every comparison after would be meaningless)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  ours = np.asarray(model_fn(x_nhwc)[0])
+  with torch.no_grad():
+    theirs = net(torch.tensor(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2)),
+                              device=device)).cpu().numpy()
+  gap = float(np.max(np.abs(ours - theirs)))
+  if gap > 1e-3 or np.any(ours.argmax(1) != theirs.argmax(1)):
+    raise RuntimeError(f"the exported torch network disagrees with ours (max logit gap "
+                       f"{gap:.2e}): the comparison would be meaningless")
+  return gap, ours
