@@ -343,7 +343,7 @@ def test_rand_version_runs_apgd_with_eot():
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(version="plus"), "valid: standard, rand"),
+    (dict(version="plus-plus"), "valid: standard, plus, rand"),
     (dict(loss="cas"), "valid: 'main'"),
     (dict(attacks=("pgd",)), "valid: apgd-ce"),
     (dict(version="rand", attacks=("square",)), "gradient attacks with EOT"),

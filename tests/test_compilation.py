@@ -57,6 +57,23 @@ def test_each_program_compiles_once_per_batch_shape_whatever_the_targets():
     assert _count(more, program) == _count(stats, program), (program, more.as_dict())
 
 
+def test_plus_compiles_one_program_per_apgd_loss_and_fab_kind_whatever_the_restarts():
+  """aa-plus runs 5 restarts of APGD-CE, APGD-DLR and FAB and 3 targets of APGD-T and FAB-T:
+  restarts and targets are traced values, so APGD compiles once per loss (CE, DLR, targeted
+  DLR) and FAB once targeted and once untargeted, per batch shape."""
+  jax.clear_caches()
+  x, y = _report_data(40)
+  budget = AttackBudget(apgd_steps=3, fab_steps=3, square_queries=40, target_classes=3)
+  with compilation.counted() as stats:
+    report = evaluate.robustness_report(jax.tree_util.Partial(apply_cas, W), x, y, key=KEY,
+                                        eps=0.02, attacks="aa-plus", batch_size=16,
+                                        budget=budget)
+  assert report.verdicts["aa-plus"].sum() < report.verdicts["natural"].sum()
+  shapes = len(cascade.batch_sizes(16, 1))
+  for program, bound in {"apgd_round": 3 * shapes, "fab_round": 2 * shapes}.items():
+    assert 2 <= _count(stats, program) <= bound, (program, stats.as_dict())
+
+
 def test_the_counter_sees_every_compilation_and_only_those_inside_it():
   f = jax.jit(lambda v: v * 2 + 1)
   with compilation.counted() as stats:

@@ -259,9 +259,10 @@ def test_an_unknown_norm_or_a_bad_eps_is_refused_and_l1_takes_eps_above_one():
   assert _distance(np.asarray(x_adv) - np.asarray(X), "l1").max() <= 12.0 * (1 + 1e-5)
 
 
-@pytest.mark.parametrize("norm", ["l2", "l1"])
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
 def test_fab_restarts_start_on_the_half_eps_sphere(norm):
-  """As the reference: x + eps/2 * a Gaussian direction of unit norm, then clipped to [0, 1]."""
+  """As the reference: x + eps/2 * a direction of unit norm (uniform under L-inf, Gaussian
+  under L2 and L1), then clipped to [0, 1]."""
   fab_module = pytest.importorskip("cas_jax.attacks.fab")
   x = jnp.full((N, SIDE, SIDE, 3), 0.5)  # far from the box faces: nothing is clipped
   start = fab_module._random_start(jax.random.split(KEY, N), x, 0.2, norm)

@@ -1,23 +1,28 @@
-"""AutoAttack (Croce & Hein, ICML 2020), L-inf, in JAX, with CAS-aware (joint-loss) variants.
+"""AutoAttack (Croce & Hein, ICML 2020), L-inf/L2/L1, in JAX, with CAS-aware (joint-loss) variants.
 
 The standard version runs APGD-CE, APGD-T (9 target classes), FAB-T (9 target classes) and
 Square (5000 queries) in turn; each stage attacks only the images that every earlier stage
-left robust. The "rand" version, for randomized defenses, runs APGD-CE and APGD-DLR with
-EOT over 20 draws of `model_fn(x, keys)` (one key per example, as attacks/randomized.py).
+left robust (under L1: APGD with large eps first, APGD-CE with 5 restarts, APGD-T on 5
+targets). The "plus" version runs APGD-CE and APGD-DLR with 5 restarts, untargeted FAB
+with 5 restarts, Square, APGD-T and FAB-T (9 targets each), the same under every norm (as
+the authors' code: no large eps under L1). The "rand" version, for randomized defenses,
+runs APGD-CE and APGD-DLR with EOT over 20 draws of `model_fn(x, keys)` (one key per
+example, as attacks/randomized.py).
 
     x_adv = autoattack(model_fn, x, y, eps=8/255, key=key)
     x_adv, robust = autoattack(model_fn, x, y, eps=8/255, key=key, loss="joint",
                                return_per_attack=True)
     robust["square"].mean()      # robust accuracy after the whole ensemble
     x_adv = autoattack(random_model_fn, x, y, eps=8/255, key=key, version="rand")
+    x_adv = autoattack(model_fn, x, y, eps=0.5, key=key, version="plus", norm="l2")
 
 loss="joint" makes the APGD stages ascend the joint losses of the main and CAS heads (CE,
-targeted DLR, DLR; weight `beta`); FAB-T linearises the main head's z_t - z_y, whose
+targeted DLR, DLR; weight `beta`); FAB and FAB-T linearise the main head's z_k - z_y, whose
 gradient passes through the CAS masks either way, and Square uses the main-head margin.
-Every stage is a list of units of the survivor cascade (attacks/cascade.py): one per APGD-T
-and FAB-T target and one per chunk of Square queries (`square_bounds`), each run on the
-images every unit before it left robust, so Square drops a fooled image within SQUARE_CHUNK
-queries (within 10 to 80 in its first 150, when most fall).
+Every stage is a list of units of the survivor cascade (attacks/cascade.py): one per APGD
+restart, APGD-T and FAB-T target and FAB restart, and one per chunk of Square queries
+(`square_bounds`), each run on the images every unit before it left robust, so Square drops
+a fooled image within SQUARE_CHUNK queries (within 10 to 80 in its first 150, when most fall).
 Compiled runs are cached per model_fn object: pass the same one across calls, or better a
 jax.tree_util.Partial(apply_fn, variables), whose weights are then traced inputs (not
 constants baked into each program) and whose compilations survive new weights.
@@ -43,9 +48,10 @@ from cas_jax.attacks.square import square_chunk
 
 Array = jax.Array
 # Position in ATTACKS is each attack's fold_in tag: an image's randomness in one attack does
-# not depend on which other attacks ran.
-ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr")
+# not depend on which other attacks ran. New attacks go at the end.
+ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr", "fab")
 VERSIONS = {"standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
+            "plus": ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"),
             "rand": ("apgd-ce", "apgd-dlr")}
 LOSS_MODES = ("main", "joint")
 # Square gathers the images still standing after these queries (most fall early), then
@@ -53,6 +59,7 @@ LOSS_MODES = ("main", "joint")
 SQUARE_GATHERS = (10, 30, 70, 150)
 SQUARE_CHUNK = 250
 L1_RESTARTS = 5  # AutoAttack standard under L1: APGD-CE restarts and APGD-T targets
+PLUS_RESTARTS = 5  # AutoAttack plus: APGD-CE, APGD-DLR and FAB restarts (FAB's alone too)
 # Folded into every image's key before a stage's tag: AutoAttack's streams, the same in the
 # public `autoattack()` and in a report, apart from every other attack's.
 STREAM = zlib.crc32(b"autoattack") & 0x7FFFFFFF
@@ -74,18 +81,22 @@ def stage_units(model_fn, stage: str, *, eps, key_kind: Array, judge: verdicts.J
                 loss: str = "main", beta: float = 2.0, apgd_steps: int = 100,
                 fab_steps: int = 100, square_queries: int = 5000,
                 ranks: Sequence[int] = range(2, 11), eot=None,
-                prefix: str = "", norm: str = "linf") -> List[cascade.Unit]:
-  """The cascade units of one AutoAttack stage, judged by `judge` after each batch.
+                prefix: str = "", norm: str = "linf",
+                version: str = "standard") -> List[cascade.Unit]:
+  """The cascade units of one AutoAttack stage of `version`, judged by `judge` after each batch.
 
   Units are named prefix + stage (+ "-joint" for APGD on the joint losses) (+ "/rank" for
-  APGD-T and FAB-T, "/q<first query>" for Square's chunks); FAB-T and Square do not depend on
-  `loss`, so the same names (and runs) serve the main and joint variants. Each image's key is
-  folded with STREAM, the stage's tag and the loss mode: APGD on the main and on the joint
-  losses start from independent points. key_kind: any key array of the PRNG implementation
-  of the cascade's key data.
+  APGD-T and FAB-T, "/r<restart>" for restarts, "/q<first query>" for Square's chunks); FAB,
+  FAB-T and Square do not depend on `loss` or the version, so the same names (and runs) serve
+  every variant. Plus's APGD under L1 (without large eps) is named "plus:..." apart from the
+  standard's. Each image's key is folded with STREAM, the stage's tag and the loss mode (not
+  FAB's): APGD on the main and on the joint losses start from independent points. key_kind:
+  any key array of the PRNG implementation of the cascade's key data.
   """
   tag, joint = ATTACKS.index(stage), loss == "joint"
-  tags = (STREAM, tag, int(joint))
+  # FAB ignores the loss: one stream, so that its units (shared by name) are one computation
+  # whichever variant builds them (FAB-T's and Square's streams stay as they were).
+  tags = (STREAM, tag, int(joint and stage != "fab"))
   impl = jax.random.key_impl(key_kind)
 
   def unit(name, attack, forward, gradient, carry=None, reads_carry=False):
@@ -102,14 +113,16 @@ def stage_units(model_fn, stage: str, *, eps, key_kind: Array, judge: verdicts.J
     return cascade.Unit(prefix + name, run_batch, carry and prefix + carry, reads_carry)
 
   if stage.startswith("apgd"):
-    name = stage + ("-joint" if joint else "")
+    plus = version == "plus"
+    name = ("plus:" if plus and norm == "l1" else "") + stage + ("-joint" if joint else "")
     # Under L1 the standard version runs APGD with large eps first (use_largereps), APGD-CE
     # with L1_RESTARTS restarts and APGD-T on the first L1_RESTARTS targets (as the authors').
-    largereps = norm == "l1" and eot is None
+    largereps = norm == "l1" and eot is None and not plus
     if stage == "apgd-t":
       rounds = tuple(ranks)[:L1_RESTARTS] if largereps else tuple(ranks)
     else:
-      rounds = (None,) * (L1_RESTARTS if largereps and stage == "apgd-ce" else 1)
+      rounds = (None,) * (PLUS_RESTARTS if plus else
+                          L1_RESTARTS if largereps and stage == "apgd-ce" else 1)
     forward, gradient = apgd_round_passes(apgd_steps, eot, stage == "apgd-t", largereps)
     label = lambda number, rank: (f"/{rank}" if rank is not None
                                   else f"/r{number}" if len(rounds) > 1 else "")
@@ -119,11 +132,16 @@ def stage_units(model_fn, stage: str, *, eps, key_kind: Array, judge: verdicts.J
                                    rank=rank, number=number, norm=norm,
                                    use_largereps=largereps), forward, gradient)
             for number, rank in enumerate(rounds)]
-  if stage == "fab-t":
-    forward, gradient = fab_round_passes(fab_steps)
-    return [unit(f"fab-t/{rank}", functools.partial(fab_round, model_fn, steps=fab_steps,
-                                                    rank=rank, number=number, norm=norm),
-                 forward, gradient) for number, rank in enumerate(ranks)]
+  if stage.startswith("fab"):
+    # FAB-T: one round per target from x; FAB: PLUS_RESTARTS restarts, the first from x.
+    targeted = stage == "fab-t"
+    rounds = [(rank, 0) for rank in ranks] if targeted else [
+        (None, restart) for restart in range(PLUS_RESTARTS)]
+    forward, gradient = fab_round_passes(fab_steps, targeted)
+    return [unit(f"fab-t/{rank}" if targeted else f"fab/r{restart}",
+                 functools.partial(fab_round, model_fn, steps=fab_steps, rank=rank,
+                                   restart=restart, number=number, norm=norm),
+                 forward, gradient) for number, (rank, restart) in enumerate(rounds)]
   bounds = square_bounds(square_queries)
   def chunk(first, end):
     def attack(x, y, stage_keys, carry, eps):
@@ -166,7 +184,8 @@ def autoattack(model_fn, x: Array, y: Array, *, eps=8 / 255, version: str = "sta
                norm: str = "linf"):
   """AutoAttack; with return_per_attack, also {"clean" and each attack: robust flags after it}.
 
-  `attacks` overrides the version's list (run in the order given), e.g. ("apgd-ce", "square").
+  version: "standard", "plus" or "rand" (module doc). `attacks` overrides the version's list
+  (run in the order given, with the version's restarts), e.g. ("apgd-ce", "square").
   The step, query, target and draw counts default to AutoAttack's; tests make them small.
   Stages, random streams and judge are a report's (`robustness_report(..., attacks="aa")`
   gives the same verdicts for the same key); version="rand" judges by the majority of
@@ -189,7 +208,7 @@ def autoattack(model_fn, x: Array, y: Array, *, eps=8 / 255, version: str = "sta
   options = dict(eps=eps, key_kind=keys, judge=judge, loss=loss, beta=beta, apgd_steps=apgd_steps,
                  fab_steps=fab_steps, square_queries=square_queries,
                  ranks=target_ranks(target_classes, num_classes),
-                 eot=eot_draws if randomized else None, norm=norm)
+                 eot=eot_draws if randomized else None, norm=norm, version=version)
   units = {name: stage_units(model_fn, name, **options) for name in names}
   result = cascade.run([cascade.Step(u, ("aa",)) for n in names for u in units[n]],
                        np.asarray(x), np.asarray(y), np.asarray(jax.random.key_data(keys)),

@@ -5,13 +5,13 @@
 
 `DISPATCH` is the one table from an attack method to its units (attacks/cascade.py): a single
 compiled attack for the PGD family, MD, EOT, N-Attack and transfer; AutoAttack's stages
-(`autoattack.stage_units`, the same as the public `autoattack()`) for aa, aa-rand and the
-AutoAttack parts. Every unit judges its adversarial examples with `attacks/verdicts.py` (the
-model, or the majority over fresh draws of a randomized one). Cheap attacks run on every
-clean-correct image; expensive ones on the images every earlier attack of another family
-left standing (`after`), unless
-exact_per_attack, and the AutoAttack family on every clean-correct image unless
-exact_autoattack=False (it costs at most ~1.5x; docs/evaluation.md has the measurement).
+(`autoattack.stage_units`, the same as the public `autoattack()`) for aa, aa-plus, aa-rand
+and the AutoAttack parts. Every unit judges its adversarial examples with
+`attacks/verdicts.py` (the model, or the majority over fresh draws of a randomized one).
+Cheap attacks run on every clean-correct image; expensive ones on the images every earlier
+attack of another family left standing (`after`), unless exact_per_attack, and the
+AutoAttack family on every clean-correct image unless exact_autoattack=False (it costs at
+most ~1.5x; docs/evaluation.md has the measurement).
 Units shared by several attacks (FAB-T and Square of aa and aa-joint) run once, on the images
 standing for all of them.
 """
@@ -34,10 +34,13 @@ from cas_jax.attacks.white_box import margin_decomposition, pgd
 
 Array = jax.Array
 Partial = jax.tree_util.Partial
-# The order of AutoAttack's stages across its versions and parts (rand: apgd-ce, apgd-dlr).
-STAGE_ORDER = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
-AA_STAGES = {"aa": VERSIONS["standard"], "aa-rand": VERSIONS["rand"],
-             **{s: (s,) for s in ATTACKS}}
+# The order of AutoAttack's stages across its versions and parts in a report (plus: its own
+# order but Square last, as in standard, after the cheaper targeted stages; the verdicts do
+# not depend on the order, only the cost does).
+STAGE_ORDER = ("apgd-ce", "apgd-dlr", "fab", "apgd-t", "fab-t", "square")
+AA_STAGES = {"aa": VERSIONS["standard"], "aa-plus": VERSIONS["plus"],
+             "aa-rand": VERSIONS["rand"], **{s: (s,) for s in ATTACKS}}
+AA_VERSIONS = {"aa-plus": "plus", "aa-rand": "rand"}  # the others: standard's settings
 
 
 class Models(NamedTuple):
@@ -123,7 +126,8 @@ def autoattack_units(spec: AttackSpec, models: Models, ctx: "Context") -> List[c
                  apgd_steps=ctx.budget.apgd_steps, fab_steps=ctx.budget.fab_steps,
                  square_queries=ctx.budget.square_queries, ranks=ctx.ranks,
                  eot=ctx.budget.aa_rand_draws if randomized else None,
-                 prefix=prefix + ("rand:" if randomized else ""), norm=spec.norm)
+                 prefix=prefix + ("rand:" if randomized else ""), norm=spec.norm,
+                 version=AA_VERSIONS.get(spec.method, "standard"))
   units = []
   for stage in AA_STAGES[spec.method]:
     units += stage_units(model, stage, **options)
@@ -150,7 +154,8 @@ class Context:
 
 
 def _stage_position(unit_name: str) -> Tuple[int, int]:
-  """(stage, position within the stage) of an AutoAttack unit name: 'fab-t/3', 'apgd-ce/r2'."""
+  """(stage, position within the stage) of an AutoAttack unit name: 'fab-t/3', 'apgd-ce/r2',
+  'plus:apgd-dlr/r1'."""
   bare = unit_name.rpartition(":")[2]
   stage, _, rest = bare.partition("/")
   stage = stage.replace("-joint", "")

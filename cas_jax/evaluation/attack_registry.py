@@ -11,9 +11,12 @@ Names (case-insensitive; a number after the name sets the step count):
                         joint margin); on a deterministic model the draws coincide
   md<k>                 Margin Decomposition (Table 12), adaptive unless "-main"
   aa (= autoattack)     AutoAttack standard on the main logits; "aa-joint": APGD on the joint losses
+  aa-plus               AutoAttack's "plus" version (APGD-CE, APGD-DLR and FAB with 5 restarts,
+                        Square, APGD-T, FAB-T); "aa-plus-joint": APGD on the joint losses
   aa-rand               AutoAttack's "rand" version (APGD-CE, APGD-DLR with EOT) for randomized
                         models such as SAP; "aa-rand-joint" on the joint losses
-  apgd-ce, apgd-t, apgd-dlr, fab-t, square   one AutoAttack part ("-joint" for APGD's joint losses)
+  apgd-ce, apgd-t, apgd-dlr, fab-t, square, fab   one AutoAttack part ("-joint" for APGD's
+                        joint losses; fab: untargeted FAB, 5 restarts, as in plus)
   n-attack              query-based black-box N-Attack (Table 6)
   transfer-pgd<k>, transfer-cw<k>   black-box transfer from a source model (Table 6)
   sweep                 pgd20@2, pgd20@4, pgd20@8, pgd20@16, pgd20@32 (Table 13)
@@ -40,8 +43,9 @@ _NAME = re.compile(r"(?P<base>[a-z][a-z-]*?)(?P<steps>\d+)?(?P<mode>-main|-joint
 # RobustBench's boards (L-inf 8/255, L2 0.5) and AutoAttack's L1 eps (12).
 DEFAULT_EPS = {"linf": 8 / 255, "l2": 0.5, "l1": 12.0}
 # Methods with an L2 and an L1 variant; the query-based N-Attack is L-inf only.
-ANY_NORM = ("fgsm", "pgd", "cw", "cas-head", "eot", "avg-pgd", "md", "aa", "aa-rand", "apgd-ce",
-            "apgd-t", "apgd-dlr", "fab-t", "square", "transfer-pgd", "transfer-cw")
+ANY_NORM = ("fgsm", "pgd", "cw", "cas-head", "eot", "avg-pgd", "md", "aa", "aa-plus", "aa-rand",
+            "apgd-ce", "apgd-t", "apgd-dlr", "fab-t", "fab", "square", "transfer-pgd",
+            "transfer-cw")
 
 
 def same_eps(a: float, b: float) -> bool:
@@ -78,11 +82,13 @@ METHODS = {
     "avg-pgd": Method(100, True, True, False, "avg-pgd"),
     "md": Method(40, True, True, False, "md"),
     "aa": Method(None, False, True, False, "autoattack"),
+    "aa-plus": Method(None, False, True, False, "autoattack"),
     "aa-rand": Method(None, False, True, False, "autoattack"),
     "apgd-ce": Method(None, False, True, False, "autoattack"),
     "apgd-t": Method(None, False, True, False, "autoattack"),
     "apgd-dlr": Method(None, False, True, False, "autoattack"),
     "fab-t": Method(None, None, True, False, "autoattack"),
+    "fab": Method(None, None, True, False, "autoattack"),
     "square": Method(None, None, True, True, "autoattack"),
     "n-attack": Method(None, None, True, True, "n-attack"),
     "transfer-pgd": Method(20, None, False, True, "transfer"),
@@ -163,6 +169,8 @@ class AttackSpec:
         "avg-pgd": f"Avg-PGD-{steps} margin, {loss}",
         "md": f"MD-{steps}, {loss}",
         "aa": "AutoAttack standard, " + ("joint losses" if self.joint else "main logits"),
+        "aa-plus": "AutoAttack plus, " + ("joint losses" if self.joint else "main logits"),
+        "fab": "AutoAttack part fab (untargeted FAB, 5 restarts)",
         "aa-rand": "AutoAttack rand (APGD-CE, APGD-DLR with EOT), " + (
             "joint losses" if self.joint else "main logits"),
         "n-attack": "N-Attack (black-box)",
@@ -180,8 +188,9 @@ class AttackSpec:
 
 def _bad_name(name: str, why: str) -> errors.UserError:
   return errors.UserError(f"attack {name!r}: {why}. Valid names: default, fgsm, pgd<k>, cw<k>, "
-                    "cas-head<k>, eot<k>, avg-pgd<k>, md<k>, aa, aa-joint, aa-rand, apgd-ce, "
-                    "apgd-t, apgd-dlr, fab-t, square, n-attack, transfer-pgd<k>, transfer-cw<k>, "
+                    "cas-head<k>, eot<k>, avg-pgd<k>, md<k>, aa, aa-joint, aa-plus, aa-rand, "
+                    "apgd-ce, apgd-t, apgd-dlr, fab-t, fab, square, n-attack, transfer-pgd<k>, "
+                    "transfer-cw<k>, "
                     "sweep; "
                     "add -main / -joint for the loss, -linf / -l2 / -l1 for another norm than the "
                     "report's and @<e> for eps (e/255 under L-inf, e under L2 and L1), e.g. "
