@@ -9,7 +9,7 @@ from cas_jax.attacks.autoattack import autoattack
 from cas_jax.attacks.fab import fab
 from cas_jax.evaluation import evaluate
 from cas_jax.evaluation.attack_registry import AttackBudget
-from test_norms_fab_square import EPS, KEY, X, Y, _check_attack, _distance, mlp
+from test_norms_fab_square import EPS, KEY, W1, W2, X, Y, _check_attack, _distance, mlp
 
 @pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
 def test_untargeted_fab_stays_in_the_ball_and_breaks_images(norm):
@@ -30,6 +30,29 @@ B = np.asarray(jax.random.normal(jax.random.key(5), (10,)), np.float32) / 4
 
 def linear(x):
   return x.reshape(x.shape[0], -1) @ W + B
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.015), ("l2", 0.25), ("l1", 1.0)])
+def test_untargeted_fab_finds_the_official_fabs_smallest_perturbations(norm, eps):
+  """A torch twin of mlp under pyautoattack's FABAttack_PT (untargeted, one restart: it starts
+  at x, no seed matters), 20 steps: the same images broken, with the same smallest
+  perturbations (median relative difference <= 1e-4; float32 rounding may let a path drift)."""
+  torch = pytest.importorskip("torch")
+  fab_pt = pytest.importorskip("pyautoattack.fab_pt")
+  w1, w2 = (torch.tensor(np.asarray(w)) for w in (W1, W2))
+  net = lambda z: torch.relu(z.permute(0, 2, 3, 1).reshape(z.shape[0], -1) @ w1) @ w2 * 4.0
+  attack = fab_pt.FABAttack_PT(net, norm={"linf": "Linf", "l2": "L2", "l1": "L1"}[norm],
+                               n_restarts=1, n_iter=20, eps=eps, targeted=False, device="cpu")
+  x = np.asarray(X)
+  theirs = np.transpose(attack.perturb(torch.tensor(np.transpose(x, (0, 3, 1, 2))),
+                                       torch.tensor(np.asarray(Y))).numpy(), (0, 2, 3, 1))
+  ours = np.asarray(fab(mlp, X, Y, eps=eps, key=KEY, steps=20, target_ranks=None, norm=norm))
+  broken = _check_attack(ours, eps, norm)
+  np.testing.assert_array_equal(broken, np.asarray(mlp(jnp.asarray(theirs))).argmax(-1) != Y)
+  assert 4 <= broken.sum() < len(Y)
+  sizes = [_distance(a[broken] - x[broken], norm) for a in (ours, theirs)]
+  np.testing.assert_allclose(sizes[0], sizes[1], rtol=2e-2)
+  assert np.median(np.abs(sizes[0] / sizes[1] - 1)) <= 1e-4
 
 
 def _two_boundaries():
@@ -107,6 +130,7 @@ def _expected_stages(norm):
           + ["fab-t/2", "fab-t/3"])
 
 
+@pytest.mark.slow
 def test_plus_runs_the_official_stages_with_the_reports_verdicts():
   """Public autoattack(version="plus") runs the official order and keeps its points in the
   ball; the report's aa-plus gives its verdicts, with the units of `_expected_stages`, and
@@ -128,6 +152,7 @@ def test_plus_runs_the_official_stages_with_the_reports_verdicts():
   assert [s for s in stages if not s.startswith("square")] == _expected_stages("linf")
 
 
+@pytest.mark.slow
 def test_plus_under_l1_runs_apgd_without_large_eps():
   """As the official plus (its _set_version sets use_largereps for standard only): under L1
   each APGD round costs steps + 1 gradient passes (large eps: steps + 3), APGD-T runs every
