@@ -3,8 +3,10 @@
 `cas-jax` (cas_jax/main.py, the checkout's main.py) and `cas-jax-experiments`
 (cas_jax/experiments/driver.py) run through `run(main)`.
 """
+import contextlib
 import logging as python_logging
 import os
+import shlex
 import signal
 import sys
 from typing import Callable, List
@@ -37,6 +39,19 @@ def _exit_now(signum, frame):
         "rerunning the same command resumes from the latest checkpoint", file=sys.stderr,
         flush=True)
   os._exit(128 + signum)  # pylint: disable=protected-access  (no traceback, no cleanup wait)
+
+
+@contextlib.contextmanager
+def exit_on_stop():
+  """A run stopped by SIGTERM / SIGINT with its work saved (preemption.Stopped) ends with the
+  command that resumes it and status 128 + the signal number, as if the signal had ended it:
+  schedulers then see a preempted job (to requeue), not a finished one."""
+  from cas_jax import preemption  # pylint: disable=g-import-not-at-top  (imports jax)
+  try:
+    yield
+  except preemption.Stopped as stopped:
+    print(f"{stopped}; resume with: {shlex.join([sys.executable, *sys.argv])}", file=sys.stderr)
+    sys.exit(stopped.exit_status)
 
 
 def resolve_configs(argv: List[str]) -> List[str]:

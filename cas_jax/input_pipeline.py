@@ -74,8 +74,9 @@ def _read_cifar_pickle(path: str, label_key: str) -> Arrays:
   return images, labels
 
 
-def load_cifar_dir(path: str, dataset: str = "cifar10") -> Tuple[Arrays, Arrays]:
-  """(train, test) arrays from the official CIFAR-10/100 python-pickle folder at `path`."""
+def load_cifar_dir(path: str, dataset: str = "cifar10",
+                   splits: Sequence[str] = ("train", "test")) -> Tuple[Arrays, ...]:
+  """The arrays of each split in `splits` (train, test) from the official CIFAR-10/100 folder."""
   if dataset not in _CIFAR_FILES:
     raise errors.UserError(f"source='cifar_dir' reads cifar10 or cifar100, not dataset={dataset!r}")
   if not path:
@@ -85,10 +86,10 @@ def load_cifar_dir(path: str, dataset: str = "cifar10") -> Tuple[Arrays, Arrays]
   if os.path.isdir(os.path.join(path, _CIFAR_FOLDERS[dataset])):  # the folder above it
     path = os.path.join(path, _CIFAR_FOLDERS[dataset])
   train_files, test_files, label_key = _CIFAR_FILES[dataset]
-  splits = []
-  for names in (train_files, test_files):
+  arrays = []
+  for split in splits:
     parts = []
-    for name in names:
+    for name in {"train": train_files, "test": test_files}[split]:
       file_path = os.path.join(path, name)
       if not os.path.isfile(file_path):
         raise _cifar_missing(path, dataset, f"{file_path} is missing")
@@ -98,8 +99,8 @@ def load_cifar_dir(path: str, dataset: str = "cifar10") -> Tuple[Arrays, Arrays]
         raise errors.UserError(
                    f"{file_path} is damaged or not a CIFAR python pickle ({type(error).__name__}); "
                    f"download and extract {_CIFAR_URLS[dataset]} again") from None
-    splits.append((np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])))
-  return splits[0], splits[1]
+    arrays.append((np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])))
+  return tuple(arrays)
 
 
 def _read_tfds_split(source, limit: int) -> Arrays:
@@ -110,9 +111,8 @@ def _read_tfds_split(source, limit: int) -> Arrays:
   return images, labels
 
 
-def load_tfds(name: str, data_dir: Optional[str] = None, num_train: int = 0, num_test: int = 0,
-              download: bool = False) -> Tuple[Arrays, Arrays]:
-  """(train, test) arrays of a prepared TFDS dataset, read through `tfds.data_source`."""
+def _tfds_sources(name: str, splits: Sequence[str], data_dir: Optional[str], download: bool):
+  """tfds.data_source of each split, or one DatasetNotFoundError line saying how to prepare it."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from tensorflow_datasets.core.download import downloader  # pylint: disable=g-import-not-at-top
 
@@ -121,8 +121,7 @@ def load_tfds(name: str, data_dir: Optional[str] = None, num_train: int = 0, num
   max_retries = downloader.MAX_RETRIES
   downloader.MAX_RETRIES = min(max_retries, TFDS_DOWNLOAD_RETRIES)
   try:
-    sources = tfds.data_source(name, split=("train", "test"), data_dir=data_dir,
-                               download=download)
+    return tfds.data_source(name, split=tuple(splits), data_dir=data_dir, download=download)
   except Exception as e:  # tfds raises many types here; all mean "not prepared / not usable"
     where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
     hint = (f" or use local files: --config.data.source=cifar_dir "
@@ -135,7 +134,29 @@ def load_tfds(name: str, data_dir: Optional[str] = None, num_train: int = 0, num
         f"--config.data.tfds_data_dir at it{hint}.") from None
   finally:
     downloader.MAX_RETRIES = max_retries
+
+
+def load_tfds(name: str, data_dir: Optional[str] = None, num_train: int = 0, num_test: int = 0,
+              download: bool = False) -> Tuple[Arrays, Arrays]:
+  """(train, test) arrays of a prepared TFDS dataset, read through `tfds.data_source`."""
+  sources = _tfds_sources(name, ("train", "test"), data_dir, download)
   return _read_tfds_split(sources[0], num_train), _read_tfds_split(sources[1], num_test)
+
+
+def load_test_split(dataset: str, num_images: int, cifar_dir: Optional[str] = None,
+                    tfds_data_dir: Optional[str] = None) -> Arrays:
+  """The first num_images test images (uint8 NHWC) and labels of a CIFAR folder, else TFDS."""
+  if cifar_dir:
+    (test,) = load_cifar_dir(cifar_dir, dataset, splits=("test",))
+    size = len(test[1])
+  else:
+    (source,) = _tfds_sources(dataset, ("test",), tfds_data_dir, download=False)
+    size = len(source)
+  if num_images > size:
+    where = cifar_dir or f"TFDS {dataset}"
+    raise errors.UserError(f"{num_images} test images asked for, but the {dataset} test split in "
+                           f"{where} holds {size}; ask for at most {size}")
+  return _cap(test, num_images) if cifar_dir else _read_tfds_split(source, num_images)
 
 
 def synthetic_data(seed: int, num_train: int, num_test: int, num_classes: int = 10,

@@ -4,9 +4,6 @@
   cas-jax --config=configs/cifar10_at_cas.py --workdir=runs/at_cas --mode=eval
   python main.py --config=configs/cifar10_at_cas.py --workdir=runs/at_cas --mode=analyze
 """
-import shlex
-import sys
-
 from absl import app
 from absl import flags
 from absl import logging
@@ -45,27 +42,20 @@ def main(argv):
                jax.process_count())
   # Imported here so that --help stays fast.
   from cas_jax.training import train  # pylint: disable=g-import-not-at-top
-  from cas_jax import preemption  # pylint: disable=g-import-not-at-top
   from cas_jax import errors  # pylint: disable=g-import-not-at-top
   from cas_jax import models  # pylint: disable=g-import-not-at-top
-  try:
-    with errors.exit_on_user_error():  # a bug of ours (any other error) keeps its traceback
-      # The network's name and options, before any data is read (training checks them too).
-      models.from_config(FLAGS.config, FLAGS.config.data.num_classes)
-      if FLAGS.mode == "train":
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-      elif FLAGS.mode == "analyze":
-        from cas_jax.analysis import channels as analysis  # pylint: disable=g-import-not-at-top
-        analysis.analyze_workdir(FLAGS.config, FLAGS.workdir)
-      else:
-        from cas_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
-        evaluate.evaluate_workdir(FLAGS.config, FLAGS.workdir)
-  except preemption.Stopped as stopped:
-    # Exit status 128 + signal number, as if the signal had ended the process: schedulers
-    # then see a preempted job (to requeue), not a finished one.
-    print(f"{stopped}; resume with: "
-          f"{shlex.join([sys.executable, *sys.argv])}", file=sys.stderr)
-    sys.exit(stopped.exit_status)
+  # A bug of ours (any other error) keeps its traceback.
+  with cli.exit_on_stop(), errors.exit_on_user_error():
+    # The network's name and options, before any data is read (training checks them too).
+    models.from_config(FLAGS.config, FLAGS.config.data.num_classes)
+    if FLAGS.mode == "train":
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == "analyze":
+      from cas_jax.analysis import channels as analysis  # pylint: disable=g-import-not-at-top
+      analysis.analyze_workdir(FLAGS.config, FLAGS.workdir)
+    else:
+      from cas_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+      evaluate.evaluate_workdir(FLAGS.config, FLAGS.workdir)
 
 
 def run() -> None:
