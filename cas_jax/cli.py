@@ -1,7 +1,8 @@
 """What the command-line tools share: config names or files, one-line errors, signals, logging.
 
-`cas-jax` (cas_jax/main.py, the checkout's main.py) and `cas-jax-experiments`
-(cas_jax/experiments/driver.py) run through `run(main)`.
+`cas-jax` (cas_jax/main.py, the checkout's main.py), `cas-jax-experiments`
+(cas_jax/experiments/driver.py) and `cas-jax-benchmark` (cas_jax/evaluation/benchmark_cli.py)
+run through `run(main)`.
 """
 import contextlib
 import logging as python_logging

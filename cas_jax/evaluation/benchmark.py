@@ -1,4 +1,4 @@
-"""One call that evaluates a robust CIFAR model and writes a RobustBench-format entry.
+r"""One call that evaluates a robust CIFAR model and writes a RobustBench-format entry.
 
     import cas_jax
     entry, report = cas_jax.benchmark("Carmon2019Unlabeled.pt", arch="wrn",
@@ -145,7 +145,7 @@ def _eps_string(eps: float, norm: str) -> str:
 
 
 def _checkpoint_model(path, arch: Optional[str], options: Dict[str, Any], num_classes: int):
-  """(apply_fn, architecture name, dtype) of a PyTorch checkpoint of `arch`."""
+  """(apply_fn, architecture name) of a PyTorch checkpoint of `arch`."""
   if not arch:
     raise errors.UserError(f"a checkpoint needs its architecture: arch= (--arch) one of "
                            f"{', '.join(models.NAMES)}")
@@ -156,12 +156,13 @@ def _checkpoint_model(path, arch: Optional[str], options: Dict[str, Any], num_cl
     raise FileNotFoundError(f"checkpoint {path} does not exist; pass the .pt/.pth file's path")
   variables = interop.load_torch_checkpoint(arch, path, num_classes=num_classes, **options)
   model = models.create(arch, num_classes=num_classes, **options)
-  return evaluate.bind_model(model, variables), name, str(np.dtype(model.dtype))
+  return evaluate.bind_model(model, variables), name
 
 
-def _check_model(apply_fn, x: np.ndarray, num_classes: int, dataset: str) -> None:
-  """One UserError line for a model function that does not fit the benchmark: the wrong class
-  count, updated variables returned, or rows that depend on their batch (training mode)."""
+def _check_model(apply_fn, x: np.ndarray, num_classes: int, dataset: str) -> str:
+  """The logits' dtype; one UserError line for a model function that does not fit the benchmark:
+  the wrong class count, updated variables returned, rows that depend on their batch (training
+  mode)."""
   outputs = jax.eval_shape(apply_fn, x[:2])
   if isinstance(outputs, (tuple, list)) and len(outputs) == 2 and isinstance(outputs[1], dict):
     raise errors.UserError("the model function returns (outputs, updated variables): it runs in "
@@ -179,6 +180,7 @@ def _check_model(apply_fn, x: np.ndarray, num_classes: int, dataset: str) -> Non
     raise errors.UserError("the model's logits for an image depend on the other images of its "
                            "batch: it runs in training mode (BatchNorm on batch statistics); "
                            "pass a function in evaluation mode, e.g. apply(..., train=False)")
+  return str(logits.dtype)
 
 
 def _entry(report: report_lib.Report, *, dataset: str, threat_model: str, eps: float,
@@ -223,15 +225,16 @@ def benchmark(model: Union[str, os.PathLike, Any], n_examples: int = 10000,
       n_examples < 1):
     raise errors.UserError(f"n_examples={n_examples!r} must be a positive integer, e.g. 10000")
   budget = budget or AttackBudget()
-  specs, _ = attack_registry.parse_attacks(attacks, eps=eps, has_cas=False, norm=norm)
-  if not any(s.method == "aa" and s.in_threat(norm, eps) for s in specs):
+  # Every name that could parse (has_cas: cas-head too); AutoAttack on the logits among them.
+  specs, _ = attack_registry.parse_attacks(attacks, eps=eps, has_cas=True, norm=norm)
+  if not any(s.method == "aa" and not s.joint and s.in_threat(norm, eps) for s in specs):
     raise errors.UserError(f"attacks={attacks!r} lack AutoAttack at the threat model's eps, "
                            "which the entry's autoattack_acc needs; add 'aa'")
   num_classes = input_pipeline.NUM_CLASSES[dataset]
-  dtype = None
-  if isinstance(model, (str, os.PathLike)):
-    apply_fn, name, dtype = _checkpoint_model(os.fspath(model), arch, dict(arch_options or {}),
-                                              num_classes)
+  checkpoint = isinstance(model, (str, os.PathLike))
+  if checkpoint:
+    apply_fn, name = _checkpoint_model(os.fspath(model), arch, dict(arch_options or {}),
+                                       num_classes)
     architecture = architecture or name
   elif callable(model):
     if arch or arch_options:
@@ -244,19 +247,18 @@ def benchmark(model: Union[str, os.PathLike, Any], n_examples: int = 10000,
   images, labels = input_pipeline.load_test_split(dataset, int(n_examples), cifar_dir,
                                                   tfds_data_dir)
   x = images.astype(np.float32) / np.float32(255)
-  _check_model(apply_fn, x, num_classes, dataset)
+  dtype = _check_model(apply_fn, x, num_classes, dataset)
   title = (f"{architecture or 'Model'}: the first {len(labels)} {dataset} test images, "
            f"{threat_model} eps {_eps_string(eps, norm)}")
   report = evaluate.robustness_report(
       apply_fn, x, labels, key=jax.random.key(seed), eps=eps, norm=norm, attacks=attacks,
       budget=budget, batch_size=batch_size, title=title, progress=progress,
       state_dir=os.path.join(out_dir, "state") if out_dir else None)
-  record = {**provenance.provenance(), "benchmark": {
-      "model": os.fspath(model) if dtype else getattr(model, "__name__", repr(model)),
+  function = getattr(model, "func", model)  # a Partial's function
+  record = {**provenance.provenance(), "dtype": dtype, "benchmark": {
+      "model": os.fspath(model) if checkpoint else getattr(function, "__qualname__", "?"),
       "arch": arch, "arch_options": arch_options, "dataset": dataset,
       "data": cifar_dir or f"tfds {tfds_data_dir or ''}".strip(), "seed": seed}}
-  if dtype:
-    record["dtype"] = dtype
   report.provenance = json.loads(json.dumps(record, default=str))
   report.provenance_line = provenance.summary_line(report.provenance)
   entry = _entry(report, dataset=dataset, threat_model=threat_model, eps=eps, norm=norm,

@@ -1,4 +1,4 @@
-"""Benchmark a robust CIFAR model: the `cas-jax-benchmark` command (cas_jax.benchmark).
+r"""Benchmark a robust CIFAR model: the `cas-jax-benchmark` command (cas_jax.benchmark).
 
   cas-jax-benchmark --torch-checkpoint model.pt --arch wrn --arch-option depth=28 \
       --arch-option widen_factor=10 --arch-option "cas_stages=()" --threat-model Linf \
