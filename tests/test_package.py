@@ -1,6 +1,7 @@
 """The wheel installs into a fresh venv and, outside the checkout, runs the smoke config."""
 import json
 import os
+import subprocess
 
 import pytest
 
@@ -46,3 +47,9 @@ def test_the_wheel_trains_the_smoke_config_outside_the_checkout(tmp_path):
                              cwd=elsewhere)
   assert [line.split()[0] for line in dry_run.stdout.splitlines()] == [
       "no_cas", "cas_no_suppress", "cas"]
+
+  # The benchmark command is installed and lists its flags (absl's --helpshort exits with 1).
+  helped = subprocess.run([os.path.join(bin_dir, "cas-jax-benchmark"), "--helpshort"],
+                          cwd=elsewhere, env=venv_install.clean_env(), capture_output=True,
+                          text=True, timeout=300, check=False)
+  assert "--torch-checkpoint" in helped.stdout and "--threat-model" in helped.stdout, helped
