@@ -85,6 +85,7 @@ def mean_model(folder, dataset="cifar10"):
 
 
 def percent(fraction):
+  """RobustBench's accuracy string, computed here apart from the code under test."""
   return str(round(100 * float(fraction), 2))
 
 
