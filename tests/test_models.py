@@ -160,6 +160,16 @@ def _abstract(model, n=2):
     ("wrn", dict(depth=10, widen_factor=1, cas_stages=()), {}),
     ("vgg16", dict(width=4), {"layer5_0": 32, "layer5_1": 32, "layer5_2": 32}),
     ("vgg16", dict(width=4, cas_stages=()), {}),
+    # RobustBench's families: no CAS unless asked for.
+    ("wide_resnet", dict(depth=10, widen_factor=1), {}),
+    ("wide_resnet", dict(depth=10, widen_factor=1, cas_stages=None),
+     {"block3_0": 32, "extra_cas": 64}),
+    ("preact_resnet18", dict(width=4), {}),
+    ("preact_resnet34", dict(width=4, cas_stages=(3, 4)),
+     {**{f"layer3_{b}": 16 for b in range(6)}, **{f"layer4_{b}": 32 for b in range(3)}}),
+    ("dm_wide_resnet", dict(depth=10, width=1, cas_stages=None),
+     {"block3_0": 32, "extra_cas": 64}),
+    ("dm_preact_resnet", dict(width=4, cas_stages=(4,)), {"layer4_0": 32, "layer4_1": 32}),
 ])
 def test_output_shapes_and_cas_heads(name, options, cas_modules):
   variables, (logits, cas_logits) = _abstract(models.create(name, NUM_CLASSES, **options))
@@ -282,7 +292,8 @@ def test_wrn_cas_reads_bn1_relu_and_masks_only_the_residual_branch():
 
 @pytest.mark.parametrize("name, options, message", [
     ("resnet101", {}, "unknown model 'resnet101'; valid: resnet18, resnet34, resnet50, "
-                      "wrn34_10, wrn, vgg16"),
+                      "wrn34_10, wrn, vgg16, wide_resnet, preact_resnet18, preact_resnet34, "
+                      "dm_wide_resnet, dm_preact_resnet"),
     ("resnet18", dict(cas_stages=(5,)), r"cas_stages \(5,\) invalid for resnet18; choose any "
                                         r"subset of \(1, 2, 3, 4\)"),
     ("resnet18", dict(cas_stages=(4, 4)), "invalid for resnet18"),
@@ -294,6 +305,18 @@ def test_wrn_cas_reads_bn1_relu_and_masks_only_the_residual_branch():
     ("vgg16", dict(width=0), "width=0 invalid"),
     ("resnet18", dict(dtype=jnp.int32), "dtype=.*floating"),
     ("resnet18", dict(cas_suppress="no"), "cas_suppress='no' invalid"),
+    ("wide_resnet", dict(depth=30), "depth 30 invalid for wide_resnet; choose 6n \\+ 4"),
+    ("wide_resnet", dict(normalization="imagenet"), "normalization='imagenet' invalid for "
+                                                    "wide_resnet; choose 'cifar10', 'cifar100'"),
+    ("preact_resnet18", dict(cas_stages=(5,)), "invalid for preact_resnet18; choose any subset"),
+    ("preact_resnet18", dict(bn_before_fc="yes"), "bn_before_fc='yes' invalid"),
+    ("preact_resnet18", dict(activation="swish"), "unknown option.*activation.*valid: width, "
+                                                  "bn_before_fc, out_shortcut, normalization"),
+    ("dm_wide_resnet", dict(width=0), "width=0 invalid"),
+    ("dm_wide_resnet", dict(activation="gelu"), "activation='gelu' invalid for dm_wide_resnet; "
+                                                "choose 'swish'"),
+    ("dm_wide_resnet", dict(cas_stages=(3,)), "invalid for dm_wide_resnet; choose None"),
+    ("dm_preact_resnet", dict(depth=50), "depth=50 invalid for dm_preact_resnet; choose 18 or 34"),
 ])
 def test_create_rejects_bad_input_naming_what_is_valid(name, options, message):
   with pytest.raises(ValueError, match=message):
@@ -317,3 +340,37 @@ def test_create_options_reach_the_network(small_resnet):
   assert not np.allclose(suppressed, suppressed_2)
   # Stages are a set: their order does not matter.
   assert models.create("resnet18", cas_stages=[4, 3]).cas_stages == (3, 4)
+
+
+def test_wide_resnet_is_the_wrn_module_without_cas():
+  assert (models.create("wide_resnet", depth=16, widen_factor=2, cas_stages=None)
+          == models.create("wrn", depth=16, widen_factor=2))
+  assert models.create("wide_resnet").cas_stages == ()
+  assert (models.create("wide_resnet").depth, models.create("wide_resnet").widen_factor) == (28, 10)
+
+
+def test_dm_networks_standardise_with_the_dataset_statistics():
+  # RobustBench builds its CIFAR-100 DeepMind entries with CIFAR-100's mean and std.
+  cifar10, cifar100 = models.dm_networks.NORMALIZATIONS["cifar10"], \
+      models.dm_networks.NORMALIZATIONS["cifar100"]
+  assert models.create("dm_wide_resnet").mean_std == cifar10
+  assert models.create("dm_preact_resnet", num_classes=100).mean_std == cifar100
+  assert models.create("dm_wide_resnet", 100, normalization="cifar10").mean_std == cifar10
+  assert models.create("preact_resnet18").mean_std is None
+  assert models.create("dm_wide_resnet").activation == "swish"
+
+
+@pytest.mark.parametrize("name, options, classifier", [
+    ("wide_resnet", dict(depth=10, widen_factor=1), "fc"),
+    ("preact_resnet18", dict(width=4, bn_before_fc=True), "linear"),
+    ("dm_wide_resnet", dict(depth=10, width=1), "fc"),
+    ("dm_preact_resnet", dict(width=4), "linear"),
+])
+def test_robustbench_families_sow_the_classifier_input(name, options, classifier):
+  model = models.create(name, NUM_CLASSES, **options)
+  x = _images(2)
+  variables = _init(model, x)
+  (logits, _), state = model.apply(variables, x, train=False, mutable=["intermediates"])
+  features = state["intermediates"]["features"][0]
+  dense = variables["params"][classifier]
+  chex.assert_trees_all_close(features @ dense["kernel"] + dense["bias"], logits, atol=1e-5)

@@ -1,4 +1,5 @@
-"""Flax CAS networks: CIFAR ResNet-18/34/50, WideResNet, VGG16-BN, built by name.
+"""Flax CAS networks (CIFAR ResNet-18/34/50, WideResNet, VGG16-BN) and RobustBench's CIFAR
+families (WideResNet, PreActResNet, DeepMind's WideResNet and PreActResNet), built by name.
 
     from cas_jax import models
     model = models.create("resnet18", num_classes=10)           # CAS after both stage-4 blocks
@@ -18,6 +19,20 @@ default 34 and 10). `cas_logits` is a tuple with one (N, C) array per CAS module
 ResNets also take the Table 1 baselines (models/baselines.py): `baseline` ("none", "kwta",
 "sap", "pcl"), `kwta_ratio` (0.2), `sap_ratio` (1.0), `sap_deterministic`, `pcl_dim` (256).
 
+RobustBench's CIFAR architectures (robustbench.model_zoo.architectures; no CAS unless
+`cas_stages` asks for it; their PyTorch checkpoints load with `models.interop`):
+  "wide_resnet"       WideResNet (TRADES): `depth` (28), `widen_factor` (10); the module of
+                      "wrn" with cas_stages=() by default (None: the CAS paper's placement)
+  "preact_resnet18"   PreActResNet18 / PreActResNet(PreActBlock, [2, 2, 2, 2]); "preact_resnet34"
+                      the [3, 4, 6, 3] one: `width` (64), `bn_before_fc`, `out_shortcut` (False;
+                      True with PreActBlockV2), `cas_stages` (a subset of (1, 2, 3, 4))
+  "dm_wide_resnet"    DMWideResNet: `depth` (28), `width` (10), `activation` ("swish" | "relu")
+  "dm_preact_resnet"  DMPreActResNet: `depth` (18 | 34), `activation`, `width` (64; RobustBench's
+                      class has only 64)
+Those four families take `normalization` ("cifar10", "cifar100" or "none"): the per-channel
+mean/std standardisation inside the network; default "none", and for the two DeepMind ones the
+dataset's (CIFAR-100's for num_classes=100, else CIFAR-10's) as RobustBench builds them.
+
 From a config (config.model: name, width, cas_stages, cas_suppress, dtype):
     model = models.from_config(config, num_classes=10)
 
@@ -31,6 +46,7 @@ workdir's network (`models.loading`). It may import only the shared top-level mo
 (errors, checkpointing, provenance); every other folder may import it.
 """
 import operator
+import re
 from typing import Any, Dict, Tuple
 
 import jax
@@ -38,17 +54,21 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from cas_jax import errors
-from cas_jax.models import baselines, cas, resnet, vgg, wrn
+from cas_jax.models import baselines, cas, dm_networks, preact_resnet, resnet, vgg, wrn
 from cas_jax.models.cas import CAS
+from cas_jax.models.dm_networks import DMPreActResNet, DMWideResNet
+from cas_jax.models.preact_resnet import PreActResNet, PreActResNet18, PreActResNet34
 from cas_jax.models.resnet import ResNet, ResNet18, ResNet34, ResNet50
 from cas_jax.models.vgg import VGG16
 from cas_jax.models.wrn import WideResNet
 
-NAMES = ("resnet18", "resnet34", "resnet50", "wrn34_10", "wrn", "vgg16")
+NAMES = ("resnet18", "resnet34", "resnet50", "wrn34_10", "wrn", "vgg16", "wide_resnet",
+         "preact_resnet18", "preact_resnet34", "dm_wide_resnet", "dm_preact_resnet")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 _COMMON_OPTIONS = ("cas_stages", "cas_suppress", "dtype")
 _BASELINE_OPTIONS = ("baseline", "kwta_ratio", "sap_ratio", "sap_deterministic", "pcl_dim")
+_PREACT_OPTIONS = ("width", "bn_before_fc", "out_shortcut", "normalization")
 _OPTIONS = {
     "resnet18": ("width",) + _COMMON_OPTIONS + _BASELINE_OPTIONS,
     "resnet34": ("width",) + _COMMON_OPTIONS + _BASELINE_OPTIONS,
@@ -56,7 +76,22 @@ _OPTIONS = {
     "wrn34_10": _COMMON_OPTIONS,
     "wrn": ("depth", "widen_factor") + _COMMON_OPTIONS,
     "vgg16": ("width",) + _COMMON_OPTIONS,
+    "wide_resnet": ("depth", "widen_factor", "normalization") + _COMMON_OPTIONS,
+    "preact_resnet18": _PREACT_OPTIONS + _COMMON_OPTIONS,
+    "preact_resnet34": _PREACT_OPTIONS + _COMMON_OPTIONS,
+    "dm_wide_resnet": ("depth", "width", "activation", "normalization") + _COMMON_OPTIONS,
+    "dm_preact_resnet": ("depth", "width", "activation", "normalization") + _COMMON_OPTIONS,
 }
+# Each family's cas_stages check: ResNets take stage subsets, the WRNs and VGG None or ().
+_CAS_STAGES_CHECKS = {"resnet": resnet.check_cas_stages, "preact_resnet": resnet.check_cas_stages,
+                      "dm_preact_resnet": resnet.check_cas_stages, "wrn": wrn.check_cas_stages,
+                      "wide_resnet": wrn.check_cas_stages, "dm_wide_resnet": wrn.check_cas_stages,
+                      "vgg": vgg.check_cas_stages}
+
+
+def _family(name: str) -> str:
+  """The family of a model name: resnet18 -> resnet, wrn34_10 -> wrn, preact_resnet18 -> ..."""
+  return re.sub(r"[\d_]+$", "", name)
 
 
 def accepts(name: str, option: str) -> bool:
@@ -107,18 +142,20 @@ def _checked_options(name: str, options: Dict[str, Any]) -> Dict[str, Any]:
   if "dtype" in checked:
     checked["dtype"] = _floating_dtype(checked["dtype"])
   _check_baseline(checked)
-  if "cas_suppress" in checked and not isinstance(checked["cas_suppress"], bool):
-    raise errors.UserError(
-        f"cas_suppress={checked['cas_suppress']!r} invalid; choose True or False.")
+  for key in ("cas_suppress", "bn_before_fc", "out_shortcut"):
+    if key in checked and not isinstance(checked[key], bool):
+      raise errors.UserError(f"{key}={checked[key]!r} invalid; choose True or False.")
   if "cas_stages" in checked:
-    if name.startswith("resnet"):
-      checked["cas_stages"] = resnet.check_cas_stages(checked["cas_stages"], name)
-    elif name.startswith("wrn"):
-      checked["cas_stages"] = wrn.check_cas_stages(checked["cas_stages"], name)
-    else:
-      checked["cas_stages"] = vgg.check_cas_stages(checked["cas_stages"], name)
-  if name == "wrn":
-    wrn.check_depth_and_width(checked.get("depth", 34), checked.get("widen_factor", 10))
+    checked["cas_stages"] = _CAS_STAGES_CHECKS[_family(name)](checked["cas_stages"], name)
+  if "activation" in checked:
+    checked["activation"] = dm_networks.check_activation(checked["activation"], name)
+  if name in ("wrn", "wide_resnet"):
+    wrn.check_depth_and_width(checked.get("depth", 34 if name == "wrn" else 28),
+                              checked.get("widen_factor", 10), name)
+  if name == "dm_wide_resnet":
+    wrn.check_depth_and_width(checked.get("depth", 28), checked.get("width", 10), name, "width")
+  if name == "dm_preact_resnet":
+    dm_networks.check_preact_depth(checked.get("depth", 18))
   return checked
 
 
@@ -151,7 +188,29 @@ def create(name: str, num_classes: int = 10, **options) -> nn.Module:
     return WideResNet(depth=34, widen_factor=10, num_classes=num_classes, **options)
   if name == "wrn":
     return WideResNet(num_classes=num_classes, **options)
-  return VGG16(num_classes=num_classes, **options)
+  if name == "vgg16":
+    return VGG16(num_classes=num_classes, **options)
+  return _robustbench_family(name, num_classes, options)
+
+
+def _robustbench_family(name: str, num_classes: int, options: Dict[str, Any]) -> nn.Module:
+  """One of RobustBench's architectures (options checked): no CAS unless asked for."""
+  options = dict(options)
+  normalization = options.pop("normalization", None if name.startswith("dm_") else "none")
+  options["mean_std"] = dm_networks.mean_std(normalization, num_classes, name)
+  options.setdefault("cas_stages", ())
+  if name == "wide_resnet":
+    return WideResNet(**{"depth": 28, "widen_factor": 10, **options}, num_classes=num_classes)
+  if name.startswith("preact_resnet"):
+    options["final_norm"] = options.pop("bn_before_fc", False)
+    options["shortcut_from_activation"] = options.pop("out_shortcut", False)
+    network = PreActResNet18 if name == "preact_resnet18" else PreActResNet34
+    return network(num_classes=num_classes, **options)
+  if name == "dm_wide_resnet":
+    if "width" in options:
+      options["widen_factor"] = options.pop("width")
+    return DMWideResNet(num_classes=num_classes, **options)
+  return DMPreActResNet(num_classes=num_classes, **options)
 
 
 def options_from_config(model_config) -> Dict[str, Any]:
@@ -195,4 +254,5 @@ def variable_shapes(model: nn.Module, image_shape: Tuple[int, ...]) -> Dict[str,
 __all__ = ["NAMES", "DTYPES", "accepts", "baselines", "baseline_options", "create", "from_config",
            "options_from_config", "variable_shapes",
            "CAS", "ResNet", "ResNet18", "ResNet34", "ResNet50", "WideResNet", "VGG16",
-           "cas", "resnet", "vgg", "wrn"]
+           "PreActResNet", "PreActResNet18", "PreActResNet34", "DMWideResNet", "DMPreActResNet",
+           "cas", "dm_networks", "preact_resnet", "resnet", "vgg", "wrn"]

@@ -1,5 +1,6 @@
 """The CAS module (Channel-wise Activation Suppressing, paper section 4.1) and the layers shared by
-the CAS networks (torch-default initialisers, a BatchNorm with torch semantics).
+the networks (torch-default initialisers, a BatchNorm with torch semantics, the activations by
+name, the per-channel input standardisation some published networks do first).
 
     cas = CAS(num_classes=10)
     variables = cas.init(key, features, train=False)
@@ -24,6 +25,18 @@ Initializer = Callable[..., Array]
 torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
+# A network's `activation` field names one of these; swish is SiLU, x * sigmoid(x).
+ACTIVATIONS = {"relu": nn.relu, "swish": nn.swish}
+
+
+def standardize(x: Array, mean_std: Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]]) -> Array:
+  """(x - mean) / std over the last (channel) axis; x itself when mean_std is None."""
+  if mean_std is None:
+    return x
+  mean, std = (jnp.asarray(values, jnp.float32) for values in mean_std)
+  return (x - mean) / std
+
+
 def torch_bias_init(fan_in: int) -> Initializer:
   """torch's default Conv2d/Linear bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
   bound = 1.0 / math.sqrt(fan_in)
@@ -32,6 +45,18 @@ def torch_bias_init(fan_in: int) -> Initializer:
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
   return init
+
+
+def classify(features: Array, cas_logits: Tuple[Array, ...], num_classes: int, dtype: Dtype,
+             bias_init: Initializer, name: str) -> Tuple[Array, Tuple[Array, ...]]:
+  """A network's outputs: its final Dense on the pooled `features`, and every head as float32.
+
+  Called inside the network's compact __call__, so the Dense (torch-default kernel init) is
+  the network's submodule `name`.
+  """
+  logits = nn.Dense(num_classes, dtype=dtype, kernel_init=torch_kernel_init, bias_init=bias_init,
+                    name=name)(features)
+  return logits.astype(jnp.float32), tuple(c.astype(jnp.float32) for c in cas_logits)
 
 
 class BatchNorm(nn.Module):

@@ -9,10 +9,12 @@ values as `lax.conv_general_dilated`; on the CPU backend its input gradient conv
 the flipped kernel materialised behind an optimization barrier, which keeps the canonical
 layout. Every network passes it to `nn.Conv(conv_general_dilated=...)`; other backends,
 dilated or grouped convolutions and other layouts use `lax.conv_general_dilated` itself.
+`conv2d` builds such a bias-free convolution with torch's or DeepMind's padding.
 """
 import functools
 from typing import Sequence, Tuple
 
+from flax import linen as nn
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -77,3 +79,24 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
   return _conv(lhs, rhs, tuple(int(s) for s in window_strides), pads, precision)
+
+
+def padding(size: int, strides: int, same: bool = False) -> Tuple[Tuple[int, int], ...]:
+  """Explicit (before, after) padding of both spatial axes of a size x size convolution.
+
+  torch's padding=(size - 1) // 2 pads both sides alike, also at stride 2; DeepMind's networks
+  pad size - strides in all, the odd one after ((0, 1) for a strided 3x3; TensorFlow's SAME
+  on even sizes).
+  """
+  if not same:
+    return (((size - 1) // 2,) * 2,) * 2
+  total = max(size - strides, 0)
+  return ((total // 2, total - total // 2),) * 2
+
+
+def conv2d(features: int, size: int, strides: int, *, kernel_init, dtype, name: str,
+           same: bool = False) -> nn.Conv:
+  """A bias-free size x size convolution padded as `padding(size, strides, same)`."""
+  return nn.Conv(features, (size, size), (strides, strides), padding=padding(size, strides, same),
+                 use_bias=False, kernel_init=kernel_init, dtype=dtype, name=name,
+                 conv_general_dilated=conv_general_dilated)

@@ -1,4 +1,4 @@
-"""PyTorch checkpoints of the official CAS code -> Flax variables for `models.create`.
+"""PyTorch checkpoints (the CAS authors' and RobustBench's) -> Flax variables for `models.create`.
 
     from cas_jax import models
     from cas_jax.models import interop
@@ -6,22 +6,30 @@
     model = models.create("resnet18")
     logits, cas_logits = model.apply(variables, x, train=False)   # x NHWC in [0, 1]
 
+    # A RobustBench checkpoint, with the options of its entry's constructor:
+    variables = interop.load_torch_checkpoint("dm_wide_resnet", "Gowal2020Uncovering_70_16.pt",
+                                              depth=70, width=16)
+
     # Or from a state_dict already in memory (name -> array or torch tensor):
     variables = interop.from_torch_state_dict("wrn34_10", state_dict)
 
-    # And back, for a PyTorch network of the authors' layout (numpy arrays; torch.tensor them):
+    # And back, for the PyTorch network of that layout (numpy arrays; torch.tensor them):
     state_dict = interop.to_torch_state_dict("wrn34_10", variables)
 
-The key layout is that of the authors' released models (github.com/bymavis/CAS_ICLR2021):
-ResNet-18 with CAS blocks in `layer4` (`layer4.0.fc.weight`, `layer2.0.shortcut.0.weight`,
-`linear.weight`, ...), their WideResNet (`block3.layer.4.fc.weight`, `convShortcut`, `extra_fc`;
-the unused `sub_block1.*` group is ignored) and their VGG16 (`layer5.0.conv/bn/fc`, `layer6.0`,
-`layer6.1`, `layer8`). Options such as `width=8` or `depth=16, widen_factor=2` are forwarded to
-`models.create`; the defaults are the released full-width networks. `num_batches_tracked`
-entries are ignored.
+Key layouts (models/torch_layouts.py): the CAS authors' released models
+(github.com/bymavis/CAS_ICLR2021): ResNet-18 with CAS blocks in `layer4` (`layer4.0.fc.weight`,
+`layer2.0.shortcut.0.weight`, `linear.weight`, ...), their WideResNet
+(`block3.layer.4.fc.weight`, `convShortcut`, `extra_fc`) and their VGG16 (`layer5.0.conv/bn/fc`,
+`layer6.0`, `layer6.1`, `layer8`); and RobustBench's classes (robustbench.model_zoo.
+architectures): WideResNet ("wide_resnet"), PreActResNet ("preact_resnet18" / "34"), ResNet
+("resnet18" / "34" / "50" with cas_stages=()), DMWideResNet ("dm_wide_resnet") and
+DMPreActResNet ("dm_preact_resnet"). Options such as `width=8` or `depth=16, widen_factor=2`
+are forwarded to `models.create`; the defaults are the full-size networks. Keys lose every
+leading `module.` / `model.`; `num_batches_tracked` and the WRN's unused `sub_block1.*` are
+ignored. A state dict that does not fit raises a UserError naming the first keys that differ
+and the architecture (with options) the keys look like.
 """
-import re
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +37,8 @@ import numpy as np
 
 from cas_jax import errors
 from cas_jax import models
+from cas_jax.models import torch_layouts
 
-_IGNORED_SUFFIXES = ("num_batches_tracked",)
-_IGNORED_PREFIXES = {"wrn34_10": ("sub_block1.",), "wrn": ("sub_block1.",)}
 _TORCH_LEAF_NAMES = {
     ("params", "kernel"): "weight",
     ("params", "scale"): "weight",
@@ -40,46 +47,7 @@ _TORCH_LEAF_NAMES = {
     ("batch_stats", "var"): "running_var",
 }
 _SHOWN = 5  # how many offending keys an error message lists
-
-
-def _resnet_module(path: Tuple[str, ...]) -> str:
-  """Torch module name of a flax module path in models.resnet."""
-  renames = {"shortcut_conv": "shortcut.0", "shortcut_bn": "shortcut.1", "cas": None}
-  parts = [re.sub(r"^layer(\d)_(\d+)$", r"layer\1.\2", p) for p in path]
-  return ".".join(renames.get(p, p) for p in parts if renames.get(p, p) is not None)
-
-
-def _wrn_module(path: Tuple[str, ...]) -> str:
-  """Torch module name of a flax module path in models.wrn."""
-  if path[:1] == ("extra_cas",):
-    return "extra_fc"
-  renames = {"conv_shortcut": "convShortcut", "cas": None}
-  parts = [re.sub(r"^block(\d)_(\d+)$", r"block\1.layer.\2", p) for p in path]
-  return ".".join(renames.get(p, p) for p in parts if renames.get(p, p) is not None)
-
-
-def _vgg_module(path: Tuple[str, ...], has_cas: bool) -> str:
-  """Torch module name of a flax module path in models.vgg."""
-  head = path[0]
-  layer = re.fullmatch(r"layer(\d)_(\d+)", head)
-  if layer:
-    prefix = f"layer{layer[1]}.{layer[2]}"
-    if has_cas:  # the official Conv_FC_Block names its parts
-      return prefix + {"conv": ".conv", "bn": ".bn", "cas": ".fc"}[path[1]]
-    return prefix + {"conv": ".0", "bn": ".1"}[path[1]]
-  classifier = re.fullmatch(r"(layer\d)_(linear|bn)", head)
-  if classifier:
-    return classifier[1] + (".0" if classifier[2] == "linear" else ".1")
-  return head
-
-
-def _torch_module_fn(name: str, flax_paths: Iterable[Tuple[str, ...]]) -> Callable:
-  if name.startswith("resnet"):
-    return _resnet_module
-  if name.startswith("wrn"):
-    return _wrn_module
-  with_cas = {path[0] for path in flax_paths if "cas" in path}
-  return lambda path: _vgg_module(path, path[0] in with_cas)
+_PREFIXES = ("module.", "model.")  # DataParallel's and wrappers' (RobustBench strips both)
 
 
 # Flax -> torch axes: conv kernels HWIO -> OIHW, dense kernels (in, out) -> (out, in).
@@ -106,11 +74,14 @@ def _as_numpy(value: Any) -> np.ndarray:
   return np.asarray(value, dtype=np.float32)
 
 
-def _strip_module_prefix(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
-  """Drop DataParallel's 'module.' prefix when every key has it."""
-  if state_dict and all(k.startswith("module.") for k in state_dict):
-    return {k[len("module."):]: v for k, v in state_dict.items()}
-  return dict(state_dict)
+def _strip_prefixes(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+  """The state dict with every leading 'module.' and 'model.' dropped from its keys."""
+  stripped = {}
+  for key, value in state_dict.items():
+    while key.startswith(_PREFIXES):
+      key = key.split(".", 1)[1]
+    stripped[key] = value
+  return stripped
 
 
 def _listed(keys) -> str:
@@ -123,22 +94,22 @@ def _torch_keyed_leaves(name: str, tree) -> List[Tuple[str, Any]]:
   """(authors'-layout key, leaf) for every leaf of a {'params', 'batch_stats'} tree of `name`."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   paths = [tuple(k.key for k in keys) for keys, _ in flat]
-  torch_module = _torch_module_fn(name, [p[1:-1] for p in paths])
+  torch_module = torch_layouts.torch_module_fn(name, [p[1:-1] for p in paths])
   return [(f"{torch_module(path[1:-1])}.{_TORCH_LEAF_NAMES[(path[0], path[-1])]}", leaf)
           for path, (_, leaf) in zip(paths, flat)]
 
 
 def is_ignored_key(name: str, key: str) -> bool:
-  """Whether an authors'-layout key of `name` carries nothing our models hold (BN step counts,
-  the WRN's unused sub_block1)."""
-  return key.endswith(_IGNORED_SUFFIXES) or key.startswith(_IGNORED_PREFIXES.get(name, ()))
+  """Whether a checkpoint key of `name` carries nothing our models hold (BN step counts, the
+  WRN's unused sub_block1)."""
+  return torch_layouts.is_ignored(name, key)
 
 
 def from_torch_state_dict(name: str, state_dict: Mapping[str, Any], num_classes: int = 10,
                           **options) -> Dict[str, Any]:
   """Flax {'params', 'batch_stats'} for models.create(name, num_classes, **options)."""
   model = models.create(name, num_classes=num_classes, **options)
-  state_dict = _strip_module_prefix(state_dict)
+  state_dict = _strip_prefixes(state_dict)
   abstract = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
   missing, mismatched, used, leaves = [], [], set(), []
@@ -168,14 +139,29 @@ def from_torch_state_dict(name: str, state_dict: Mapping[str, Any], num_classes:
     shown = ", ".join(f"{k}={v!r}" for k, v in options.items())
     raise errors.UserError(
                f"state_dict does not match {name} (num_classes={num_classes}"
-               f"{', ' + shown if shown else ''}): {'; '.join(problems)}. Pass the options (width, "
-               "depth, widen_factor, cas_stages) the checkpoint was trained with.")
+               f"{', ' + shown if shown else ''}): {'; '.join(problems)}. "
+               f"{_hint(name, state_dict)}")
   treedef = jax.tree_util.tree_structure(abstract)
   return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(a) for a in leaves])
 
 
+def _hint(name: str, state_dict: Mapping[str, Any]) -> str:
+  """What to do instead: the architecture (and options) the keys look like, if any."""
+  looks_like = torch_layouts.describe(state_dict)
+  if looks_like is None:
+    return ("Pass the options (width, depth, widen_factor, cas_stages) the checkpoint was "
+            f"trained with, or another architecture of {', '.join(models.NAMES)}.")
+  if looks_like.split(" ")[0] == name:
+    return f"The keys look like {looks_like}: pass those options."
+  return f"The keys look like {looks_like}: load it under that name, with those options."
+
+
 def to_torch_state_dict(name: str, variables: Mapping[str, Any]) -> Dict[str, np.ndarray]:
-  """The authors'-layout state_dict (numpy float32) of models.create(name) Flax variables."""
+  """The torch-layout state_dict (numpy float32) of models.create(name) Flax variables.
+
+  It has no `num_batches_tracked`: torch's BatchNorm fills them in (0) when it loads a plain
+  dict, so the network of the layout loads it with strict=True.
+  """
   tree = {k: variables[k] for k in ("params", "batch_stats") if k in variables}
   return {key: np.array(_from_flax_layout(np.asarray(leaf, np.float32)), order="C")  # writable
           for key, leaf in _torch_keyed_leaves(name, tree)}
@@ -191,7 +177,7 @@ def load_torch_checkpoint(name: str, path: str, num_classes: int = 10,
                       "checkpoint elsewhere and call from_torch_state_dict with numpy arrays."
                       ) from error
   checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-  for wrapper in ("state_dict", "model", "net"):
+  for wrapper in ("state_dict", "model", "net", "last"):  # 'last': RobustBench's PreActResNets
     if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get(wrapper), Mapping):
       checkpoint = checkpoint[wrapper]
       break

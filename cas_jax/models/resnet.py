@@ -155,10 +155,8 @@ class ResNet(nn.Module):
     self.sow("intermediates", "features", y)  # the classifier's input (cas_jax.analysis.channels)
     if self.baseline == "pcl":
       baselines.PrototypeBranch(self.num_classes, 0, self.dtype, name="pcl4")(y)
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=cas_lib.torch_kernel_init,
-                      bias_init=cas_lib.torch_bias_init(y.shape[-1]), name="linear")(y)
-    return (logits.astype(jnp.float32),
-            tuple(c.astype(jnp.float32) for c in all_cas_logits))
+    return cas_lib.classify(y, all_cas_logits, self.num_classes, self.dtype,
+                            cas_lib.torch_bias_init(y.shape[-1]), "linear")
 
 
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2))
