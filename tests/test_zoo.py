@@ -1,8 +1,8 @@
 """RobustBench's CIFAR architectures in Flax against RobustBench's own PyTorch classes.
 
-The classes come from robustbench 1.1.1 (`pip install --no-deps robustbench==1.1.1`), each
-architecture file loaded by its path: the package's __init__ imports its evaluation, which
-fails against pyautoattack 0.2.0. Every family imports with random weights and after a few
+The classes come from robustbench 1.1.1 (installed with --no-deps; see robustbench_folder),
+each architecture file loaded by its path: the package's __init__ imports its evaluation,
+which fails against pyautoattack 0.2.0. Every family imports with random weights and after a few
 SGD steps in training mode (so BatchNorm statistics are not the initial 0 / 1) and gives
 RobustBench's eval-mode logits to 1e-4; exported back, the state dict loads into the class
 with strict=True and gives the same logits.
@@ -12,6 +12,7 @@ import functools
 import importlib.util
 import os
 import re
+import sys
 from typing import Callable, Dict
 
 import jax
@@ -29,14 +30,24 @@ from test_interop import _randomised  # pylint: disable=g-import-not-at-top,wron
 TOLERANCE = 1e-4
 
 
+def robustbench_folder() -> str:
+  """The robustbench package folder: on the path, or where .ci/run installs it off the path
+  (pip install --no-deps --target $VIRTUAL_ENV/robustbench; its wheel's own top-level `tests`
+  package would shadow ours)."""
+  spec = importlib.util.find_spec("robustbench")  # finds the package without importing it
+  if spec is not None:
+    return spec.submodule_search_locations[0]
+  folder = os.path.join(sys.prefix, "robustbench", "robustbench")
+  if not os.path.isdir(folder):
+    pytest.skip("robustbench is not installed: pip install --no-deps --target "
+                "$VIRTUAL_ENV/robustbench robustbench==1.1.1 (as .ci/run does)")
+  return folder
+
+
 @functools.lru_cache(maxsize=None)
 def robustbench_architecture(stem: str):
   """robustbench/model_zoo/architectures/<stem>.py as a module, loaded by file path."""
-  spec = importlib.util.find_spec("robustbench")  # finds the package without importing it
-  if spec is None:
-    pytest.skip("robustbench is not installed: pip install --no-deps robustbench==1.1.1")
-  path = os.path.join(spec.submodule_search_locations[0], "model_zoo", "architectures",
-                      f"{stem}.py")
+  path = os.path.join(robustbench_folder(), "model_zoo", "architectures", f"{stem}.py")
   file_spec = importlib.util.spec_from_file_location(f"robustbench_architectures_{stem}", path)
   module = importlib.util.module_from_spec(file_spec)
   file_spec.loader.exec_module(module)
@@ -49,7 +60,7 @@ def narrow_preact_resnet(width: int, block_name: str = "PreActBlock", stages=(2,
   blocks, _make_layer and forward, on convs and a classifier of that width."""
   architecture = robustbench_architecture("resnet")
   block = getattr(architecture, block_name)
-  net = architecture.PreActResNet(block, list(stages), num_classes, **options)
+  net = architecture.PreActResNet(block, [1, 1, 1, 1], num_classes, **options)  # layers below
   net.in_planes = width
   net.conv1 = torch.nn.Conv2d(3, width, 3, 1, 1, bias=False)
   for stage, blocks in enumerate(stages):
@@ -66,7 +77,7 @@ def narrow_dm_preact_resnet(width: int, depth: int = 18, activation: str = "swis
   """RobustBench's DMPreActResNet with first-stage width `width` (the class fixes 64)."""
   architecture = robustbench_architecture("dm_wide_resnet")
   activation_fn = architecture.Swish if activation == "swish" else torch.nn.ReLU
-  net = architecture.DMPreActResNet(num_classes, depth, activation_fn=activation_fn)
+  net = architecture.DMPreActResNet(num_classes, 18, activation_fn=activation_fn)  # layers below
   net.conv_2d = torch.nn.Conv2d(3, width, 3, 1, 1, bias=False)
   stages = (2, 2, 2, 2) if depth == 18 else (3, 4, 6, 3)
   for stage, blocks in enumerate(stages):
@@ -192,17 +203,29 @@ def test_exported_state_dict_loads_strictly_into_robustbench(family):
   np.testing.assert_allclose(torch_logits(fresh, images), torch_logits(net, images), atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["preact_resnet18", "dm_preact_resnet"])
+def _dm_preact_resnet18():
+  architecture = robustbench_architecture("dm_wide_resnet")
+  return architecture.DMPreActResNet(depth=18, activation_fn=architecture.Swish)
+
+
+# RobustBench's classes of a fixed width (64), as they are; its ResNets are our CAS ResNets
+# without CAS.
+FULL_WIDTH = {
+    "preact_resnet18": (lambda: robustbench_architecture("resnet").PreActResNet18(), {}),
+    "dm_preact_resnet": (_dm_preact_resnet18, {}),
+    "resnet18": (lambda: robustbench_architecture("resnet").ResNet18(), dict(cas_stages=())),
+    "resnet50": (lambda: robustbench_architecture("resnet").ResNet50(), dict(cas_stages=())),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FULL_WIDTH))
 def test_full_width_classes_import_and_match(name):
+  build, options = FULL_WIDTH[name]
   torch.manual_seed(0)
-  if name == "preact_resnet18":
-    net = robustbench_architecture("resnet").PreActResNet18()
-  else:
-    architecture = robustbench_architecture("dm_wide_resnet")
-    net = architecture.DMPreActResNet(depth=18, activation_fn=architecture.Swish)
-  variables = interop.from_torch_state_dict(name, _randomised(net).state_dict())
+  net = _randomised(build())
+  variables = interop.from_torch_state_dict(name, net.state_dict(), **options)
   images = _images(2)
-  logits, _ = models.create(name).apply(variables, jnp.asarray(images), train=False)
+  logits, _ = models.create(name, **options).apply(variables, jnp.asarray(images), train=False)
   np.testing.assert_allclose(logits, torch_logits(net, images), atol=TOLERANCE)
 
 
@@ -256,6 +279,8 @@ def test_keys_of_another_architecture_are_named():
      "wide_resnet (num_classes=10, depth=16, widen_factor=2): load it under that name"),
     (lambda: narrow_preact_resnet(8, bn_before_fc=True), "resnet18", dict(width=8),
      "preact_resnet18 (num_classes=10, width=8, bn_before_fc=True): load it under that name"),
+    (lambda: robustbench_architecture("resnet").ResNet18(), "resnet18", {},
+     "resnet18 (num_classes=10, width=64, cas_stages=()): pass those options."),
 ])
 def test_wrong_options_or_architecture_are_named(torch_net, name, options, looks_like):
   with pytest.raises(errors.UserError, match="The keys look like " + re.escape(looks_like)):

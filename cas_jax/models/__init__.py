@@ -26,9 +26,11 @@ RobustBench's CIFAR architectures (robustbench.model_zoo.architectures; no CAS u
   "preact_resnet18"   PreActResNet18 / PreActResNet(PreActBlock, [2, 2, 2, 2]); "preact_resnet34"
                       the [3, 4, 6, 3] one: `width` (64), `bn_before_fc`, `out_shortcut` (False;
                       True with PreActBlockV2), `cas_stages` (a subset of (1, 2, 3, 4))
-  "dm_wide_resnet"    DMWideResNet: `depth` (28), `width` (10), `activation` ("swish" | "relu")
+  "dm_wide_resnet"    DMWideResNet: `depth` (28), `width` (10), `activation` ("swish", as every
+                      RobustBench entry, or "relu"), `cas_stages` as "wide_resnet"
   "dm_preact_resnet"  DMPreActResNet: `depth` (18 | 34), `activation`, `width` (64; RobustBench's
-                      class has only 64)
+                      class has only 64), `cas_stages` as "preact_resnet18"
+  "resnet18" / "resnet34" / "resnet50" with cas_stages=()   its ResNet18 / 34 / 50
 Those four families take `normalization` ("cifar10", "cifar100" or "none"): the per-channel
 mean/std standardisation inside the network; default "none", and for the two DeepMind ones the
 dataset's (CIFAR-100's for num_classes=100, else CIFAR-10's) as RobustBench builds them.

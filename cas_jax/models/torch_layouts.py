@@ -1,7 +1,8 @@
 """PyTorch state-dict key layouts of our networks, and which architecture a state dict fits.
 
-    torch_module_name("dm_wide_resnet", ("block2_0", "bn1"))   # -> "layer.1.block.0.batchnorm_0"
-    describe(state_dict)          # -> "preact_resnet18 (num_classes=10, width=64)" or None
+    module_fn = torch_module_fn("dm_wide_resnet", flax_module_paths)
+    module_fn(("block2_0", "bn1"))   # -> "layer.1.block.0.batchnorm_0"
+    describe(state_dict)             # -> "preact_resnet18 (num_classes=10, width=64)" or None
 
 A layout is a list of (regex, replacement) rewrites applied in turn to a Flax module path
 joined by "/" (without the collection and the leaf), whose "/" then become ".":
@@ -77,11 +78,6 @@ def torch_module_fn(name: str, flax_paths: Iterable[Tuple[str, ...]]) -> Callabl
     return lambda path: _rewrite(layout, path)
   with_cas = {path[0] for path in flax_paths if "cas" in path}
   return lambda path: _vgg_module(path, path[0] in with_cas)
-
-
-def torch_module_name(name: str, path: Tuple[str, ...]) -> str:
-  """The torch module name of one Flax module path of models.create(name) (not VGG16)."""
-  return _rewrite(LAYOUT_OF[name], path)
 
 
 def is_ignored(name: str, key: str) -> bool:
