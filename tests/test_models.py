@@ -308,6 +308,8 @@ def test_wrn_cas_reads_bn1_relu_and_masks_only_the_residual_branch():
     ("wide_resnet", dict(depth=30), "depth 30 invalid for wide_resnet; choose 6n \\+ 4"),
     ("wide_resnet", dict(normalization="imagenet"), "normalization='imagenet' invalid for "
                                                     "wide_resnet; choose 'cifar10', 'cifar100'"),
+    ("preact_resnet18", dict(normalization=((0.5,) * 3, (0.5, 0.5, 0.0))),
+     r"normalization=.* invalid for preact_resnet18; .* or \(\(3 means\), \(3 stds > 0\)\)"),
     ("preact_resnet18", dict(cas_stages=(5,)), "invalid for preact_resnet18; choose any subset"),
     ("preact_resnet18", dict(bn_before_fc="yes"), "bn_before_fc='yes' invalid"),
     ("preact_resnet18", dict(activation="swish"), "unknown option.*activation.*valid: width, "

@@ -232,6 +232,32 @@ def test_full_width_classes_import_and_match(name):
 # ------------------------------------------------------------------------- checkpoint files
 
 
+@pytest.mark.parametrize("mean, std, normalization", [
+    ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616), "cifar10"),  # Wong2020Fast's
+    ((0.4913997551666284, 0.48215855929893703, 0.4465309133731618),  # Augustin2020's
+     (0.24703225141799082, 0.24348516474564, 0.26158783926049628),
+     ((0.49139977, 0.48215857, 0.4465309), (0.24703225, 0.24348517, 0.26158783))),
+])
+def test_input_statistics_in_a_state_dict_are_checked_and_used(mean, std, normalization):
+  # RobustBench's wrappers of such entries keep the statistics as buffers `mu` and `sigma`.
+  torch.manual_seed(0)
+  net = _randomised(narrow_preact_resnet(8))
+  state_dict = {**net.state_dict(), "mu": torch.tensor(mean).view(1, 3, 1, 1),
+                "sigma": torch.tensor(std).view(1, 3, 1, 1)}
+  expected = re.escape(f"the checkpoint standardises its input with mu={normalization[0]}, "
+                       if isinstance(normalization, tuple) else "pass normalization='cifar10'")
+  for wrong in ({}, dict(normalization="cifar100")):
+    with pytest.raises(errors.UserError, match=expected):
+      interop.from_torch_state_dict("preact_resnet18", state_dict, width=8, **wrong)
+  variables = interop.from_torch_state_dict("preact_resnet18", state_dict, width=8,
+                                            normalization=normalization)
+  images = _images(4)
+  model = models.create("preact_resnet18", width=8, normalization=normalization)
+  standardised = (images - np.float32(mean)) / np.float32(std)
+  np.testing.assert_allclose(model.apply(variables, jnp.asarray(images), train=False)[0],
+                             torch_logits(net, standardised), atol=TOLERANCE)
+
+
 def test_load_torch_checkpoint_reads_robustbench_files(tmp_path):
   torch.manual_seed(0)
   # Carmon2019Unlabeled's constructor: a sub_block1 never called, saved under 'state_dict'

@@ -31,9 +31,10 @@ RobustBench's CIFAR architectures (robustbench.model_zoo.architectures; no CAS u
   "dm_preact_resnet"  DMPreActResNet: `depth` (18 | 34), `activation`, `width` (64; RobustBench's
                       class has only 64), `cas_stages` as "preact_resnet18"
   "resnet18" / "resnet34" / "resnet50" with cas_stages=()   its ResNet18 / 34 / 50
-Those four families take `normalization` ("cifar10", "cifar100" or "none"): the per-channel
-mean/std standardisation inside the network; default "none", and for the two DeepMind ones the
-dataset's (CIFAR-100's for num_classes=100, else CIFAR-10's) as RobustBench builds them.
+Those four families take `normalization` ("cifar10", "cifar100", "none" or ((3 means),
+(3 stds))): the per-channel standardisation inside the network; default "none", and for the
+two DeepMind ones the dataset's (CIFAR-100's for num_classes=100, else CIFAR-10's) as
+RobustBench builds them.
 
 From a config (config.model: name, width, cas_stages, cas_suppress, dtype):
     model = models.from_config(config, num_classes=10)

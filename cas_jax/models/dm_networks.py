@@ -54,10 +54,17 @@ def check_activation(activation, model_name: str) -> str:
 
 
 def mean_std(normalization, num_classes: int, model_name: str):
-  """The (mean, std) of `normalization` (None: CIFAR-100's for 100 classes, else CIFAR-10's)."""
+  """The (mean, std) of `normalization`: a name (None: CIFAR-100's for 100 classes, else
+  CIFAR-10's) or the pair ((3 means), (3 stds)) itself."""
   if normalization is None:
     normalization = "cifar100" if num_classes == 100 else "cifar10"
-  if normalization not in NORMALIZATIONS:
+  if isinstance(normalization, str) and normalization in NORMALIZATIONS:
+    return NORMALIZATIONS[normalization]
+  try:
+    mean, std = (tuple(float(v) for v in values) for values in normalization)
+  except (TypeError, ValueError):
+    mean = std = ()
+  if isinstance(normalization, str) or len(mean) != 3 or len(std) != 3 or min(std) <= 0:
     raise errors.UserError(f"normalization={normalization!r} invalid for {model_name}; choose "
-                           f"{', '.join(map(repr, NORMALIZATIONS))}.")
-  return NORMALIZATIONS[normalization]
+                           f"{', '.join(map(repr, NORMALIZATIONS))} or ((3 means), (3 stds > 0)).")
+  return mean, std

@@ -26,7 +26,8 @@ architectures): WideResNet ("wide_resnet"), PreActResNet ("preact_resnet18" / "3
 DMPreActResNet ("dm_preact_resnet"). Options such as `width=8` or `depth=16, widen_factor=2`
 are forwarded to `models.create`; the defaults are the full-size networks. Keys lose every
 leading `module.` / `model.`; `num_batches_tracked` and the WRN's unused `sub_block1.*` are
-ignored. A state dict that does not fit raises a UserError naming the first keys that differ
+ignored; RobustBench's input statistics `mu` / `sigma` (Wong2020Fast and the like) must agree
+with the network's `normalization` (e.g. normalization="cifar10"). A state dict that does not fit raises a UserError naming the first keys that differ
 and the architecture (with options) the keys look like.
 """
 from typing import Any, Dict, List, Mapping, Tuple
@@ -37,6 +38,7 @@ import numpy as np
 
 from cas_jax import errors
 from cas_jax import models
+from cas_jax.models import dm_networks
 from cas_jax.models import torch_layouts
 
 _TORCH_LEAF_NAMES = {
@@ -99,6 +101,27 @@ def _torch_keyed_leaves(name: str, tree) -> List[Tuple[str, Any]]:
           for path, (_, leaf) in zip(paths, flat)]
 
 
+def _without_input_statistics(model, state_dict: Dict[str, Any]) -> Dict[str, Any]:
+  """The state dict less RobustBench's input standardisation buffers (`mu`, `sigma`: Wong2020Fast
+  and the like), once they agree with the network's `normalization` (UserError otherwise)."""
+  if "mu" not in state_dict and "sigma" not in state_dict:
+    return state_dict
+  # float32 values in their shortest decimals (torch standardises in float32 too).
+  found = tuple(tuple(float(np.format_float_positional(v)) for v in
+                      _as_numpy(state_dict.get(k, np.ones(3))).ravel()) for k in ("mu", "sigma"))
+  ours = getattr(model, "mean_std", None)
+  if ours is not None and np.allclose(found, ours, rtol=0, atol=1e-6):
+    return {k: v for k, v in state_dict.items() if k not in ("mu", "sigma")}
+  named = [n for n, v in dm_networks.NORMALIZATIONS.items()
+           if v is not None and np.allclose(found, v, rtol=0, atol=1e-6)]
+  if not hasattr(model, "mean_std"):
+    fix = f"{type(model).__name__} has no normalization option"
+  else:
+    fix = f"pass normalization={named[0] if named else found!r}"
+  raise errors.UserError(f"the checkpoint standardises its input with mu={found[0]}, "
+                         f"sigma={found[1]} (its keys mu, sigma); {fix}")
+
+
 def is_ignored_key(name: str, key: str) -> bool:
   """Whether a checkpoint key of `name` carries nothing our models hold (BN step counts, the
   WRN's unused sub_block1)."""
@@ -109,7 +132,7 @@ def from_torch_state_dict(name: str, state_dict: Mapping[str, Any], num_classes:
                           **options) -> Dict[str, Any]:
   """Flax {'params', 'batch_stats'} for models.create(name, num_classes, **options)."""
   model = models.create(name, num_classes=num_classes, **options)
-  state_dict = _strip_prefixes(state_dict)
+  state_dict = _without_input_statistics(model, _strip_prefixes(state_dict))
   abstract = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
   missing, mismatched, used, leaves = [], [], set(), []
