@@ -307,7 +307,8 @@ def test_keys_of_another_architecture_are_named():
      "preact_resnet18 (num_classes=10, width=8, bn_before_fc=True): load it under that name"),
     (lambda: robustbench_architecture("resnet").ResNet18(), "resnet18", {},
      "resnet18 (num_classes=10, width=64, cas_stages=()): pass those options."),
-])
+], ids=["dm_wide_resnet-depth", "dm_wide_resnet-num_classes", "dm_preact_resnet-depth",
+        "wide_resnet-as-preact", "preact-as-resnet", "robustbench-resnet18-without-cas"])
 def test_wrong_options_or_architecture_are_named(torch_net, name, options, looks_like):
   with pytest.raises(errors.UserError, match="The keys look like " + re.escape(looks_like)):
     interop.from_torch_state_dict(name, torch_net().state_dict(), **options)
