@@ -1,22 +1,9 @@
 """Test-session settings: compile fast, cache compiled programs on disk, and free them from
 memory between test modules."""
 import gc
-import importlib.util
 import os
-import sys
-import types
 
 import pytest
-
-# robustbench's wheel (the reference of tests/test_zoo.py) installs a top-level `tests` package
-# of its own, which shadows this folder (a namespace package) in `from tests.x import ...`.
-# .ci/run installs it off the path; where it was installed on the path, this folder takes the
-# name back for the test session (scripts the tests start in subprocesses still see theirs).
-_TESTS = os.path.dirname(os.path.abspath(__file__))
-_FOUND = importlib.util.find_spec("tests")
-if _FOUND is not None and _TESTS not in list(_FOUND.submodule_search_locations or []):
-  sys.modules["tests"] = types.ModuleType("tests")
-  sys.modules["tests"].__path__ = [_TESTS]
 
 FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 if FAST_COMPILE_FLAG not in os.environ.get("XLA_FLAGS", ""):
