@@ -124,12 +124,12 @@ def main(_):
     seconds.append(took)
     print(f"official seed {seed}: robust {100 * np.mean(clean & ~broken):.1f}% in {took:.0f} s",
           flush=True)
-  result = {"report": FLAGS.report, "attack": FLAGS.attack, "norm": norm, "eps": eps,
-            "budget": budget, "max_logit_gap": gap, "official_seconds": seconds,
-            **compare(ours_broken, worst_broken, cut_short, np.array(runs), clean),
-            "versions": {"jax": jax.__version__, "torch": torch.__version__,
-                         "pyautoattack": importlib.metadata.version("pyautoattack")}}
-  common.report(result, FLAGS.out)
+    result = {"report": FLAGS.report, "attack": FLAGS.attack, "norm": norm, "eps": eps,
+              "budget": budget, "max_logit_gap": gap, "official_seconds": seconds,
+              **compare(ours_broken, worst_broken, cut_short, np.array(runs), clean),
+              "versions": {"jax": jax.__version__, "torch": torch.__version__,
+                           "pyautoattack": importlib.metadata.version("pyautoattack")}}
+    common.report(result, FLAGS.out)  # after every seed: a long run keeps what it finished
 
 
 if __name__ == "__main__":
