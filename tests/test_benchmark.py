@@ -206,6 +206,11 @@ def test_eps_threat_models_and_architecture_names():
   name = benchmark_lib.architecture_name
   assert name("wrn", 10, depth=28, widen_factor=10) == "WideResNet-28-10"
   assert name("wrn34_10", 100) == "WideResNet-34-10"
+  assert name("wide_resnet", 10) == "WideResNet-28-10"
+  assert name("dm_wide_resnet", 10, depth=70, width=16) == "WideResNet-70-16"
+  assert name("dm_preact_resnet", 10) == "PreActResNet-18"
+  assert name("dm_preact_resnet", 10, depth=34) == "PreActResNet-34"
+  assert name("preact_resnet34", 10) == "PreActResNet-34"
   assert name("resnet18", 10) == "ResNet-18"
   assert name("resnet18", 10, width=8) == "ResNet-18 (width 8)"
   for arch in models.NAMES:  # every architecture has a name, also those added later

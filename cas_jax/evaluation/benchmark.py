@@ -52,10 +52,11 @@ AUTOATTACK_BUDGET = ("apgd_steps", "fab_steps", "square_queries", "target_classe
 # RobustBench's architecture names (its `architecture` field); {field} reads the built module.
 ARCHITECTURES = {
     "resnet18": "ResNet-18", "resnet34": "ResNet-34", "resnet50": "ResNet-50",
-    "preact_resnet18": "PreActResNet-18", "dm_preact_resnet": "PreActResNet-{depth}",
+    "preact_resnet18": "PreActResNet-18", "preact_resnet34": "PreActResNet-34",
+    "dm_preact_resnet": "PreActResNet-{depth}",
     "wrn34_10": "WideResNet-34-10", "wrn": "WideResNet-{depth}-{widen_factor}",
     "wide_resnet": "WideResNet-{depth}-{widen_factor}",
-    "dm_wide_resnet": "WideResNet-{depth}-{width}", "vgg16": "VGG16-BN",
+    "dm_wide_resnet": "WideResNet-{depth}-{widen_factor}", "vgg16": "VGG16-BN",
 }
 ENTRY_FILE, REPORT_FILE = "robustbench.json", "report"
 
@@ -124,6 +125,8 @@ def architecture_name(arch: str, num_classes: int, **options) -> str:
   """RobustBench's name of models.create(arch, ...) ('WideResNet-28-10'), else arch(options)."""
   model = models.create(arch, num_classes=num_classes, **options)
   fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)}
+  if "stage_sizes" in fields and "depth" not in fields:  # a pre-activation ResNet: 2 convs a block
+    fields["depth"] = 2 * sum(fields["stage_sizes"]) + 2
   try:
     name = ARCHITECTURES[arch].format(**fields)
   except (KeyError, IndexError):
