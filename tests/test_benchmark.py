@@ -245,6 +245,8 @@ def _bad_calls(folder):
       (dict(model=model, attacks="aa-joint,aa@4"), "lack AutoAttack at the threat model's eps"),
       (dict(model=batch_norm), "the model's logits for an image depend on the other images of "
        "its batch: it runs in training mode"),
+      (dict(model=lambda x: jnp.full((x.shape[0], 10), jnp.nan)), "the model's logits are not "
+       "finite (NaN or inf): its weights diverged"),
       (dict(model=model, arch="wrn"), "arch and arch_options describe a checkpoint"),
       (dict(model=lambda x: jnp.zeros((x.shape[0], 100))), "the model has 100 outputs but "
        "cifar10 has 10 classes"),

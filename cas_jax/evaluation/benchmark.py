@@ -164,8 +164,8 @@ def _checkpoint_model(path, arch: Optional[str], options: Dict[str, Any], num_cl
 
 def _check_model(apply_fn, x: np.ndarray, num_classes: int, dataset: str) -> str:
   """The logits' dtype; one UserError line for a model function that does not fit the benchmark:
-  the wrong class count, updated variables returned, rows that depend on their batch (training
-  mode)."""
+  the wrong class count, updated variables returned, logits that are not finite, rows that
+  depend on their batch (training mode)."""
   outputs = jax.eval_shape(apply_fn, x[:2])
   if isinstance(outputs, (tuple, list)) and len(outputs) == 2 and isinstance(outputs[1], dict):
     raise errors.UserError("the model function returns (outputs, updated variables): it runs in "
@@ -179,6 +179,9 @@ def _check_model(apply_fn, x: np.ndarray, num_classes: int, dataset: str) -> str
   partner = x[1:2] if len(x) > 1 else 1 - x[:1]
   first, second = (np.asarray(engine.main_logits(apply_fn, np.concatenate([x[:1], p])))[0]
                    for p in (partner, 1 - partner))
+  if not (np.all(np.isfinite(first)) and np.all(np.isfinite(second))):
+    raise errors.UserError("the model's logits are not finite (NaN or inf): its weights diverged "
+                           "or do not fit its architecture; check the checkpoint in PyTorch")
   if not np.allclose(first, second, rtol=1e-4, atol=1e-4 * (1 + np.abs(first).max())):
     raise errors.UserError("the model's logits for an image depend on the other images of its "
                            "batch: it runs in training mode (BatchNorm on batch statistics); "
