@@ -25,7 +25,7 @@ from cas_jax import models
 from cas_jax.models import interop
 
 torch = pytest.importorskip("torch", reason="the RobustBench classes are PyTorch modules")
-from test_interop import _randomised  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests.test_interop import _randomised  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 TOLERANCE = 1e-4
 

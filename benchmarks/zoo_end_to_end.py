@@ -1,0 +1,132 @@
+"""`cas-jax-benchmark` on RobustBench's own networks, against PyTorch and the official AutoAttack.
+
+  python -m benchmarks.zoo_end_to_end --cifar_dir=../shared/data/cifar-10-batches-py \
+      --out=benchmarks/results/zoo_end_to_end_cpu.json
+
+RobustBench 1.1.1's PreActResNet18 and a DMWideResNet-16-4 (Swish), trained briefly in PyTorch
+on the CIFAR-10 training images and saved as RobustBench saves them (`module.` prefix), go
+through the command as a user runs it (a subprocess, --n-examples test images, reduced budgets).
+Its entry's clean accuracy is compared with PyTorch's on the same images, and its AutoAttack
+verdicts image by image with the official AutoAttack (pyautoattack, seed 0) at the same budget.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+import torch
+
+from benchmarks import common
+from cas_jax import input_pipeline
+from tests.test_zoo import robustbench_architecture
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("cifar_dir", None, "CIFAR-10 in the official python layout.")
+flags.DEFINE_integer("images", 32, "The first N test images.")
+flags.DEFINE_string("eps", "2/255", "L-inf radius.")
+flags.DEFINE_integer("train_steps", 40, "SGD steps of batch 64 in PyTorch.")
+flags.DEFINE_string("workdir", "/tmp/zoo_end_to_end", "Checkpoints and the command's --out.")
+flags.DEFINE_string("out", "", "Write the results as JSON here.")
+BUDGET = {"apgd-steps": 10, "fab-steps": 10, "square-queries": 200, "target-classes": 3}
+
+
+def networks():
+  """name -> (torch network, --arch-option list)."""
+  dm = robustbench_architecture("dm_wide_resnet")
+  return {
+      "preact_resnet18": (robustbench_architecture("resnet").PreActResNet18(), []),
+      "dm_wide_resnet": (dm.DMWideResNet(num_classes=10, depth=16, width=4,
+                                         activation_fn=dm.Swish),
+                         ["depth=16", "width=4", "activation=swish"]),
+  }
+
+
+def as_nchw(images: np.ndarray) -> torch.Tensor:
+  """uint8 NHWC -> float NCHW in [0, 1]."""
+  return torch.tensor(np.ascontiguousarray(images.transpose(0, 3, 1, 2)),
+                      dtype=torch.float32) / 255
+
+
+def train(net, x, y):
+  """A few SGD steps (lr 0.01, momentum 0.9) in train mode; the network in eval mode after."""
+  optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+  net.train()
+  for step in range(FLAGS.train_steps):
+    batch = np.random.RandomState(step).choice(len(y), 64, replace=False)
+    loss = torch.nn.functional.cross_entropy(net(as_nchw(x[batch])),
+                                             torch.tensor(y[batch], dtype=torch.long))
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+  return net.eval()
+
+
+def run_command(name, options, path) -> tuple:
+  """(entry, report, seconds) of cas-jax-benchmark on the checkpoint, as a user runs it."""
+  out = os.path.join(FLAGS.workdir, f"{name}_out")
+  flags_ = [f"--{k}={v}" for k, v in BUDGET.items()]
+  command = [sys.executable, "-m", "cas_jax.evaluation.benchmark_cli", "--torch-checkpoint", path,
+             "--arch", name, *[f"--arch-option={o}" for o in options], "--threat-model", "Linf",
+             "--eps", FLAGS.eps, "--n-examples", str(FLAGS.images), "--cifar-dir",
+             FLAGS.cifar_dir, "--out", out, "--noprogress", *flags_]
+  start = time.perf_counter()
+  subprocess.run(command, check=True, capture_output=True)
+  seconds = time.perf_counter() - start
+  with open(os.path.join(out, "robustbench.json")) as f:
+    entry = json.load(f)
+  with open(os.path.join(out, "report.json")) as f:
+    report = json.load(f)
+  return entry, report, seconds
+
+
+def official_robust(net, x, y, eps) -> tuple:
+  """(robust per image, seconds) of the official AutoAttack standard at BUDGET, seed 0."""
+  from pyautoattack import AutoAttack  # pylint: disable=g-import-not-at-top
+  adversary = AutoAttack(net, norm="Linf", eps=eps, version="standard", seed=0)
+  adversary.verbose = False
+  adversary.apgd.n_iter = adversary.apgd_targeted.n_iter = BUDGET["apgd-steps"]
+  adversary.fab.n_iter = BUDGET["fab-steps"]
+  adversary.square.n_queries = BUDGET["square-queries"]
+  adversary.apgd_targeted.n_target_classes = BUDGET["target-classes"]
+  adversary.fab.n_target_classes = BUDGET["target-classes"]
+  start = time.perf_counter()
+  result = adversary.run_standard_evaluation(x, y, batch_size=64)
+  seconds = time.perf_counter() - start
+  x_adv = result[0] if isinstance(result, tuple) else result
+  with torch.no_grad():
+    return (net(x_adv).argmax(1) == y).numpy(), seconds
+
+
+def main(_):
+  """Train, save, run the command, compare with PyTorch and the official AutoAttack."""
+  torch.manual_seed(0)
+  torch.set_num_threads(1)
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  (x_train, y_train), (x_test, y_test) = input_pipeline.load_cifar_dir(FLAGS.cifar_dir)
+  x, y = as_nchw(x_test[:FLAGS.images]), torch.tensor(y_test[:FLAGS.images], dtype=torch.long)
+  numerator, denominator = FLAGS.eps.split("/")
+  results = {"budget": BUDGET, "eps": FLAGS.eps, "images": FLAGS.images,
+             "versions": {"torch": torch.__version__}}
+  for name, (net, options) in networks().items():
+    net = train(net, x_train, y_train)
+    path = os.path.join(FLAGS.workdir, f"{name}.pt")
+    torch.save({"module." + k: v for k, v in net.state_dict().items()}, path)
+    entry, report, ours_seconds = run_command(name, options, path)
+    with torch.no_grad():
+      torch_clean = float((net(x).argmax(1) == y).float().mean())
+    official, official_seconds = official_robust(net, x, y, float(numerator) / float(denominator))
+    ours = np.asarray(report["verdicts"]["aa"])
+    results[name] = {
+        "entry": entry, "torch_clean_acc": torch_clean, "official_robust_acc": float(official.mean()),
+        "official_breaks_ours_misses": np.flatnonzero(~official & ours).tolist(),
+        "ours_breaks_official_misses": np.flatnonzero(official & ~ours).tolist(),
+        "command_seconds_with_startup": ours_seconds, "official_seconds": official_seconds}
+  common.report(results, FLAGS.out)
+
+
+if __name__ == "__main__":
+  app.run(main)
