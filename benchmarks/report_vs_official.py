@@ -20,7 +20,6 @@ on the images `aa-joint` already broke (listed as cut short).
 """
 import importlib.metadata
 import json
-import time
 
 from absl import app
 from absl import flags
@@ -40,30 +39,6 @@ flags.DEFINE_string("attack", "aa", "The report's AutoAttack row to compare.")
 flags.DEFINE_integer("seeds", 1, "Official runs with seeds 0..seeds-1.")
 flags.DEFINE_integer("torch_threads", 2, "torch.set_num_threads.")
 flags.DEFINE_string("out", "", "Write the comparison as JSON here.")
-
-OFFICIAL_NORMS = {"linf": "Linf", "l2": "L2", "l1": "L1"}
-
-
-def official_broken(net, x_nchw, y, norm, eps, budget, seed):
-  """Images the official AutoAttack (standard) breaks, and its seconds."""
-  from pyautoattack import AutoAttack  # pylint: disable=g-import-not-at-top
-  adversary = AutoAttack(net, norm=OFFICIAL_NORMS[norm], eps=eps, version="standard", seed=seed)
-  adversary.verbose = False
-  adversary.apgd.n_iter = adversary.apgd_targeted.n_iter = budget["apgd_steps"]
-  adversary.fab.n_iter = budget["fab_steps"]
-  adversary.square.n_queries = budget["square_queries"]
-  if norm != "l1":  # under L1 the official keeps its own 5 targets
-    adversary.apgd_targeted.n_target_classes = budget["target_classes"]
-    adversary.fab.n_target_classes = budget["target_classes"]
-  images, labels = torch.tensor(x_nchw), torch.tensor(y, dtype=torch.long)
-  start = time.perf_counter()
-  result = adversary.run_standard_evaluation(images, labels, batch_size=256)
-  seconds = time.perf_counter() - start
-  x_adv = result[0] if isinstance(result, tuple) else result
-  with torch.no_grad():
-    broken = net(x_adv).argmax(1).numpy() != y
-  return broken, seconds
-
 
 def compare(ours_broken, worst_broken, cut_short, official_runs, clean) -> dict:
   """Robust accuracy of both sides and the images one breaks and the other does not: against
@@ -119,7 +94,9 @@ def main(_):
   x_nchw = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
   runs, seconds = [], []
   for seed in range(FLAGS.seeds):
-    broken, took = official_broken(net, x_nchw, y, norm, eps, budget, seed)
+    robust, took = common.official_robust(net, x_nchw, y, norm=norm, eps=eps, seed=seed,
+                                          **budget)
+    broken = ~robust
     runs.append(broken & clean)
     seconds.append(took)
     print(f"official seed {seed}: robust {100 * np.mean(clean & ~broken):.1f}% in {took:.0f} s",

@@ -83,24 +83,6 @@ def run_command(name, options, path) -> tuple:
   return entry, report, seconds
 
 
-def official_robust(net, x, y, eps) -> tuple:
-  """(robust per image, seconds) of the official AutoAttack standard at BUDGET, seed 0."""
-  from pyautoattack import AutoAttack  # pylint: disable=g-import-not-at-top
-  adversary = AutoAttack(net, norm="Linf", eps=eps, version="standard", seed=0)
-  adversary.verbose = False
-  adversary.apgd.n_iter = adversary.apgd_targeted.n_iter = BUDGET["apgd-steps"]
-  adversary.fab.n_iter = BUDGET["fab-steps"]
-  adversary.square.n_queries = BUDGET["square-queries"]
-  adversary.apgd_targeted.n_target_classes = BUDGET["target-classes"]
-  adversary.fab.n_target_classes = BUDGET["target-classes"]
-  start = time.perf_counter()
-  result = adversary.run_standard_evaluation(x, y, batch_size=64)
-  seconds = time.perf_counter() - start
-  x_adv = result[0] if isinstance(result, tuple) else result
-  with torch.no_grad():
-    return (net(x_adv).argmax(1) == y).numpy(), seconds
-
-
 def main(_):
   """Train, save, run the command, compare with PyTorch and the official AutoAttack."""
   torch.manual_seed(0)
@@ -118,7 +100,9 @@ def main(_):
     entry, report, ours_seconds = run_command(name, options, path)
     with torch.no_grad():
       torch_clean = float((net(x).argmax(1) == y).float().mean())
-    official, official_seconds = official_robust(net, x, y, float(numerator) / float(denominator))
+    official, official_seconds = common.official_robust(
+        net, x, y.numpy(), norm="linf", eps=float(numerator) / float(denominator), seed=0,
+        **{k.replace("-", "_"): v for k, v in BUDGET.items()})
     ours = np.asarray(report["verdicts"]["aa"])
     results[name] = {
         "entry": entry, "torch_clean_acc": torch_clean, "official_robust_acc": float(official.mean()),
