@@ -32,7 +32,7 @@ from cas_jax.models import resnet
 Array = jax.Array
 
 
-class PreActBlock(nn.Module):
+class PreActBlock(resnet.BlockBase):
   """bn-act-conv-bn-act-conv + shortcut, with a CAS module on the sum if `with_cas`.
 
   The WideResNet's block (models/wrn.py) is this one with the projection taken from the
@@ -40,34 +40,21 @@ class PreActBlock(nn.Module):
   on that output where it enters the residual branch (`cas_on_input`; the shortcut keeps it
   unmasked), He-normal convs and zero-bias CAS heads.
   """
-  features: int
-  strides: int
-  num_classes: int
-  with_cas: bool
-  cas_suppress: bool = True
-  dtype: cas_lib.Dtype = jnp.float32
   activation: str = "relu"
   same_padding: bool = False
   shortcut_kernel: int = 1
   shortcut_from_activation: bool = False
   cas_on_input: bool = False
   kernel_init: cas_lib.Initializer = cas_lib.torch_kernel_init
-  cas_bias_init: Optional[cas_lib.Initializer] = None  # None: torch's default
 
   def _conv(self, features: int, size: int, strides: int, name: str) -> nn.Conv:
     return conv.conv2d(features, size, strides, kernel_init=self.kernel_init, dtype=self.dtype,
                        name=name, same=self.same_padding)
 
-  def _cas(self, y: Array, labels: Optional[Array], train: bool) -> Tuple[Array, Tuple[Array]]:
-    y, cas_logits = cas_lib.CAS(self.num_classes, suppress=self.cas_suppress,
-                                bias_init=self.cas_bias_init, dtype=self.dtype,
-                                name="cas")(y, labels, train)
-    return y, (cas_logits,)
-
   @nn.compact
   def __call__(self, x: Array, labels: Optional[Array], train: bool,
                bn_train: bool) -> Tuple[Array, Tuple[Array, ...]]:
-    norm = functools.partial(cas_lib.BatchNorm, use_running_average=not bn_train, dtype=self.dtype)
+    norm = self.norm(bn_train)
     activation = cas_lib.ACTIVATIONS[self.activation]
     activated = activation(norm(name="bn1")(x))
     shortcut = x
@@ -76,12 +63,12 @@ class PreActBlock(nn.Module):
           activated if self.shortcut_from_activation else x)
     branch, cas_logits = activated, ()
     if self.with_cas and self.cas_on_input:
-      branch, cas_logits = self._cas(activated, labels, train)
+      branch, cas_logits = self.cas(activated, labels, train)
     y = self._conv(self.features, 3, self.strides, "conv1")(branch)
     y = activation(norm(name="bn2")(y))
     y = self._conv(self.features, 3, 1, "conv2")(y) + shortcut
     if self.with_cas and not self.cas_on_input:
-      y, cas_logits = self._cas(y, labels, train)
+      y, cas_logits = self.cas(y, labels, train)
     return y, cas_logits
 
 

@@ -41,31 +41,45 @@ def check_cas_stages(cas_stages, model_name: str = "resnet") -> Tuple[int, ...]:
 
 
 def _conv3x3(features: int, strides: int, dtype, name: str) -> nn.Conv:
-  # Explicit (1, 1) padding: flax "SAME" pads (0, 1) at stride 2, torch's padding=1 pads (1, 1).
-  return nn.Conv(features, (3, 3), (strides, strides), padding=((1, 1), (1, 1)), use_bias=False,
-                 kernel_init=cas_lib.torch_kernel_init, dtype=dtype, name=name,
-                 conv_general_dilated=conv.conv_general_dilated)
+  # torch's padding=1, (1, 1) also at stride 2 (flax "SAME" would pad (0, 1)).
+  return conv.conv2d(features, 3, strides, kernel_init=cas_lib.torch_kernel_init, dtype=dtype,
+                     name=name)
 
 
 def _conv1x1(features: int, dtype, name: str, strides: int = 1) -> nn.Conv:
-  return nn.Conv(features, (1, 1), (strides, strides), use_bias=False,
-                 kernel_init=cas_lib.torch_kernel_init, dtype=dtype, name=name,
-                 conv_general_dilated=conv.conv_general_dilated)
+  return conv.conv2d(features, 1, strides, kernel_init=cas_lib.torch_kernel_init, dtype=dtype,
+                     name=name)
 
 
-class _Block(nn.Module):
-  """What both residual blocks share: their fields and the CAS module after the final ReLU."""
+class BlockBase(nn.Module):
+  """What every residual block shares (ours and the pre-activation ones): its fields, its
+  BatchNorm and its CAS module."""
   features: int
   strides: int
   num_classes: int
   with_cas: bool
   cas_suppress: bool = True
   dtype: cas_lib.Dtype = jnp.float32
-  activation: Callable[[], nn.Module] = baselines.Activation
+  cas_bias_init: Optional[cas_lib.Initializer] = None  # None: torch's default
 
   def norm(self, bn_train: bool) -> Callable[..., nn.Module]:
     """BatchNorm with batch statistics when bn_train, running averages otherwise."""
     return functools.partial(cas_lib.BatchNorm, use_running_average=not bn_train, dtype=self.dtype)
+
+  def cas(self, y: Array, labels: Optional[Array], train: bool) -> Tuple[Array, Tuple[Array, ...]]:
+    """y through the block's CAS module and its CAS logits (y and none without one)."""
+    if not self.with_cas:
+      return y, ()
+    y, cas_logits = cas_lib.CAS(self.num_classes, suppress=self.cas_suppress,
+                                bias_init=self.cas_bias_init, dtype=self.dtype,
+                                name="cas")(y, labels, train)
+    return y, (cas_logits,)
+
+
+class _Block(BlockBase):
+  """The ResNet blocks: an activation module factory, a 1x1 projection shortcut, CAS after the
+  final activation."""
+  activation: Callable[[], nn.Module] = baselines.Activation
 
   def shortcut(self, x: Array, features: int, norm) -> Array:
     """x itself, or a 1x1 strided projection + BN when the block changes shape."""
@@ -73,14 +87,6 @@ class _Block(nn.Module):
       return x
     y = _conv1x1(features, self.dtype, "shortcut_conv", self.strides)(x)
     return norm(name="shortcut_bn")(y)
-
-  def cas(self, y: Array, labels: Optional[Array], train: bool) -> Tuple[Array, Tuple[Array, ...]]:
-    """The block's output and its CAS logits (none without a CAS module)."""
-    if not self.with_cas:
-      return y, ()
-    y, cas_logits = cas_lib.CAS(self.num_classes, suppress=self.cas_suppress, dtype=self.dtype,
-                                name="cas")(y, labels, train)
-    return y, (cas_logits,)
 
 
 class BasicBlock(_Block):
