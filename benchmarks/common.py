@@ -92,3 +92,34 @@ def official_robust(net, x_nchw, y, *, norm: str, eps: float, seed: int, apgd_st
   x_adv = result[0] if isinstance(result, tuple) else result
   with torch.no_grad():
     return (net(x_adv).argmax(1) == labels).numpy(), seconds
+
+
+def as_nchw(images):
+  """uint8 NHWC images -> a float torch tensor, NCHW in [0, 1]."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  return torch.tensor(np.ascontiguousarray(images.transpose(0, 3, 1, 2)),
+                      dtype=torch.float32) / 255
+
+
+def train_briefly(net, x, y, steps: int):
+  """`steps` SGD steps (lr 0.01, momentum 0.9, batches of 64 drawn by step) in train mode on
+  uint8 NHWC images; the network in eval mode after."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+  net.train()
+  for step in range(steps):
+    batch = np.random.RandomState(step).choice(len(y), 64, replace=False)
+    loss = torch.nn.functional.cross_entropy(net(as_nchw(x[batch])),
+                                             torch.tensor(y[batch], dtype=torch.long))
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+  return net.eval()
+
+
+def save_as_robustbench(net, path: str) -> None:
+  """The network's state dict with the `module.` prefix RobustBench's checkpoints carry."""
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.save({"module." + k: v for k, v in net.state_dict().items()}, path)

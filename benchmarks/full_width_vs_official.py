@@ -99,10 +99,9 @@ def run_official() -> dict:
   net.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
   net.eval()
   x, y = test_images()
-  x = torch.tensor(np.ascontiguousarray(x.transpose(0, 3, 1, 2)), dtype=torch.float32) / 255
-  numerator, denominator = FLAGS.eps.split("/")
+  from cas_jax.evaluation import benchmark  # pylint: disable=g-import-not-at-top
   robust, seconds = common.official_robust(
-      net, x, y, norm="linf", eps=float(numerator) / float(denominator), seed=0,
+      net, common.as_nchw(x), y, norm="linf", eps=benchmark.parse_eps(FLAGS.eps, "linf"), seed=0,
       **{k.replace("-", "_"): v for k, v in budget().items()})
   return {"attack_seconds": seconds, "verdicts": robust.tolist(),
           "robust_acc": float(robust.mean()), "torch": torch.__version__,
@@ -112,22 +111,14 @@ def run_official() -> dict:
 def train_and_save():
   """RobustBench's ResNet18 after --train_steps SGD steps, saved with its `module.` prefix."""
   import torch  # pylint: disable=g-import-not-at-top
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
   from cas_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from tests.test_zoo import robustbench_architecture  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
   net = robustbench_architecture("resnet").ResNet18()
   (x, y), _ = input_pipeline.load_cifar_dir(FLAGS.cifar_dir)
-  optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-  net.train()
-  for step in range(FLAGS.train_steps):
-    batch = np.random.RandomState(step).choice(len(y), 64, replace=False)
-    images = torch.tensor(np.ascontiguousarray(x[batch].transpose(0, 3, 1, 2)),
-                          dtype=torch.float32) / 255
-    loss = torch.nn.functional.cross_entropy(net(images), torch.tensor(y[batch]).long())
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-  torch.save({"module." + k: v for k, v in net.state_dict().items()}, checkpoint_path())
+  common.save_as_robustbench(common.train_briefly(net, x, y, FLAGS.train_steps),
+                             checkpoint_path())
 
 
 def timed_side(side: str, cache: str = "", run: str = "") -> dict:

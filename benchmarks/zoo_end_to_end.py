@@ -22,6 +22,7 @@ import torch
 
 from benchmarks import common
 from cas_jax import input_pipeline
+from cas_jax.evaluation import benchmark
 from tests.test_zoo import robustbench_architecture
 
 FLAGS = flags.FLAGS
@@ -43,26 +44,6 @@ def networks():
                                          activation_fn=dm.Swish),
                          ["depth=16", "width=4", "activation=swish"]),
   }
-
-
-def as_nchw(images: np.ndarray) -> torch.Tensor:
-  """uint8 NHWC -> float NCHW in [0, 1]."""
-  return torch.tensor(np.ascontiguousarray(images.transpose(0, 3, 1, 2)),
-                      dtype=torch.float32) / 255
-
-
-def train(net, x, y):
-  """A few SGD steps (lr 0.01, momentum 0.9) in train mode; the network in eval mode after."""
-  optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-  net.train()
-  for step in range(FLAGS.train_steps):
-    batch = np.random.RandomState(step).choice(len(y), 64, replace=False)
-    loss = torch.nn.functional.cross_entropy(net(as_nchw(x[batch])),
-                                             torch.tensor(y[batch], dtype=torch.long))
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-  return net.eval()
 
 
 def run_command(name, options, path) -> tuple:
@@ -89,19 +70,19 @@ def main(_):
   torch.set_num_threads(1)
   os.makedirs(FLAGS.workdir, exist_ok=True)
   (x_train, y_train), (x_test, y_test) = input_pipeline.load_cifar_dir(FLAGS.cifar_dir)
-  x, y = as_nchw(x_test[:FLAGS.images]), torch.tensor(y_test[:FLAGS.images], dtype=torch.long)
-  numerator, denominator = FLAGS.eps.split("/")
+  x = common.as_nchw(x_test[:FLAGS.images])
+  y = torch.tensor(y_test[:FLAGS.images], dtype=torch.long)
   results = {"budget": BUDGET, "eps": FLAGS.eps, "images": FLAGS.images,
              "versions": {"torch": torch.__version__}}
   for name, (net, options) in networks().items():
-    net = train(net, x_train, y_train)
+    net = common.train_briefly(net, x_train, y_train, FLAGS.train_steps)
     path = os.path.join(FLAGS.workdir, f"{name}.pt")
-    torch.save({"module." + k: v for k, v in net.state_dict().items()}, path)
+    common.save_as_robustbench(net, path)
     entry, report, ours_seconds = run_command(name, options, path)
     with torch.no_grad():
       torch_clean = float((net(x).argmax(1) == y).float().mean())
     official, official_seconds = common.official_robust(
-        net, x, y.numpy(), norm="linf", eps=float(numerator) / float(denominator), seed=0,
+        net, x, y.numpy(), norm="linf", eps=benchmark.parse_eps(FLAGS.eps, "linf"), seed=0,
         **{k.replace("-", "_"): v for k, v in BUDGET.items()})
     ours = np.asarray(report["verdicts"]["aa"])
     results[name] = {
