@@ -277,12 +277,8 @@ def benchmark(model: Union[str, os.PathLike, Any], n_examples: int = 10000,
 def write(result: Benchmark, out_dir: str) -> Dict[str, str]:
   """Write out_dir/report.md, report.json and robustbench.json; their paths by kind."""
   os.makedirs(out_dir, exist_ok=True)
-  paths = {"markdown": os.path.join(out_dir, REPORT_FILE + ".md"),
-           "report": os.path.join(out_dir, REPORT_FILE + ".json"),
-           "entry": os.path.join(out_dir, ENTRY_FILE)}
-  texts = {"markdown": result.report.markdown(), "report": result.report.to_json(),
-           "entry": json.dumps(result.entry, indent=2) + "\n"}
-  for kind, path in paths.items():
-    with open(path, "w") as f:
-      f.write(texts[kind])
-  return paths
+  markdown, report = result.report.write(os.path.join(out_dir, REPORT_FILE))
+  entry = os.path.join(out_dir, ENTRY_FILE)
+  with open(entry, "w") as f:
+    f.write(json.dumps(result.entry, indent=2) + "\n")
+  return {"markdown": markdown, "report": report, "entry": entry}

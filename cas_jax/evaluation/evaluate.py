@@ -415,11 +415,7 @@ def evaluate_workdir(config, workdir: str,
     reports[label] = report
     if not writes:
       continue
-    paths = [os.path.join(out_dir, f"{label}_report.{ext}") for ext in ("md", "json")]
-    with open(paths[0], "w") as f:
-      f.write(report.markdown())
-    with open(paths[1], "w") as f:
-      f.write(report.to_json())
+    paths = report.write(os.path.join(out_dir, f"{label}_report"))
     print(report.markdown())
     print(f"Wrote {paths[0]} and {paths[1]}\n", flush=True)
   return reports

@@ -161,6 +161,14 @@ class Report:
     }
     return json.dumps(data, indent=1, default=str)
 
+  def write(self, stem: str) -> List[str]:
+    """Write stem.md (markdown()) and stem.json (to_json()); their paths."""
+    paths = [f"{stem}.md", f"{stem}.json"]
+    for path, text in zip(paths, (self.markdown(), self.to_json())):
+      with open(path, "w") as f:
+        f.write(text)
+    return paths
+
   @classmethod
   def from_json(cls, text: str) -> "Report":
     """The Report that to_json wrote."""
