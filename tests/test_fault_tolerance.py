@@ -235,6 +235,47 @@ def test_metrics_file_drops_rows_after_the_resume_step_and_stays_json(tmp_path):
                                  {"step": 3, "loss": 30.0}]
 
 
+_WRITE_SCALARS = """
+import sys
+from cas_jax.training import metric_writers
+writer = metric_writers.MetricWriter(sys.argv[1])
+writer.write_scalars(7, {"loss": 0.25})
+writer.close()
+print("torch" in sys.modules)
+"""
+
+
+def _event_scalars(folder):
+  """{(step, tag): value} of the scalars in the TensorBoard event files under `folder`, read
+  record by record (8-byte length, 4-byte CRC, the Event proto, 4-byte CRC)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  scalars = {}
+  for name in os.listdir(folder):
+    with open(os.path.join(folder, name), "rb") as f:
+      data = f.read()
+    while data:
+      length = int.from_bytes(data[:8], "little")
+      event = event_pb2.Event.FromString(data[12:12 + length])
+      scalars.update({(event.step, v.tag): v.simple_value for v in event.summary.value})
+      data = data[16 + length:]
+  return scalars
+
+
+def test_the_metric_writer_does_not_import_torch_and_writes_tensorboard_events(tmp_path):
+  # tensorboardX would import torch (1.4 s of every start) only to accept torch tensors.
+  pytest.importorskip("torch", reason="without torch there is nothing to keep out")
+  done = subprocess.run([sys.executable, "-c", _WRITE_SCALARS, str(tmp_path)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120, check=True)
+  assert done.stdout.split()[-1] == "False", done.stderr[-2000:]
+  assert _event_scalars(tmp_path / "tensorboard") == {(7, "loss"): 0.25}
+  import torch  # pylint: disable=g-import-not-at-top  (already imported: left as it is)
+  writer = metric_writers.MetricWriter(str(tmp_path / "again"))
+  writer.write_scalars(3, {"acc": 0.5})
+  writer.close()
+  assert _event_scalars(tmp_path / "again" / "tensorboard") == {(3, "acc"): 0.5}
+  assert sys.modules["torch"] is torch
+
+
 def run_main_in_process(monkeypatch, workdir, mode="train", **overrides):
   """main.py's main() in this process, its flags set as the command line would set them."""
   from cas_jax import main as main_module  # pylint: disable=g-import-not-at-top  (its flags)
