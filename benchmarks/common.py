@@ -123,3 +123,20 @@ def save_as_robustbench(net, path: str) -> None:
   """The network's state dict with the `module.` prefix RobustBench's checkpoints carry."""
   import torch  # pylint: disable=g-import-not-at-top
   torch.save({"module." + k: v for k, v in net.state_dict().items()}, path)
+
+
+def counting_network(torch, net):
+  """net wrapped so that it counts the rows of every forward call (and of gradient ones)."""
+
+  class Counting(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.net, self.rows, self.gradient_rows = net, 0, 0
+
+    def forward(self, x):
+      self.rows += x.shape[0]
+      if torch.is_grad_enabled() and x.requires_grad:
+        self.gradient_rows += x.shape[0]
+      return self.net(x)
+  return Counting()

@@ -13,7 +13,8 @@ start-up included (one run each, nothing else on the cores):
 Inside our process the seconds are split into start-up (imports, checkpoint, images), XLA
 compilation (JAX's monitoring events, per program), each unit's run time from the report's cost
 table, and the rest (host transfers, scheduling, writing the report). The verdicts of the two
-sides are compared image by image.
+sides are compared image by image, and their model rows counted (ours: the report's cost table,
+natural pass included; the official's: a wrapper around its network, its final check included).
 """
 import json
 import os
@@ -83,7 +84,9 @@ def run_ours() -> dict:
                   "gradient_rows": c["gradient_rows"], "padding_rows": c["padding_rows"]}
            for name, c in result.report.costs["stages"].items()}
   unit_seconds = sum(u["seconds"] for u in units.values())
+  total = result.report.costs["total"]
   return {"import_seconds": imported, "benchmark_call_seconds": seconds,
+          "rows": int(total["rows"]), "gradient_rows": int(total["gradient_rows"]),
           "compilation": stats.as_dict(), "units": units, "unit_seconds": unit_seconds,
           "verdicts": np.asarray(result.report.verdicts["aa"]).tolist(),
           "robust_acc": result.entry["autoattack_acc"], "jax": jax.__version__}
@@ -100,10 +103,12 @@ def run_official() -> dict:
   net.eval()
   x, y = test_images()
   from cas_jax.evaluation import benchmark  # pylint: disable=g-import-not-at-top
+  counted = common.counting_network(torch, net)
   robust, seconds = common.official_robust(
-      net, common.as_nchw(x), y, norm="linf", eps=benchmark.parse_eps(FLAGS.eps, "linf"), seed=0,
-      **{k.replace("-", "_"): v for k, v in budget().items()})
+      counted, common.as_nchw(x), y, norm="linf", eps=benchmark.parse_eps(FLAGS.eps, "linf"),
+      seed=0, **{k.replace("-", "_"): v for k, v in budget().items()})
   return {"attack_seconds": seconds, "verdicts": robust.tolist(),
+          "rows": counted.rows, "gradient_rows": counted.gradient_rows,
           "robust_acc": float(robust.mean()), "torch": torch.__version__,
           "torch_threads": torch.get_num_threads()}
 

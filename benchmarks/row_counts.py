@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from cas_jax.evaluation import evaluate
 from cas_jax.evaluation.attack_registry import AttackBudget
 
@@ -40,26 +41,9 @@ flags.DEFINE_enum("norm", "linf", ["linf", "l2", "l1"],
 EPS = {"linf": 4 / 255, "l2": 0.25, "l1": 2.0}
 
 
-def counting_network(torch, net):
-  """net wrapped so that it counts the rows of every forward call (and of gradient ones)."""
-
-  class Counting(torch.nn.Module):
-
-    def __init__(self):
-      super().__init__()
-      self.net, self.rows, self.gradient_rows = net, 0, 0
-
-    def forward(self, x):
-      self.rows += x.shape[0]
-      if torch.is_grad_enabled() and x.requires_grad:
-        self.gradient_rows += x.shape[0]
-      return self.net(x)
-  return Counting()
-
-
 def torchattacks_rows(torch, torchattacks, net, x, y, eps, steps, queries, seed=0) -> dict:
   """torchattacks' AutoAttack standard at these budgets: rows, robust accuracy, images broken."""
-  counted = counting_network(torch, net)
+  counted = common.counting_network(torch, net)
   reference = torchattacks.AutoAttack(counted, eps=eps, version="standard", seed=seed)
   for attack in reference._autoattack.attacks:
     if hasattr(attack, "steps"):
@@ -78,7 +62,7 @@ def torchattacks_rows(torch, torchattacks, net, x, y, eps, steps, queries, seed=
 def official_rows(torch, auto_attack, net, x, y, eps, steps, queries, seed=0,
                   norm="linf") -> dict:
   """The official AutoAttack standard at these budgets: rows, seconds, robust accuracy."""
-  counted = counting_network(torch, net)
+  counted = common.counting_network(torch, net)
   start = time.perf_counter()
   adversary = auto_attack(counted, eps=eps, norm={"linf": "Linf"}.get(norm, norm.upper()),
                           version="standard", seed=seed)

@@ -369,10 +369,9 @@ def run_until(workdir, flags, env, step, signum):
 
 @pytest.mark.slow
 def test_killed_and_preempted_runs_end_bitwise_equal_to_an_uninterrupted_one(tmp_path):
-  # One compilation cache for all the runs: each restart then costs its start-up only.
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  # Every run keeps its programs in the suite's compilation cache (main.py follows
+  # CAS_JAX_COMPILATION_CACHE, which conftest sets): each restart costs its start-up only.
+  env = dict(os.environ)
   flags = ["--config=configs/smoke.py", *small_flags(**{"ckpt.every_steps": 2})]
   reference = run_main(tmp_path / "reference", *flags, env=env)
   assert reference.returncode == 0, reference.stderr[-3000:]
