@@ -261,7 +261,7 @@ def test_smoke_trains_then_evaluates_each_baseline(baseline, tmp_path):
   config.baseline = baseline
   config.model.width, config.model.cas_stages = 4, "none"
   config.data.synthetic_num_train, config.data.synthetic_num_test = 64, 32
-  config.data.image_size = 8  # the same programs as at 32x32, compiled and run in a fraction
+  config.data.image_size = 8  # the code a 32x32 run takes, in a fraction of its time
   config.attack.steps, config.schedule.num_epochs, config.schedule.milestones = 1, 1, (1,)
   config.loss.pcl_warmup_epochs = 0
   config.eval.num_images, config.eval.steps = 32, 1
