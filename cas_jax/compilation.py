@@ -17,7 +17,7 @@ import collections
 import contextlib
 import dataclasses
 import os
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from absl import logging
 import jax
@@ -107,3 +107,29 @@ def use_persistent_cache(configured: Optional[str] = None) -> Optional[str]:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
   return folder
+
+
+def memory_mappings() -> Tuple[Optional[int], Optional[int]]:
+  """(this process's memory mappings, the kernel's vm.max_map_count); None where unknown."""
+  def read(path: str, count_lines: bool) -> Optional[int]:
+    try:
+      with open(path, "rb") as f:
+        return sum(1 for _ in f) if count_lines else int(f.read())
+    except (OSError, ValueError):
+      return None
+  return read("/proc/self/maps", True), read("/proc/sys/vm/max_map_count", False)
+
+
+def free_compiled_programs_if_crowded(fraction: float = 0.5) -> bool:
+  """jax.clear_caches() once this process holds over `fraction` of vm.max_map_count memory
+  mappings, or whenever it cannot tell; True if it cleared.
+
+  Each XLA:CPU executable keeps mappings of its own and a process that passes the limit
+  crashes in its next compilation (docs/implementation.md); below it, the programs stay
+  compiled for the next model of the same architecture.
+  """
+  held, limit = memory_mappings()
+  if held is not None and limit is not None and held <= fraction * limit:
+    return False
+  jax.clear_caches()
+  return True

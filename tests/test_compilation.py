@@ -97,6 +97,26 @@ def test_cache_dir_follows_the_environment_then_the_config(monkeypatch, tmp_path
   assert compilation.cache_dir(str(tmp_path)) is None
 
 
+
+def test_compiled_programs_are_kept_until_the_process_nears_the_mapping_limit(monkeypatch):
+  f = jax.jit(lambda v: v - 1)
+  f(np.ones(2, np.float32))
+  held, limit = compilation.memory_mappings()
+  if held is None or limit is None:
+    pytest.skip("no /proc: the policy clears after every model there")
+  assert 0 < held < limit
+  assert not compilation.free_compiled_programs_if_crowded()  # a test process: far below
+  with compilation.counted() as kept:
+    f(np.ones(2, np.float32))
+  assert kept.total == 0
+  assert compilation.free_compiled_programs_if_crowded(fraction=held / limit / 2)
+  with compilation.counted() as cleared:
+    f(np.ones(2, np.float32))
+  assert cleared.total == 1  # freed: the next call compiles again
+  monkeypatch.setattr(compilation, "memory_mappings", lambda: (None, None))
+  assert compilation.free_compiled_programs_if_crowded()  # cannot tell: clears
+
+
 SCRIPT = """
 import json, sys
 import jax, numpy as np

@@ -333,7 +333,7 @@ def run_experiment(name: str, base: ml_collections.ConfigDict, workdir: str,
       for label, report in experiment_runs.evaluate_setting(config, folder, name).items():
         reports.setdefault(label, []).append(report)
       # XLA:CPU programs hold memory mappings; many models passed vm.max_map_count (docs).
-      jax.clear_caches()
+      compilation.free_compiled_programs_if_crowded()
     config = runs[setting.name][0][1]
     info = {"setting": setting.name, "label": setting.label, "twin": setting.twin,
             "fields": setting_fields(experiment, setting, base),
