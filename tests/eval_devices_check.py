@@ -3,8 +3,10 @@
 Builds a robustness report of test_evaluate's CAS-like model (PGD, CW and both AutoAttack
 variants, small budgets) and saves every per-image verdict, the model rows the report says it
 evaluated (padding apart) and the rows a debug callback inside the model saw, to an .npz whose
-path it prints.
+path it prints. With the argument `uncounted`, the model has no callback (its programs then come
+from the persistent compilation cache) and `seen` is 0.
 """
+import sys
 import threading
 
 import jax
@@ -32,8 +34,9 @@ def counted_model(x):
 def main():
   """One report on all local devices; write its verdicts and its two row counts."""
   # 15 images: the natural pass and the attacks pad their last batch on 2 devices
+  model = test_evaluate.main_masked_cas if "uncounted" in sys.argv[1:] else counted_model
   report = evaluate.robustness_report(
-      counted_model, test_evaluate.X[:15], test_evaluate.Y[:15], key=test_evaluate.KEY,
+      model, test_evaluate.X[:15], test_evaluate.Y[:15], key=test_evaluate.KEY,
       eps=test_evaluate.EPS, attacks="pgd5,cw5,aa,aa-joint", batch_size=8,
       budget=test_evaluate.BUDGET)
   jax.effects_barrier()

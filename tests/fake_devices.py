@@ -17,10 +17,11 @@ def environment(devices: int) -> dict:
               PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
 
 
-def run_script(name: str, devices: int):
-  """Run tests/<name> under --xla_force_host_platform_device_count; the arrays it saved."""
+def run_script(name: str, devices: int, *args: str):
+  """Run tests/<name> [args] under --xla_force_host_platform_device_count; the arrays it
+  saved."""
   env = environment(devices)
-  result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", name)], env=env,
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", name), *args], env=env,
                           capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   arrays = np.load(result.stdout.strip().splitlines()[-1])
