@@ -7,7 +7,8 @@ RobustBench 1.1.1's ResNet18 (full width, 11.2M parameters) is trained --train_s
 PyTorch on the CIFAR-10 training images and saved as RobustBench saves it. Each side then runs
 in a process of its own, on the same cores, images, eps and budget, and is timed from outside,
 start-up included (one run each, nothing else on the cores):
-  ours: `cas-jax-benchmark --attacks=aa` as a user runs it, once from an empty compilation cache
+  ours: `cas-jax-benchmark --attacks=aa` as a user runs it (XLA:CPU convolutions through Eigen,
+    as the command sets them: cas_jax.cli.use_eigen_cpu_convolutions), once from an empty compilation cache
     (a fresh folder) and once more from the cache the first run filled;
   official: AutoAttack standard (seed 0) on the same checkpoint, torch using every core.
 Inside our process the seconds are split into start-up (imports, checkpoint, images), XLA
@@ -63,6 +64,8 @@ def test_images():
 
 def run_ours() -> dict:
   """cas_jax.benchmark with --attacks=aa, its seconds split by where they went."""
+  from cas_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.use_eigen_cpu_convolutions()  # as the cas-jax-benchmark command does
   import jax  # pylint: disable=g-import-not-at-top
   from cas_jax import compilation  # pylint: disable=g-import-not-at-top
   from cas_jax.evaluation import benchmark  # pylint: disable=g-import-not-at-top
@@ -89,7 +92,8 @@ def run_ours() -> dict:
           "rows": int(total["rows"]), "gradient_rows": int(total["gradient_rows"]),
           "compilation": stats.as_dict(), "units": units, "unit_seconds": unit_seconds,
           "verdicts": np.asarray(result.report.verdicts["aa"]).tolist(),
-          "robust_acc": result.entry["autoattack_acc"], "jax": jax.__version__}
+          "robust_acc": result.entry["autoattack_acc"], "jax": jax.__version__,
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def run_official() -> dict:

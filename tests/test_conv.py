@@ -76,3 +76,38 @@ def test_a_networks_input_gradient_in_a_fori_loop_equals_lax_autodiff(monkeypatc
   theirs = _attack_and_gradient(model, variables, x)
   assert calls  # the network did convolve with lax's own this time
   chex.assert_trees_all_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+CLI_SCRIPT = """
+import json, os
+from cas_jax import cli
+
+def report(argv):
+  import jax, jax.numpy as jnp
+  conv = lambda a, b: jax.lax.conv_general_dilated(a, b, (1, 1), "SAME",
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  hlo = jax.jit(conv).lower(jnp.ones((2, 8, 8, 64)), jnp.ones((3, 3, 64, 64))).compile().as_text()
+  print(json.dumps({"flags": os.environ.get("XLA_FLAGS", ""), "ynn": "__ynn_fusion" in hlo,
+                    "again": cli.use_eigen_cpu_convolutions()}))
+
+cli.run(report)
+"""
+
+
+@pytest.mark.parametrize("env,eigen", [
+    ({}, True), ({"CAS_JAX_CPU_CONVOLUTIONS": "xla"}, False),
+    ({"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"},
+     False)])
+def test_the_commands_convolve_with_eigen_on_the_cpu_unless_told_otherwise(env, eigen):
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from cas_jax import cli  # pylint: disable=g-import-not-at-top
+  base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", cli.CPU_CONVOLUTIONS_ENV)}
+  done = subprocess.run([sys.executable, "-c", CLI_SCRIPT], env={**base, **env}, check=True,
+                        capture_output=True, text=True, timeout=120)
+  seen = json.loads(done.stdout.strip().splitlines()[-1])
+  assert seen["ynn"] is not eigen  # YNNPACK fuses the convolution unless the command says Eigen
+  assert (seen["flags"] != env.get("XLA_FLAGS", "")) is eigen  # the user's own choice stays
+  assert seen["again"] is False  # once the backends started, XLA_FLAGS no longer matters
