@@ -47,8 +47,9 @@ def use_eigen_cpu_convolutions() -> bool:
   already sets YNNPACK's fusions, or when CAS_JAX_CPU_CONVOLUTIONS=xla (XLA's own choice).
   """
   current = os.environ.get("XLA_FLAGS", "")
-  jax_module = sys.modules.get("jax")
-  started = jax_module is not None and jax_module._src.xla_bridge.backends_are_initialized()  # pylint: disable=protected-access
+  # jax's own answer where this jax has it (private); a jax without it counts as not started.
+  bridge = getattr(getattr(sys.modules.get("jax"), "_src", None), "xla_bridge", None)
+  started = bool(getattr(bridge, "backends_are_initialized", lambda: False)())
   if (os.environ.get(CPU_CONVOLUTIONS_ENV, "").strip().lower() == "xla"
       or YNN_FUSIONS_FLAG in current or started):
     return False

@@ -87,7 +87,10 @@ def report(argv):
   conv = lambda a, b: jax.lax.conv_general_dilated(a, b, (1, 1), "SAME",
                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
   hlo = jax.jit(conv).lower(jnp.ones((2, 8, 8, 64)), jnp.ones((3, 3, 64, 64))).compile().as_text()
-  print(json.dumps({"flags": os.environ.get("XLA_FLAGS", ""), "ynn": "__ynn_fusion" in hlo,
+  flags = os.environ.get("XLA_FLAGS", "")
+  os.environ.pop("XLA_FLAGS", None)  # as if never set: the backends have started all the same
+  os.environ.pop(cli.CPU_CONVOLUTIONS_ENV, None)
+  print(json.dumps({"flags": flags, "ynn": "__ynn_fusion" in hlo,
                     "again": cli.use_eigen_cpu_convolutions()}))
 
 cli.run(report)
