@@ -1,4 +1,5 @@
-"""Run by test_cascade.py under XLA_FLAGS=--xla_force_host_platform_device_count=N.
+"""Run by test_cascade.py and test_evaluate.py under
+XLA_FLAGS=--xla_force_host_platform_device_count=N.
 
 Builds a robustness report of test_evaluate's CAS-like model (PGD, CW and both AutoAttack
 variants, small budgets) and saves every per-image verdict, the model rows the report says it

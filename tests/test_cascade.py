@@ -220,8 +220,7 @@ def cas_like(x):
 def counted_cas(x):
   """cas_like, counting the rows of every evaluation (a host callback: programs that call
   it are compiled in every process, the persistent cache cannot keep them)."""
-  jax.debug.callback(_count_rows, x.shape[0])
-  return cas_like(x)
+  return apply_counted_cas(W, x)
 
 
 def _report_data(n=40):

@@ -97,7 +97,6 @@ def test_cache_dir_follows_the_environment_then_the_config(monkeypatch, tmp_path
   assert compilation.cache_dir(str(tmp_path)) is None
 
 
-
 def test_compiled_programs_are_kept_until_the_process_nears_the_mapping_limit(monkeypatch):
   f = jax.jit(lambda v: v - 1)
   f(np.ones(2, np.float32))

@@ -1,6 +1,11 @@
 """models.conv: the CPU convolution with a loop-friendly input gradient computes what
 lax.conv_general_dilated and its autodiff compute, at every stride, kernel and padding the
 networks use (and odd sizes), in float32 and bfloat16, also inside a fori_loop."""
+import json
+import os
+import subprocess
+import sys
+
 import chex
 import jax
 from jax import lax
@@ -8,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cas_jax import cli
 from cas_jax import models
 from cas_jax.models import conv
 
@@ -102,11 +108,6 @@ cli.run(report)
     ({"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"},
      False)])
 def test_the_commands_convolve_with_eigen_on_the_cpu_unless_told_otherwise(env, eigen):
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  from cas_jax import cli  # pylint: disable=g-import-not-at-top
   base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", cli.CPU_CONVOLUTIONS_ENV)}
   done = subprocess.run([sys.executable, "-c", CLI_SCRIPT], env={**base, **env}, check=True,
                         capture_output=True, text=True, timeout=120)
