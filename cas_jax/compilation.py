@@ -26,6 +26,8 @@ ENV = "CAS_JAX_COMPILATION_CACHE"
 DEFAULT_DIR = os.path.join("~", ".cache", "cas_jax", "jax")
 _BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 _CACHE_HIT = "/jax/compilation_cache/cache_hits"
+_TRACE = "/jax/core/compile/jaxpr_trace_duration"
+_LOWER = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 
 
 @dataclasses.dataclass
@@ -34,6 +36,8 @@ class Stats:
   counts: Dict[str, int] = dataclasses.field(default_factory=collections.Counter)
   seconds: Dict[str, float] = dataclasses.field(default_factory=collections.Counter)
   cache_hits: int = 0
+  trace_seconds: float = 0.0
+  lower_seconds: float = 0.0
 
   @property
   def total(self) -> int:
@@ -49,6 +53,8 @@ class Stats:
     order = sorted(self.counts, key=lambda n: (-self.counts[n], n))
     return {"compilations": self.total, "compile_seconds": round(self.total_seconds, 3),
             "persistent_cache_hits": self.cache_hits,
+            "trace_seconds": round(self.trace_seconds, 3),
+            "lower_seconds": round(self.lower_seconds, 3),
             "programs": {n: {"compilations": self.counts[n],
                              "seconds": round(self.seconds[n], 3)} for n in order}}
 
@@ -63,6 +69,10 @@ def counted():
       name = str(kwargs.get("fun_name", "?"))
       stats.counts[name] += 1
       stats.seconds[name] += duration
+    elif event == _TRACE:
+      stats.trace_seconds += duration
+    elif event == _LOWER:
+      stats.lower_seconds += duration
 
   def on_event(event: str, **kwargs):
     del kwargs

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from cas_jax import compilation
-from cas_jax.attacks import cascade
 from cas_jax.evaluation import evaluate
 from cas_jax.evaluation.attack_registry import AttackBudget
 import fake_devices
@@ -40,7 +39,7 @@ def _count(stats, program):
 def test_each_program_compiles_once_per_batch_shape_whatever_the_targets():
   jax.clear_caches()
   report, stats = _default_report(40, target_classes=2)
-  shapes = len(cascade.batch_sizes(16, 1))  # 16, 2, 1
+  shapes = 3  # a report's batch sizes (cascade.BatchShapes)
   assert report.verdicts["aa"].sum() < report.verdicts["natural"].sum()  # AutoAttack did work
   # Distinct computations: APGD on 4 losses (CE, targeted DLR, each main and joint), FAB-T
   # once (shared by aa and aa-joint; its targets and restarts traced), Square's first chunk
@@ -57,6 +56,23 @@ def test_each_program_compiles_once_per_batch_shape_whatever_the_targets():
     assert _count(more, program) == _count(stats, program), (program, more.as_dict())
 
 
+def test_a_report_traces_the_model_once_per_batch_shape():
+  """The natural pass, every attack program (start, loop, final check) and the judge reuse one
+  trace of the model per input shape (engine.traced_once): the network is not traced again
+  from Python at each call site."""
+  traced = []
+
+  def counted_apply(w, x):
+    traced.append(x.shape[0])
+    return apply_cas(w, x)
+  x, y = _report_data(40)
+  budget = AttackBudget(apgd_steps=3, fab_steps=3, square_queries=40, target_classes=2)
+  report = evaluate.robustness_report(jax.tree_util.Partial(counted_apply, W), x, y, key=KEY,
+                                      eps=0.02, attacks="default", batch_size=16, budget=budget)
+  assert report.verdicts["aa"].sum() < report.verdicts["natural"].sum()  # the attacks ran
+  assert len(traced) == len(set(traced)) <= 4, traced  # 1 (the heads) and the report's sizes
+
+
 def test_plus_compiles_one_program_per_apgd_loss_and_fab_kind_whatever_the_restarts():
   """aa-plus runs 5 restarts of APGD-CE, APGD-DLR and FAB and 3 targets of APGD-T and FAB-T:
   restarts and targets are traced values, so APGD compiles once per loss (CE, DLR, targeted
@@ -69,7 +85,7 @@ def test_plus_compiles_one_program_per_apgd_loss_and_fab_kind_whatever_the_resta
                                         eps=0.02, attacks="aa-plus", batch_size=16,
                                         budget=budget)
   assert report.verdicts["aa-plus"].sum() < report.verdicts["natural"].sum()
-  shapes = len(cascade.batch_sizes(16, 1))
+  shapes = 3
   for program, bound in {"apgd_round": 3 * shapes, "fab_round": 2 * shapes}.items():
     assert 2 <= _count(stats, program) <= bound, (program, stats.as_dict())
 

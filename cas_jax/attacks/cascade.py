@@ -8,12 +8,11 @@ A `Unit` is one compiled piece of an attack (a PGD, one APGD-T target, one FAB-T
 of Square queries). A `Step` runs a unit for the attacks in `members` on the images every one of
 them still has standing: a step shared by several attacks (FAB-T and Square of `aa` and
 `aa-joint`) runs once. Its images are gathered from the whole set into batches of `batch_size`
-rows, sharded over every local device; only the rest of a step goes into batches of an eighth
-or a sixty-fourth of that (`batch_sizes`, multiples of the device count), so a unit compiles for
-at most 3 shapes whatever the number of images. The rest is padded (copies of a real row, whose
-results are dropped and whose rows are counted apart) to the smallest of these sizes that holds
-it when that wastes at most 1/8 of it, else filled greedily; only a last piece smaller than a
-sixty-fourth of batch_size is padded beyond that.
+rows, sharded over every local device; the rest of a step runs as one batch of its own size,
+or padded (copies of a real row, whose results are dropped and whose rows are counted apart)
+into a size made before when that wastes at most 1/8 of it (`BatchShapes`): a report makes at
+most 3 batch sizes, so each of its programs compiles for at most 3 shapes whatever the number
+of images.
 
 Costs are counted in model rows (one image through one forward pass): every unit reports how
 many batch passes it made, with and without a gradient, and the cascade multiplies by the rows
@@ -82,34 +81,46 @@ class Result:
   x_adv: Optional[np.ndarray] = None
 
 
-BUCKET_DIVISORS = (1, 8, 64)  # batch_size, an eighth and a sixty-fourth of it
+class BatchShapes:
+  """The batch sizes of one report, at most `limit` of them (every program compiles for these
+  shapes only): full batches of batch_size, and for a rest smaller than that the smallest size
+  already made that holds it with padding of at most `waste` of it; else, while fewer than
+  `limit` sizes exist, a new size that fits it exactly (rounded up to a multiple of `devices`);
+  else the largest size it fills, and the last piece padded to the smallest size that holds it.
 
-
-def batch_sizes(batch_size: int, devices: int) -> List[int]:
-  """The batch sizes a step may use (every program compiles for these shapes at most):
-  batch_size, batch_size / 8 and batch_size / 64, each rounded up to a multiple of `devices`.
-
-  Three shapes; a rest padded to the smallest costs at most batch_size / 64 rows per unit
-  (on the 128-image row-count benchmark, +4% rows on the plain network, +0.5% on the CAS one).
+  A rest runs as one batch of its own size where a fixed ladder of sizes split it into small
+  batches (batch 1 costs twice a row of batch 5 on a CPU) or padded it; the sizes follow the
+  report's own rests: the survivors of its first stages, which the later stages meet again.
   """
-  round_up = lambda n: max(devices, -(-n // devices) * devices)
-  return sorted({round_up(-(-batch_size // d)) for d in BUCKET_DIVISORS}, reverse=True)
 
+  def __init__(self, batch_size: int, devices: int, limit: int = 3, waste: float = 0.125):
+    self.devices, self.limit, self.waste = devices, limit, waste
+    self.sizes = [self.round_up(batch_size)]
 
-def padded_batches(rows: np.ndarray, sizes: Sequence[int], waste: float = 0.125):
-  """(real rows, padded rows) batches covering `rows`: full batches of sizes[0], then the rest
-  in the smallest size that holds it when the padding (copies of its first row) is at most
-  `waste` of it, else in the largest size it fills, and so on; only a rest smaller than
-  sizes[-1] (the device count) is padded beyond that."""
-  start = 0
-  while start < rows.size:
-    left = rows.size - start
-    fits = min((s for s in sizes if s >= left), default=sizes[0])
-    size = fits if fits - left <= waste * left or fits == sizes[-1] else max(
-        s for s in sizes if s <= left)
-    take = rows[start:start + size]
-    yield take, np.concatenate([take, np.full(size - take.size, take[0])])
-    start += take.size
+  def round_up(self, rows: int) -> int:
+    """rows rounded up to a multiple of the device count (at least one row per device)."""
+    return max(self.devices, -(-rows // self.devices) * self.devices)
+
+  def size_for(self, left: int) -> int:
+    """The size of the next batch of a step with `left` rows still to attack."""
+    if left >= self.sizes[0]:
+      return self.sizes[0]
+    fits = min(s for s in self.sizes if s >= left)
+    if fits - left <= self.waste * left or fits == self.round_up(left):
+      return fits
+    if len(self.sizes) < self.limit:
+      self.sizes.append(self.round_up(left))
+      return self.sizes[-1]
+    return max((s for s in self.sizes if s <= left), default=fits)
+
+  def batches(self, rows: np.ndarray):
+    """(real rows, padded rows) batches covering `rows` (padding: copies of a batch's first)."""
+    start = 0
+    while start < rows.size:
+      size = self.size_for(rows.size - start)
+      take = rows[start:start + size]
+      yield take, np.concatenate([take, np.full(size - take.size, take[0])])
+      start += take.size
 
 
 class _State:
@@ -200,16 +211,19 @@ def run(steps: Sequence[Step], x: np.ndarray, y: np.ndarray, key_data: np.ndarra
         eligible: Dict[str, np.ndarray], after: Optional[Dict[str, Sequence[str]]] = None,
         batch_size: int = 256, keep_adversarial: bool = False,
         state_path: Optional[str] = None, fingerprint: Optional[dict] = None,
-        save_every: float = 10.0, progress: bool = False) -> Result:
+        save_every: float = 10.0, progress: bool = False,
+        shapes: Optional[BatchShapes] = None) -> Result:
   """Run `steps` in order, each on the images still standing for all of its members.
 
   key_data: (N, ...) per-image key data (jax.random.key_data), gathered with the images' rows.
   eligible[m]: the images attack m may attack (e.g. the clean-correct ones); after[m]: attacks
-  whose survivors (by then final) m attacks only, applied at m's first step.
+  whose survivors (by then final) m attacks only, applied at m's first step. shapes: the
+  report's BatchShapes (else one of min(batch_size, N) rows for this run).
   """
   n, after = y.shape[0], dict(after or {})
   mesh = local_mesh()
-  sizes = batch_sizes(min(batch_size, max(n, 1)), jax.local_device_count())
+  if shapes is None:
+    shapes = BatchShapes(min(batch_size, max(n, 1)), jax.local_device_count())
   state = _State(n, state_path, fingerprint, save_every)
   if keep_adversarial and any(a.any() for a in state.attacked.values()):
     raise errors.UserError(
@@ -232,7 +246,7 @@ def run(steps: Sequence[Step], x: np.ndarray, y: np.ndarray, key_data: np.ndarra
           for name in after.get(m, ()):
             alive[m] &= ~broken[name]
       active = np.logical_and.reduce([alive[m] for m in step.members])
-      fooled = _run_unit(step.unit, active, x, y, key_data, sizes, mesh, state, x_adv, signals,
+      fooled = _run_unit(step.unit, active, x, y, key_data, shapes, mesh, state, x_adv, signals,
                          progress)
       for m in step.members:
         broken[m] |= fooled
@@ -247,8 +261,8 @@ def run(steps: Sequence[Step], x: np.ndarray, y: np.ndarray, key_data: np.ndarra
                 costs={k: dict(v) for k, v in state.costs.items()}, x_adv=x_adv)
 
 
-def _run_unit(unit: Unit, active: np.ndarray, x, y, key_data, sizes, mesh, state: _State, x_adv,
-              signals, progress: bool) -> np.ndarray:
+def _run_unit(unit: Unit, active: np.ndarray, x, y, key_data, shapes: BatchShapes, mesh,
+              state: _State, x_adv, signals, progress: bool) -> np.ndarray:
   """Attack the active images not yet attacked by `unit`; its fooled mask over all images."""
   attacked, fooled, cost = state.unit(unit.name)
   todo = np.flatnonzero(active & ~attacked)
@@ -257,7 +271,7 @@ def _run_unit(unit: Unit, active: np.ndarray, x, y, key_data, sizes, mesh, state
                   leave=False, dynamic_ncols=True,
                   disable=None if progress else True)  # None: quiet when not a terminal
   start = time.perf_counter()
-  for take, rows in padded_batches(todo, sizes):
+  for take, rows in shapes.batches(todo):
     carry = None
     if unit.reads_carry:
       carry = tuple(leaf[rows] for leaf in state.carries[unit.carry])

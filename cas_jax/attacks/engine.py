@@ -225,11 +225,40 @@ def as_partial(fn):
 
   A plain function becomes a Partial without arguments (compiled once per function object);
   a Partial(apply_fn, variables) passes its arrays as traced inputs: the weights are not
-  baked into the program as constants, and new weights reuse the compilation.
+  baked into the program as constants, and new weights reuse the compilation. Its function
+  runs under a jit of its own (`traced_once`).
   """
-  if fn is None or isinstance(fn, jax.tree_util.Partial):
-    return fn
-  return jax.tree_util.Partial(fn)
+  if fn is None:
+    return None
+  if isinstance(fn, jax.tree_util.Partial):
+    return jax.tree_util.Partial(traced_once(fn.func), *fn.args, **fn.keywords)
+  return jax.tree_util.Partial(traced_once(fn))
+
+
+_TRACED_ONCE_MARK = "_cas_jax_traced_once"
+_JITTED = "_cas_jax_jitted"
+
+
+def traced_once(func):
+  """func under a jit of its own, the same object for the same func: every program that
+  calls the model traces it once per input shape instead of at each call site (a network
+  called by an attack's start, loop and final check, then by the next attack's program,
+  was traced from Python each time; XLA inlines the call, the computation is unchanged).
+
+  The jit is kept on func itself (it lives as long as func); a callable that takes no
+  attributes (a bound method, a frozen dataclass) is returned as it is.
+  """
+  if getattr(func, _TRACED_ONCE_MARK, False):
+    return func
+  jitted = getattr(func, _JITTED, None)
+  if jitted is None:
+    jitted = jax.jit(func)
+    setattr(jitted, _TRACED_ONCE_MARK, True)
+    try:
+      setattr(func, _JITTED, jitted)
+    except (AttributeError, TypeError):
+      return func
+  return jitted
 
 
 def jit_with_model(*static_argnames: str):

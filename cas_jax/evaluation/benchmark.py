@@ -166,6 +166,7 @@ def _check_model(apply_fn, x: np.ndarray, num_classes: int, dataset: str) -> str
   """The logits' dtype; one UserError line for a model function that does not fit the benchmark:
   the wrong class count, updated variables returned, logits that are not finite, rows that
   depend on their batch (training mode)."""
+  apply_fn = engine.as_partial(apply_fn)  # one compiled forward pass, not one op at a time
   outputs = jax.eval_shape(apply_fn, x[:2])
   if isinstance(outputs, (tuple, list)) and len(outputs) == 2 and isinstance(outputs[1], dict):
     raise errors.UserError("the model function returns (outputs, updated variables): it runs in "

@@ -62,7 +62,8 @@ image_keys = jax.jit(engine.index_keys)  # one key per image, from its global in
 
 
 def _has_cas_heads(apply_fn, x: np.ndarray) -> bool:
-  shapes = jax.eval_shape(lambda z: engine.split_outputs(apply_fn(z))[1], x[:1])
+  model = engine.as_partial(apply_fn)  # the trace the attacks' programs reuse
+  shapes = jax.eval_shape(lambda z: engine.split_outputs(model(z))[1], x[:1])
   return len(shapes) > 0
 
 
@@ -109,6 +110,8 @@ def _describe(value) -> str:
   """
   if type(value).__name__ == "_HashableCallableShim":  # how jax.tree_util.Partial holds it
     return _describe(value.fun)
+  if getattr(value, "_cas_jax_traced_once", False):  # engine.traced_once: the model's function
+    return _describe(value.__wrapped__)
   if isinstance(value, functools.partial):
     args = [_describe(a) for a in value.args]
     kwargs = {k: _describe(v) for k, v in sorted(value.keywords.items())}
@@ -149,14 +152,13 @@ def _fingerprint(model_fns, x, y, indices, key, natural, **settings) -> dict:
              for name, value in settings.items()}}
 
 
-def _natural(models, x, y, keys, impl, draws, batch_size):
+def _natural(models, x, y, keys, impl, draws, shapes: cascade.BatchShapes):
   """Per image: correct (the majority of `draws` draws for a randomized model) and the
   fraction of draws correct; and the rows evaluated (padding included). Batches sharded over
   the local devices."""
   mesh = cascade.local_mesh()
-  sizes = cascade.batch_sizes(min(batch_size, y.size), jax.local_device_count())
   fraction, evaluated = np.zeros(y.size, np.float32), 0
-  for take, rows in cascade.padded_batches(np.arange(y.size), sizes):
+  for take, rows in shapes.batches(np.arange(y.size)):
     evaluated += rows.size * max(draws, 1)
     xb, yb, kb = cascade.to_device(mesh, (x[rows], y[rows], keys[rows]))
     if draws:
@@ -225,8 +227,10 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: Optional[float] = None
     models = jax.device_put(models, NamedSharding(mesh, P()))
   key_data = np.asarray(jax.random.key_data(image_keys(key, local_indices)))
   natural_key = jax.random.fold_in(key, zlib.crc32(report_lib.NATURAL.encode()))
+  # One set of batch sizes for the natural pass and every attack: each program's shapes.
+  shapes = cascade.BatchShapes(min(batch_size, max(y.size, 1)), jax.local_device_count())
   natural, fraction, natural_rows = _natural(models, x, y, np.asarray(jax.random.key_data(
-      image_keys(natural_key, local_indices))), jax.random.key_impl(key), draws, batch_size)
+      image_keys(natural_key, local_indices))), jax.random.key_impl(key), draws, shapes)
   num_classes = jax.eval_shape(lambda z: engine.main_logits(models.main, z), x[:1]).shape[-1]
   ctx = attack_plan.Context(eps=eps, budget=budget, beta=beta, draws=draws, key_kind=key,
                             ranks=target_ranks(budget.target_classes, num_classes), norm=norm)
@@ -246,7 +250,7 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: Optional[float] = None
                              attacks=[s.name for s in specs], budget=vars(budget),
                              after=after, draws=draws, processes=jax.process_count())
   result = cascade.run(steps, x, y, key_data, eligible={s.name: natural for s in specs},
-                       after=after, batch_size=batch_size, state_path=state_path,
+                       after=after, shapes=shapes, state_path=state_path,
                        fingerprint=fingerprint, save_every=save_every, progress=progress)
   verdicts, ran_on, cut = {report_lib.NATURAL: natural}, {}, {}
   for spec in specs:
