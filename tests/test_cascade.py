@@ -67,22 +67,34 @@ def test_each_step_gets_the_survivors_of_the_whole_set_in_full_batches():
   np.testing.assert_array_equal(result.broken["m"], expected)
 
 
+def test_the_units_of_one_attack_share_its_batch_sizes_and_another_attack_makes_its_own():
+  x, y, keys = _toy_data(9)
+  seen = {"t/1": [], "t/2": [], "t/3": [], "u": []}
+  breaks = {"t/1": [0, 1, 2, 3], "t/2": [4], "t/3": [], "u": []}
+  steps = [cascade.Step(_toy_unit(name, breaks[name], seen[name]), ("m",)) for name in seen]
+  cascade.run(steps, x, y, keys, eligible={"m": np.ones(9, bool)}, batch_size=8)
+  # t makes 8, 1 (t/1's rest) and 5 (t/2's): t/3's 4 images fill batches of 1 (3 sizes made);
+  # u, another attack, makes a size of 4 of its own.
+  assert [[len(b) for b in seen[name]] for name in seen] == [[8, 1], [5], [1, 1, 1, 1], [4]]
+
+
 def _batches(shapes, rows):
   return [(len(take), len(padded)) for take, padded in shapes.batches(np.arange(rows))]
 
 
-def test_a_rest_runs_in_one_batch_of_its_size_until_a_report_has_made_three_sizes():
-  shapes = cascade.BatchShapes(16, 1)
-  assert _batches(shapes, 37) == [(16, 16), (16, 16), (5, 5)]  # the rest: a size of its own
+def test_a_rest_runs_in_one_batch_of_its_size_until_an_attack_has_made_three_sizes():
+  shapes = cascade.BatchShapes(32, 1)
+  assert _batches(shapes, 69) == [(32, 32), (32, 32), (5, 5)]  # the rest: a size of its own
   assert _batches(shapes, 5) == [(5, 5)]
-  assert _batches(shapes, 15) == [(15, 16)]  # within 1/8 of a size made before: padded to it
+  assert _batches(shapes, 31) == [(31, 32)]  # within 1/16 of a size made: padded to it
   assert _batches(shapes, 3) == [(3, 3)]  # the third and last size
-  assert shapes.sizes == [16, 5, 3]
+  assert shapes.sizes == [32, 5, 3]
   # Every size made: the largest that the rest fills, the last piece padded.
   assert _batches(shapes, 4) == [(3, 3), (1, 3)]
   assert _batches(shapes, 12) == [(5, 5), (5, 5), (2, 3)]
-  assert _batches(shapes, 40) == [(16, 16), (16, 16), (5, 5), (3, 3)]
-  assert shapes.sizes == [16, 5, 3]
+  assert _batches(shapes, 40) == [(32, 32), (5, 5), (3, 3)]
+  assert shapes.sizes == [32, 5, 3]
+  assert cascade.program("apgd-t/3") == cascade.program("apgd-t/10") == "apgd-t"
 
 
 def test_batch_shapes_are_multiples_of_the_device_count():

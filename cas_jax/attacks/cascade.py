@@ -10,9 +10,9 @@ them still has standing: a step shared by several attacks (FAB-T and Square of `
 `aa-joint`) runs once. Its images are gathered from the whole set into batches of `batch_size`
 rows, sharded over every local device; the rest of a step runs as one batch of its own size,
 or padded (copies of a real row, whose results are dropped and whose rows are counted apart)
-into a size made before when that wastes at most 1/8 of it (`BatchShapes`): a report makes at
-most 3 batch sizes, so each of its programs compiles for at most 3 shapes whatever the number
-of images.
+into a size its attack made before when that wastes at most 1/16 of it (`BatchShapes`, one per
+attack: the units named `program(name)`): an attack makes at most 3 batch sizes, so its
+program compiles for at most 3 shapes whatever the number of images.
 
 Costs are counted in model rows (one image through one forward pass): every unit reports how
 many batch passes it made, with and without a gradient, and the cascade multiplies by the rows
@@ -20,6 +20,7 @@ of the batch (padding included, reported apart). With `state_path` every finishe
 recorded (at most every `save_every` seconds, and at once on SIGTERM / Ctrl-C): a run started
 again with the same fingerprint skips every image already attacked.
 """
+import collections
 import dataclasses
 import json
 import os
@@ -81,19 +82,25 @@ class Result:
   x_adv: Optional[np.ndarray] = None
 
 
+def program(unit_name: str) -> str:
+  """The attack a unit belongs to, whose units share one program and so one BatchShapes:
+  its name up to the first "/" (apgd-t/2 and apgd-t/3 -> apgd-t; square/q0 -> square)."""
+  return unit_name.split("/")[0]
+
+
 class BatchShapes:
-  """The batch sizes of one report, at most `limit` of them (every program compiles for these
-  shapes only): full batches of batch_size, and for a rest smaller than that the smallest size
-  already made that holds it with padding of at most `waste` of it; else, while fewer than
-  `limit` sizes exist, a new size that fits it exactly (rounded up to a multiple of `devices`);
-  else the largest size it fills, and the last piece padded to the smallest size that holds it.
+  """The batch sizes of one attack in a report, at most `limit` of them (its program compiles
+  for these shapes only): full batches of batch_size, and for a rest smaller than that the
+  smallest size already made that holds it with padding of at most `waste` of it; else, while
+  fewer than `limit` sizes exist, a new size that fits it exactly (rounded up to a multiple of
+  `devices`); else the largest size it fills, the last piece padded to the smallest that holds it.
 
   A rest runs as one batch of its own size where a fixed ladder of sizes split it into small
   batches (batch 1 costs twice a row of batch 5 on a CPU) or padded it; the sizes follow the
-  report's own rests: the survivors of its first stages, which the later stages meet again.
+  attack's own rests, which shrink slowly from unit to unit (APGD-T's targets, Square's chunks).
   """
 
-  def __init__(self, batch_size: int, devices: int, limit: int = 3, waste: float = 0.125):
+  def __init__(self, batch_size: int, devices: int, limit: int = 3, waste: float = 0.0625):
     self.devices, self.limit, self.waste = devices, limit, waste
     self.sizes = [self.round_up(batch_size)]
 
@@ -211,19 +218,17 @@ def run(steps: Sequence[Step], x: np.ndarray, y: np.ndarray, key_data: np.ndarra
         eligible: Dict[str, np.ndarray], after: Optional[Dict[str, Sequence[str]]] = None,
         batch_size: int = 256, keep_adversarial: bool = False,
         state_path: Optional[str] = None, fingerprint: Optional[dict] = None,
-        save_every: float = 10.0, progress: bool = False,
-        shapes: Optional[BatchShapes] = None) -> Result:
+        save_every: float = 10.0, progress: bool = False) -> Result:
   """Run `steps` in order, each on the images still standing for all of its members.
 
   key_data: (N, ...) per-image key data (jax.random.key_data), gathered with the images' rows.
   eligible[m]: the images attack m may attack (e.g. the clean-correct ones); after[m]: attacks
-  whose survivors (by then final) m attacks only, applied at m's first step. shapes: the
-  report's BatchShapes (else one of min(batch_size, N) rows for this run).
+  whose survivors (by then final) m attacks only, applied at m's first step.
   """
   n, after = y.shape[0], dict(after or {})
   mesh = local_mesh()
-  if shapes is None:
-    shapes = BatchShapes(min(batch_size, max(n, 1)), jax.local_device_count())
+  full = min(batch_size, max(n, 1))
+  shapes = collections.defaultdict(lambda: BatchShapes(full, jax.local_device_count()))
   state = _State(n, state_path, fingerprint, save_every)
   if keep_adversarial and any(a.any() for a in state.attacked.values()):
     raise errors.UserError(
@@ -246,8 +251,8 @@ def run(steps: Sequence[Step], x: np.ndarray, y: np.ndarray, key_data: np.ndarra
           for name in after.get(m, ()):
             alive[m] &= ~broken[name]
       active = np.logical_and.reduce([alive[m] for m in step.members])
-      fooled = _run_unit(step.unit, active, x, y, key_data, shapes, mesh, state, x_adv, signals,
-                         progress)
+      fooled = _run_unit(step.unit, active, x, y, key_data, shapes[program(step.unit.name)],
+                         mesh, state, x_adv, signals, progress)
       for m in step.members:
         broken[m] |= fooled
         cut[m] |= alive[m] & ~active

@@ -152,12 +152,13 @@ def _fingerprint(model_fns, x, y, indices, key, natural, **settings) -> dict:
              for name, value in settings.items()}}
 
 
-def _natural(models, x, y, keys, impl, draws, shapes: cascade.BatchShapes):
+def _natural(models, x, y, keys, impl, draws, batch_size):
   """Per image: correct (the majority of `draws` draws for a randomized model) and the
   fraction of draws correct; and the rows evaluated (padding included). Batches sharded over
   the local devices."""
   mesh = cascade.local_mesh()
   fraction, evaluated = np.zeros(y.size, np.float32), 0
+  shapes = cascade.BatchShapes(min(batch_size, y.size), jax.local_device_count())
   for take, rows in shapes.batches(np.arange(y.size)):
     evaluated += rows.size * max(draws, 1)
     xb, yb, kb = cascade.to_device(mesh, (x[rows], y[rows], keys[rows]))
@@ -227,10 +228,8 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: Optional[float] = None
     models = jax.device_put(models, NamedSharding(mesh, P()))
   key_data = np.asarray(jax.random.key_data(image_keys(key, local_indices)))
   natural_key = jax.random.fold_in(key, zlib.crc32(report_lib.NATURAL.encode()))
-  # One set of batch sizes for the natural pass and every attack: each program's shapes.
-  shapes = cascade.BatchShapes(min(batch_size, max(y.size, 1)), jax.local_device_count())
   natural, fraction, natural_rows = _natural(models, x, y, np.asarray(jax.random.key_data(
-      image_keys(natural_key, local_indices))), jax.random.key_impl(key), draws, shapes)
+      image_keys(natural_key, local_indices))), jax.random.key_impl(key), draws, batch_size)
   num_classes = jax.eval_shape(lambda z: engine.main_logits(models.main, z), x[:1]).shape[-1]
   ctx = attack_plan.Context(eps=eps, budget=budget, beta=beta, draws=draws, key_kind=key,
                             ranks=target_ranks(budget.target_classes, num_classes), norm=norm)
@@ -250,7 +249,7 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: Optional[float] = None
                              attacks=[s.name for s in specs], budget=vars(budget),
                              after=after, draws=draws, processes=jax.process_count())
   result = cascade.run(steps, x, y, key_data, eligible={s.name: natural for s in specs},
-                       after=after, shapes=shapes, state_path=state_path,
+                       after=after, batch_size=batch_size, state_path=state_path,
                        fingerprint=fingerprint, save_every=save_every, progress=progress)
   verdicts, ran_on, cut = {report_lib.NATURAL: natural}, {}, {}
   for spec in specs:
