@@ -87,6 +87,8 @@ def test_a_rest_runs_in_one_batch_of_its_size_until_an_attack_has_made_three_siz
   assert _batches(shapes, 69) == [(32, 32), (32, 32), (5, 5)]  # the rest: a size of its own
   assert _batches(shapes, 5) == [(5, 5)]
   assert _batches(shapes, 31) == [(31, 32)]  # within 1/16 of a size made: padded to it
+  assert _batches(shapes, 10) == [(5, 5), (5, 5)]  # two of a size made: no new size
+  assert shapes.sizes == [32, 5]
   assert _batches(shapes, 3) == [(3, 3)]  # the third and last size
   assert shapes.sizes == [32, 5, 3]
   # Every size made: the largest that the rest fills, the last piece padded.

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -71,6 +72,33 @@ def test_a_report_traces_the_model_once_per_batch_shape():
                                       eps=0.02, attacks="default", batch_size=16, budget=budget)
   assert report.verdicts["aa"].sum() < report.verdicts["natural"].sum()  # the attacks ran
   assert len(traced) == len(set(traced)), traced  # each shape once (41 traces without it)
+
+
+class _TinyCas(nn.Module):
+  """A flax model with a CAS-like head, bound the way checkpoints are (evaluate.bind_model)."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    z = nn.Dense(10)(x.reshape(x.shape[0], -1))
+    return z, (0.5 * z,)
+
+
+def test_a_second_checkpoint_of_a_model_reuses_every_compiled_program():
+  """bind_model makes a new Partial per checkpoint; its function's jit (engine.traced_once)
+  is shared by equal partials, so the attack programs are not compiled again."""
+  x, y = _report_data(24)
+  model = _TinyCas()
+  variables = model.init(KEY, x[:1])
+  budget = AttackBudget(apgd_steps=3, fab_steps=3, square_queries=40, target_classes=2)
+  report = lambda v: evaluate.robustness_report(evaluate.bind_model(model, v), x, y, key=KEY,
+                                                eps=0.02, attacks="default", batch_size=16,
+                                                budget=budget)
+  first = report(variables)
+  assert first.verdicts["aa"].sum() < first.verdicts["natural"].sum()  # the attacks ran
+  with compilation.counted() as stats:
+    report(jax.tree.map(np.array, variables))  # another checkpoint with these values
+  for program in ("apgd_round", "fab_round", "square_chunk", "_single_attack", "correct"):
+    assert _count(stats, program) == 0, (program, stats.as_dict())
 
 
 def test_plus_compiles_one_program_per_apgd_loss_and_fab_kind_whatever_the_restarts():

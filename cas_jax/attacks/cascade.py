@@ -20,7 +20,6 @@ of the batch (padding included, reported apart). With `state_path` every finishe
 recorded (at most every `save_every` seconds, and at once on SIGTERM / Ctrl-C): a run started
 again with the same fingerprint skips every image already attacked.
 """
-import collections
 import dataclasses
 import json
 import os
@@ -91,9 +90,11 @@ def program(unit_name: str) -> str:
 class BatchShapes:
   """The batch sizes of one attack in a report, at most `limit` of them (its program compiles
   for these shapes only): full batches of batch_size, and for a rest smaller than that the
-  smallest size already made that holds it with padding of at most `waste` of it; else, while
-  fewer than `limit` sizes exist, a new size that fits it exactly (rounded up to a multiple of
-  `devices`); else the largest size it fills, the last piece padded to the smallest that holds it.
+  smallest size already made that holds it with padding of at most `waste` of it, or two
+  batches of one made size; else, while fewer than `limit` sizes exist, a new size that fits it
+  exactly (rounded up to a multiple of `devices`); else the largest size it fills, the last
+  piece padded to the smallest that holds it. The reports of one evaluation (a workdir's
+  checkpoints) share their BatchShapes, so that the second compiles nothing new.
 
   A rest runs as one batch of its own size where a fixed ladder of sizes split it into small
   batches (batch 1 costs twice a row of batch 5 on a CPU) or padded it; the sizes follow the
@@ -115,6 +116,10 @@ class BatchShapes:
     fits = min(s for s in self.sizes if s >= left)
     if fits - left <= self.waste * left or fits == self.round_up(left):
       return fits
+    # Two batches of a size made before cover it (6 as 3 + 3): no new size to compile.
+    pairs = [s for s in self.sizes if s <= left and 2 * s - left <= self.waste * left]
+    if pairs and 2 * max(pairs) >= left:
+      return max(pairs)
     if len(self.sizes) < self.limit:
       self.sizes.append(self.round_up(left))
       return self.sizes[-1]
@@ -218,17 +223,19 @@ def run(steps: Sequence[Step], x: np.ndarray, y: np.ndarray, key_data: np.ndarra
         eligible: Dict[str, np.ndarray], after: Optional[Dict[str, Sequence[str]]] = None,
         batch_size: int = 256, keep_adversarial: bool = False,
         state_path: Optional[str] = None, fingerprint: Optional[dict] = None,
-        save_every: float = 10.0, progress: bool = False) -> Result:
+        save_every: float = 10.0, progress: bool = False,
+        shapes: Optional[Dict[Tuple[str, int], BatchShapes]] = None) -> Result:
   """Run `steps` in order, each on the images still standing for all of its members.
 
   key_data: (N, ...) per-image key data (jax.random.key_data), gathered with the images' rows.
   eligible[m]: the images attack m may attack (e.g. the clean-correct ones); after[m]: attacks
-  whose survivors (by then final) m attacks only, applied at m's first step.
+  whose survivors (by then final) m attacks only, applied at m's first step. shapes: the
+  BatchShapes per attack (`program`) of earlier runs to reuse (updated in place), if any.
   """
   n, after = y.shape[0], dict(after or {})
   mesh = local_mesh()
   full = min(batch_size, max(n, 1))
-  shapes = collections.defaultdict(lambda: BatchShapes(full, jax.local_device_count()))
+  shapes = {} if shapes is None else shapes
   state = _State(n, state_path, fingerprint, save_every)
   if keep_adversarial and any(a.any() for a in state.attacked.values()):
     raise errors.UserError(
@@ -251,8 +258,11 @@ def run(steps: Sequence[Step], x: np.ndarray, y: np.ndarray, key_data: np.ndarra
           for name in after.get(m, ()):
             alive[m] &= ~broken[name]
       active = np.logical_and.reduce([alive[m] for m in step.members])
-      fooled = _run_unit(step.unit, active, x, y, key_data, shapes[program(step.unit.name)],
-                         mesh, state, x_adv, signals, progress)
+      key = (program(step.unit.name), full)
+      if key not in shapes:
+        shapes[key] = BatchShapes(full, jax.local_device_count())
+      fooled = _run_unit(step.unit, active, x, y, key_data, shapes[key], mesh, state, x_adv,
+                         signals, progress)
       for m in step.members:
         broken[m] |= fooled
         cut[m] |= alive[m] & ~active

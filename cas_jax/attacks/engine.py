@@ -239,21 +239,39 @@ _TRACED_ONCE_MARK = "_cas_jax_traced_once"
 _JITTED = "_cas_jax_jitted"
 
 
+def _marked_jit(func):
+  jitted = jax.jit(func)
+  setattr(jitted, _TRACED_ONCE_MARK, True)
+  return jitted
+
+
+@functools.lru_cache(maxsize=64)
+def _jit_partial(func, args: tuple, keywords: tuple):
+  return _marked_jit(functools.partial(func, *args, **dict(keywords)))
+
+
 def traced_once(func):
   """func under a jit of its own, the same object for the same func: every program that
   calls the model traces it once per input shape instead of at each call site (a network
   called by an attack's start, loop and final check, then by the next attack's program,
   was traced from Python each time; XLA inlines the call, the computation is unchanged).
 
-  The jit is kept on func itself (it lives as long as func); a callable that takes no
-  attributes (a bound method, a frozen dataclass) is returned as it is.
+  A functools.partial of hashable arguments (evaluate.bind_model's, one per checkpoint) gets
+  the jit of any equal partial; any other func keeps its jit on itself (it lives as long as
+  func); a callable that takes no attributes (a bound method) is returned as it is.
   """
   if getattr(func, _TRACED_ONCE_MARK, False):
     return func
+  if type(func).__name__ == "_HashableCallableShim":  # how jax.tree_util.Partial holds a partial
+    func = func.fun
+  if type(func) is functools.partial:  # equal partials share one jit, as jit's own cache does
+    try:
+      return _jit_partial(func.func, func.args, tuple(sorted(func.keywords.items())))
+    except TypeError:  # unhashable arguments (arrays): kept on the partial below
+      pass
   jitted = getattr(func, _JITTED, None)
   if jitted is None:
-    jitted = jax.jit(func)
-    setattr(jitted, _TRACED_ONCE_MARK, True)
+    jitted = _marked_jit(func)
     try:
       setattr(func, _JITTED, jitted)
     except (AttributeError, TypeError):

@@ -177,7 +177,7 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: Optional[float] = None
                       budget: Optional[AttackBudget] = None, exact_per_attack: bool = False,
                       exact_autoattack: bool = True, source_fn=None, random_apply_fn=None,
                       state_dir: Optional[str] = None, save_every: float = 10.0,
-                      progress: bool = False,
+                      progress: bool = False, batch_shapes: Optional[dict] = None,
                       title: str = "Robustness report") -> report_lib.Report:
   """Verdicts of natural, every attack in `attacks` (default: the default set) and the worst case.
 
@@ -194,8 +194,9 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: Optional[float] = None
   batches of `batch_size` sharded over the local devices (attacks/cascade.py). state_dir:
   where the report records its finished batches (every `save_every` seconds, and at once on
   SIGTERM or Ctrl-C), so that the same call resumes an interrupted report without attacking
-  an image twice. progress: a tqdm bar per stage (quiet when not a terminal).
-  With several processes every one passes the same x and y, attacks its share of the images
+  an image twice. progress: a tqdm bar per stage (quiet when not a terminal). batch_shapes:
+  a dict that several reports share, so that they reuse each other's batch sizes (and so
+  their compiled programs; cascade.BatchShapes), updated in place. With several processes every one passes the same x and y, attacks its share of the images
   and returns the whole report.
   """
   x, y = (np.asarray(a) for a in engine.check_images_and_labels(x, y))
@@ -249,7 +250,8 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: Optional[float] = None
                              attacks=[s.name for s in specs], budget=vars(budget),
                              after=after, draws=draws, processes=jax.process_count())
   result = cascade.run(steps, x, y, key_data, eligible={s.name: natural for s in specs},
-                       after=after, batch_size=batch_size, state_path=state_path,
+                       after=after, batch_size=batch_size, shapes=batch_shapes,
+                       state_path=state_path,
                        fingerprint=fingerprint, save_every=save_every, progress=progress)
   verdicts, ran_on, cut = {report_lib.NATURAL: natural}, {}, {}
   for spec in specs:
@@ -393,6 +395,7 @@ def evaluate_workdir(config, workdir: str,
     os.makedirs(out_dir, exist_ok=True)
   reports: Dict[str, report_lib.Report] = {}
   by_step: Dict[int, report_lib.Report] = {}
+  batch_shapes = {}  # the checkpoints' reports reuse each other's batch sizes
   for target in targets:
     label, step, variables = target.label, target.step, target.variables
     where = f"{label} checkpoint (step {step})" if step is not None else label
@@ -409,7 +412,7 @@ def evaluate_workdir(config, workdir: str,
           budget=budget, exact_per_attack=evaluation.get("exact_per_attack", False),
           exact_autoattack=evaluation.get("exact_autoattack", True), source_fn=source_fn,
           title=title, state_dir=os.path.join(out_dir, "state", label),
-          progress=evaluation.get("progress", True),
+          progress=evaluation.get("progress", True), batch_shapes=batch_shapes,
           random_apply_fn=baselines.bind_random(model, variables) if randomized else None)
       by_step[step] = report
     report.provenance = provenance.for_report(
