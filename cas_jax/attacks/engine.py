@@ -250,6 +250,16 @@ def _jit_partial(func, args: tuple, keywords: tuple):
   return _marked_jit(functools.partial(func, *args, **dict(keywords)))
 
 
+def held_function(func):
+  """The function behind the wrappers cas_jax and JAX put around a model's function: the
+  partial that jax.tree_util.Partial holds in a shim, the function under `traced_once`'s jit."""
+  if type(func).__name__ == "_HashableCallableShim":  # how jax.tree_util.Partial holds a partial
+    return held_function(func.fun)
+  if getattr(func, _TRACED_ONCE_MARK, False):
+    return held_function(func.__wrapped__)
+  return func
+
+
 def traced_once(func):
   """func under a jit of its own, the same object for the same func: every program that
   calls the model traces it once per input shape instead of at each call site (a network
@@ -262,8 +272,7 @@ def traced_once(func):
   """
   if getattr(func, _TRACED_ONCE_MARK, False):
     return func
-  if type(func).__name__ == "_HashableCallableShim":  # how jax.tree_util.Partial holds a partial
-    func = func.fun
+  func = held_function(func)
   if type(func) is functools.partial:  # equal partials share one jit, as jit's own cache does
     try:
       return _jit_partial(func.func, func.args, tuple(sorted(func.keywords.items())))

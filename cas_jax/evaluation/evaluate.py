@@ -108,10 +108,7 @@ def _describe(value) -> str:
   Functions by their qualified name, partials by their function and arguments, anything else
   (a flax Module: its config) by its repr without memory addresses.
   """
-  if type(value).__name__ == "_HashableCallableShim":  # how jax.tree_util.Partial holds it
-    return _describe(value.fun)
-  if getattr(value, "_cas_jax_traced_once", False):  # engine.traced_once: the model's function
-    return _describe(value.__wrapped__)
+  value = engine.held_function(value)  # a Partial's shim, traced_once's jit: what they hold
   if isinstance(value, functools.partial):
     args = [_describe(a) for a in value.args]
     kwargs = {k: _describe(v) for k, v in sorted(value.keywords.items())}
@@ -196,8 +193,9 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: Optional[float] = None
   SIGTERM or Ctrl-C), so that the same call resumes an interrupted report without attacking
   an image twice. progress: a tqdm bar per stage (quiet when not a terminal). batch_shapes:
   a dict that several reports share, so that they reuse each other's batch sizes (and so
-  their compiled programs; cascade.BatchShapes), updated in place. With several processes every one passes the same x and y, attacks its share of the images
-  and returns the whole report.
+  their compiled programs; cascade.BatchShapes), updated in place. With several processes
+  every one passes the same x and y, attacks its share of the images and returns the whole
+  report.
   """
   x, y = (np.asarray(a) for a in engine.check_images_and_labels(x, y))
   norm = attack_registry.check_norm(norm)
