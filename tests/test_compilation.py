@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from cas_jax import compilation
+from cas_jax.attacks import cascade
+from cas_jax.attacks import verdicts
 from cas_jax.evaluation import evaluate
 from cas_jax.evaluation.attack_registry import AttackBudget
 import fake_devices
@@ -46,7 +48,7 @@ def test_each_program_compiles_once_per_batch_shape_whatever_the_targets():
   # once (shared by aa and aa-joint; its targets and restarts traced), Square's first chunk
   # and its continuing chunks, and the report's single attacks (pgd20, cw).
   bounds = {"apgd_round": 4 * shapes, "fab_round": shapes, "square_chunk": 2 * shapes,
-            "_single_attack": 2 * shapes}
+            "_single_attack": 2 * shapes, "correct": shapes}
   for program, bound in bounds.items():
     assert 1 <= _count(stats, program) <= bound, (program, stats.as_dict())
   # More targets (and so more rounds of APGD-T and FAB-T) compile nothing more: a target's
@@ -55,6 +57,25 @@ def test_each_program_compiles_once_per_batch_shape_whatever_the_targets():
   _, more = _default_report(40, target_classes=5)
   for program in ("apgd_round", "fab_round"):
     assert _count(more, program) == _count(stats, program), (program, more.as_dict())
+
+
+def test_the_verdicts_compile_for_three_batch_sizes_whatever_sizes_the_attacks_ran_at():
+  """A judge with BatchShapes cuts and pads each batch to its sizes: the verdict program
+  compiles for 3 of them, the verdicts are the unpadded ones and the padding is counted."""
+  jax.clear_caches()
+  x, y = _report_data(16)
+  keys = jax.random.split(KEY, 16)
+  check = verdicts.judge(jax.tree_util.Partial(apply_cas, W), None, 0,
+                         cascade.BatchShapes(16, devices=1))
+  padding = 0
+  with compilation.counted() as stats:
+    for n in (16, 13, 11, 9, 7, 5, 3, 2):  # sizes 16, 13 and 11 are made; the rest pad to 11
+      still, passes, padded = check(x[:n], y[:n], keys[:n])
+      np.testing.assert_array_equal(still, np.argmax(x[:n].reshape(n, -1) @ W, -1) == y[:n])
+      assert passes == 1
+      padding += padded
+  assert _count(stats, "correct") == 3, stats.as_dict()
+  assert padding == (11 - 9) + (11 - 7) + (11 - 5) + (11 - 3) + (11 - 2)
 
 
 def test_a_report_traces_the_model_once_per_batch_shape():
@@ -165,6 +186,8 @@ import json, sys
 import jax, numpy as np
 sys.path.insert(0, {tests!r})
 from cas_jax import compilation
+from cas_jax.attacks import cascade
+from cas_jax.attacks import verdicts
 folder = compilation.use_persistent_cache()  # the folder CAS_JAX_COMPILATION_CACHE names
 import test_compilation
 report, stats = test_compilation._default_report(24, target_classes=2)

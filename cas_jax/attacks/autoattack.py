@@ -108,8 +108,8 @@ def stage_units(model_fn, stage: str, *, eps, key_kind: Array, judge: verdicts.J
         carry_out, made = None, 0
       else:
         x_adv, _, carry_out, made = attack(x, y, stage_keys, carry_in, eps)
-      correct, judged = judge(x_adv, y, image_keys)
-      return ~correct, x_adv, carry_out, forward + made + judged, gradient
+      correct, judged, judge_padding = judge(x_adv, y, image_keys)
+      return ~correct, x_adv, carry_out, forward + made + judged, gradient, judge_padding
     return cascade.Unit(prefix + name, run_batch, carry and prefix + carry, reads_carry)
 
   if stage.startswith("apgd"):
@@ -202,7 +202,7 @@ def autoattack(model_fn, x: Array, y: Array, *, eps=8 / 255, version: str = "sta
   keys = engine.example_keys(key, x.shape[0])
   judge = (verdicts.judge(None, model_fn, verdict_draws) if randomized
            else verdicts.judge(model_fn, None, 0))
-  robust, _ = judge(x, y, keys)
+  robust, _, _ = judge(x, y, keys)
   num_classes = jax.eval_shape(lambda z, k: predict(model_fn, z, k, randomized), x[:1],
                                keys[:1]).shape[-1]
   options = dict(eps=eps, key_kind=keys, judge=judge, loss=loss, beta=beta, apgd_steps=apgd_steps,

@@ -40,8 +40,9 @@ from cas_jax import preemption
 
 Array = jax.Array
 # A unit's output on one batch: (fooled (B,), x_adv (B, ...), carry out (pytree or None),
-# forward passes, gradient passes) -- passes over the whole batch, Python or JAX scalars.
-UnitOutput = Tuple[Array, Array, Any, Any, Any]
+# forward passes, gradient passes[, padding rows beyond the batch's own, e.g. its judge's]) --
+# passes over the whole batch, Python or JAX scalars.
+UnitOutput = Tuple[Any, ...]
 COST_FIELDS = ("images", "fooled", "forward_rows", "gradient_rows", "source_rows", "padding_rows",
                "seconds")
 
@@ -290,7 +291,7 @@ def _run_unit(unit: Unit, active: np.ndarray, x, y, key_data, shapes: BatchShape
     carry = None
     if unit.reads_carry:
       carry = tuple(leaf[rows] for leaf in state.carries[unit.carry])
-    out_fooled, out_x, out_carry, forward, gradient = unit.run(
+    out_fooled, out_x, out_carry, forward, gradient, *extra = unit.run(
         *to_device(mesh, (x[rows], y[rows], key_data[rows])),
         None if carry is None else to_device(mesh, carry))
     real = take.size
@@ -308,9 +309,10 @@ def _run_unit(unit: Unit, active: np.ndarray, x, y, key_data, shapes: BatchShape
     forward, gradient = int(forward), int(gradient)
     cost["images"] += real
     cost["fooled"] += int(fooled[take].sum())
-    cost["forward_rows"] += forward * rows.size
+    extra = int(extra[0]) if extra else 0
+    cost["forward_rows"] += forward * rows.size + extra
     cost["source_rows" if unit.source_gradient else "gradient_rows"] += gradient * rows.size
-    cost["padding_rows"] += (forward + gradient) * (rows.size - real)
+    cost["padding_rows"] += (forward + gradient) * (rows.size - real) + extra
     cost["seconds"] += time.perf_counter() - start
     start = time.perf_counter()
     bar.update(real)

@@ -2,8 +2,12 @@
 fresh draws of a randomized model (each image's draws from its own key, a stream of its own).
 
     check = verdicts.judge(model_fn, None, 0)          # deterministic: one forward pass
-    still_correct, passes = check(x_adv, y, keys)
+    still_correct, passes, padding_rows = check(x_adv, y, keys)
     check = verdicts.judge(None, random_model_fn, 10)  # randomized: the majority of 10 draws
+
+A report's judge cuts and pads its batches to sizes of its own (`shapes`, a
+cascade.BatchShapes), so that the verdict program compiles for at most 3 batch sizes however
+many sizes the attacks ran at; the rows that padding adds are the judge's third value.
 
 Every attack of a report and the public `autoattack()` judge with these, so a verdict does
 not depend on which entry point ran the attack.
@@ -13,12 +17,15 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from cas_jax.attacks import cascade
 from cas_jax.attacks import engine
 
 Array = jax.Array
 VERDICT_STREAM = 0x7E5  # fold_in tag of the fresh draws that judge a randomized model
-# (x_adv, y, keys) -> (still classified correctly (B,), forward passes it took)
+# (x_adv, y, keys) -> (still classified correctly (B,), forward passes per image, padding rows
+# the judge added beyond the batch, its passes included)
 Judge = Callable[[Array, Array, Array], tuple]
 
 
@@ -37,11 +44,35 @@ def correct_fraction(random_model, x: Array, y: Array, keys: Array, draws: int) 
   return jnp.mean(hits, axis=0)
 
 
-def judge(model, random_model: Optional[Callable], draws: int) -> Judge:
-  """(x_adv, y, keys) -> (still correct, forward passes): `model`, or most of `draws` draws
-  of `random_model` when draws > 0."""
-  if not draws:
-    return lambda x_adv, y, keys: (correct(engine.as_partial(model), x_adv, y), 1)
-  random_model = engine.as_partial(random_model)
-  return lambda x_adv, y, keys: (correct_fraction(random_model, x_adv, y, keys, draws) > 0.5,
-                                 draws)
+def judge(model, random_model: Optional[Callable], draws: int,
+          shapes: Optional[cascade.BatchShapes] = None) -> Judge:
+  """(x_adv, y, keys) -> (still correct, forward passes, padding rows): `model`, or most of
+  `draws` draws of `random_model` when draws > 0; in batches of `shapes`' sizes if given."""
+  passes = max(draws, 1)
+  if draws:
+    random_model = engine.as_partial(random_model)
+    verdict = lambda x, y, keys: correct_fraction(random_model, x, y, keys, draws) > 0.5
+  else:
+    model = engine.as_partial(model)
+    verdict = lambda x, y, keys: correct(model, x, y)
+
+  def check(x_adv, y, keys):
+    if shapes is None or shapes.size_for(y.shape[0]) == y.shape[0]:
+      return verdict(x_adv, y, keys), passes, 0
+    still, padding = _in_batches(verdict, shapes, x_adv, y, keys)
+    return still, passes, passes * padding
+  return check
+
+
+def _in_batches(verdict, shapes: cascade.BatchShapes, x_adv, y, keys):
+  """verdict over batches of `shapes`' sizes (sharded as the cascade's): the verdicts and the
+  padding rows."""
+  impl, mesh = jax.random.key_impl(keys), cascade.local_mesh()
+  host = (np.asarray(x_adv), np.asarray(y), np.asarray(jax.random.key_data(keys)))
+  still, padding = np.zeros(y.shape[0], bool), 0
+  for take, rows in shapes.batches(np.arange(y.shape[0])):
+    xb, yb, kb = cascade.to_device(mesh, tuple(a[rows] for a in host))
+    value = verdict(xb, yb, jax.random.wrap_key_data(kb, impl=impl))
+    still[take] = np.asarray(value)[:take.size]
+    padding += rows.size - take.size
+  return jnp.asarray(still), padding

@@ -100,7 +100,7 @@ def single_unit(spec: AttackSpec, models: Models, ctx: "Context") -> List[cascad
   stream = zlib.crc32(spec.canonical.encode()) & 0x7FFFFFFF  # pgd20 = pgd20-joint on CAS
   forward, gradient, per_iteration = _single_passes(spec, ctx.budget)
   impl, check = jax.random.key_impl(ctx.key_kind), verdicts.judge(models.main, models.random,
-                                                                 ctx.draws)
+                                                                 ctx.draws, ctx.judge_shapes)
 
   def run_batch(x, y, key_data, carry):
     del carry
@@ -108,8 +108,9 @@ def single_unit(spec: AttackSpec, models: Models, ctx: "Context") -> List[cascad
     x_adv, made = _single_attack(models, x, y, engine.fold_keys(image_keys, stream),
                                  jnp.float32(spec.eps), spec=static, beta=ctx.beta,
                                  budget=ctx.budget)
-    still, judged = check(x_adv, y, image_keys)
-    return ~still, x_adv, None, forward + per_iteration * made + judged, gradient
+    still, judged, judge_padding = check(x_adv, y, image_keys)
+    return (~still, x_adv, None, forward + per_iteration * made + judged, gradient,
+            judge_padding)
   return [cascade.Unit(spec.name, run_batch,
                        source_gradient=spec.method.startswith("transfer-"))]
 
@@ -121,7 +122,7 @@ def autoattack_units(spec: AttackSpec, models: Models, ctx: "Context") -> List[c
                                    else f"{spec.norm}@{spec.eps:g}:")
   model = models.random if randomized else models.main
   options = dict(eps=spec.eps, key_kind=ctx.key_kind,
-                 judge=verdicts.judge(models.main, models.random, ctx.draws),
+                 judge=verdicts.judge(models.main, models.random, ctx.draws, ctx.judge_shapes),
                  loss="joint" if spec.joint else "main", beta=ctx.beta,
                  apgd_steps=ctx.budget.apgd_steps, fab_steps=ctx.budget.fab_steps,
                  square_queries=ctx.budget.square_queries, ranks=ctx.ranks,
@@ -151,6 +152,7 @@ class Context:
   key_kind: Array  # any key array of the report's PRNG implementation
   ranks: Sequence[int]
   norm: str = "linf"  # the report's threat model (with eps: the worst case's)
+  judge_shapes: Optional[cascade.BatchShapes] = None  # the verdict program's batch sizes
 
 
 def _stage_position(unit_name: str) -> Tuple[int, int]:

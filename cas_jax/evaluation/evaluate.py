@@ -24,14 +24,10 @@ verdict is the majority over budget.verdict_draws draws, natural accuracy their 
 """
 import dataclasses
 import functools
-import hashlib
-import json
 import os
-import re
 import zlib
 from typing import Dict, Optional
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,6 +41,7 @@ from cas_jax.models import loading
 from cas_jax import provenance
 from cas_jax.models import baselines
 from cas_jax.evaluation import report as report_lib
+from cas_jax.evaluation import resume_fingerprint
 from cas_jax.evaluation import attack_registry
 from cas_jax.evaluation.attack_registry import AttackBudget, attack_names, parse_attacks
 from cas_jax.attacks.autoattack import target_ranks
@@ -99,63 +96,15 @@ def _ignoring_keys(model, x: Array, keys: Array):
   return model(x)
 
 
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+VERDICTS = "verdicts"  # the batch_shapes entry of the natural pass and the attacks' verdicts
 
 
-def _describe(value) -> str:
-  """A description of a pytree node's static data that is the same in every process.
-
-  Functions by their qualified name, partials by their function and arguments, anything else
-  (a flax Module: its config) by its repr without memory addresses.
-  """
-  value = engine.held_function(value)  # a Partial's shim, traced_once's jit: what they hold
-  if isinstance(value, functools.partial):
-    args = [_describe(a) for a in value.args]
-    kwargs = {k: _describe(v) for k, v in sorted(value.keywords.items())}
-    return f"partial({_describe(value.func)}, {args}, {kwargs})"
-  if callable(value) and hasattr(value, "__qualname__") and not isinstance(value, type):
-    return f"{getattr(value, '__module__', '?')}.{value.__qualname__}"
-  if isinstance(value, (tuple, list)):
-    return "(" + ", ".join(_describe(v) for v in value) + ")"
-  return _ADDRESS.sub("", repr(value))
-
-
-def _structure(treedef) -> str:
-  """_describe of every node of a tree structure, depth first."""
-  node = treedef.node_data()
-  if node is None:  # a leaf
-    return "*"
-  kind, aux = node
-  children = ", ".join(_structure(child) for child in treedef.children())
-  return f"{kind.__module__}.{kind.__qualname__}<{_describe(aux)}>[{children}]"
-
-
-def _tree_digest(tree) -> str:
-  """A digest of a pytree's arrays and its structure (its functions by qualified name)."""
-  digest = hashlib.sha256(_structure(jax.tree.structure(tree)).encode())
-  for leaf in jax.tree.leaves(tree):
-    digest.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
-  return digest.hexdigest()[:16]
-
-
-def _fingerprint(model_fns, x, y, indices, key, natural, **settings) -> dict:
-  """What a resumed report must share with the run it continues, each part as a digest."""
-  digest = lambda *arrays: hashlib.sha256(b"".join(
-      np.ascontiguousarray(a).tobytes() for a in arrays)).hexdigest()[:16]
-  return {"model": _tree_digest(model_fns) + digest(natural), "images": digest(x, y, indices),
-          "key": digest(np.asarray(jax.random.key_data(key))),
-          "code": provenance.code_digest(),  # the package's version and sources
-          **{name: json.dumps(value, sort_keys=True, default=str)
-             for name, value in settings.items()}}
-
-
-def _natural(models, x, y, keys, impl, draws, batch_size):
+def _natural(models, x, y, keys, impl, draws, shapes: cascade.BatchShapes):
   """Per image: correct (the majority of `draws` draws for a randomized model) and the
-  fraction of draws correct; and the rows evaluated (padding included). Batches sharded over
-  the local devices."""
+  fraction of draws correct; and the rows evaluated (padding included). Batches of `shapes`
+  (the verdicts' sizes), sharded over the local devices."""
   mesh = cascade.local_mesh()
   fraction, evaluated = np.zeros(y.size, np.float32), 0
-  shapes = cascade.BatchShapes(min(batch_size, y.size), jax.local_device_count())
   for take, rows in shapes.batches(np.arange(y.size)):
     evaluated += rows.size * max(draws, 1)
     xb, yb, kb = cascade.to_device(mesh, (x[rows], y[rows], keys[rows]))
@@ -227,11 +176,16 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: Optional[float] = None
     models = jax.device_put(models, NamedSharding(mesh, P()))
   key_data = np.asarray(jax.random.key_data(image_keys(key, local_indices)))
   natural_key = jax.random.fold_in(key, zlib.crc32(report_lib.NATURAL.encode()))
+  batch_shapes = {} if batch_shapes is None else batch_shapes
+  # The natural pass and every attack's verdicts share one program, at these sizes only.
+  judge_shapes = batch_shapes.setdefault((VERDICTS, min(batch_size, y.size)), cascade.BatchShapes(
+      min(batch_size, y.size), jax.local_device_count()))
   natural, fraction, natural_rows = _natural(models, x, y, np.asarray(jax.random.key_data(
-      image_keys(natural_key, local_indices))), jax.random.key_impl(key), draws, batch_size)
+      image_keys(natural_key, local_indices))), jax.random.key_impl(key), draws, judge_shapes)
   num_classes = jax.eval_shape(lambda z: engine.main_logits(models.main, z), x[:1]).shape[-1]
   ctx = attack_plan.Context(eps=eps, budget=budget, beta=beta, draws=draws, key_kind=key,
-                            ranks=target_ranks(budget.target_classes, num_classes), norm=norm)
+                            ranks=target_ranks(budget.target_classes, num_classes), norm=norm,
+                            judge_shapes=judge_shapes)
   steps, after = attack_plan.plan(specs, models, ctx, exact_per_attack=exact_per_attack,
                                   exact_autoattack=exact_autoattack)
   infos = {}
@@ -243,7 +197,7 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: Optional[float] = None
   state_path = None
   if state_dir:
     state_path = os.path.join(state_dir, f"report_state.p{jax.process_index()}.npz")
-  fingerprint = _fingerprint(models, x, y, local_indices, key, natural, eps=eps, norm=norm,
+  fingerprint = resume_fingerprint.fingerprint(models, x, y, local_indices, key, natural, eps=eps, norm=norm,
                              beta=beta,
                              attacks=[s.name for s in specs], budget=vars(budget),
                              after=after, draws=draws, processes=jax.process_count())
