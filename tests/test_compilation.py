@@ -70,7 +70,9 @@ def test_the_verdicts_compile_for_three_batch_sizes_whatever_sizes_the_attacks_r
   padding = 0
   with compilation.counted() as stats:
     for n in (16, 13, 11, 9, 7, 5, 3, 2):  # sizes 16, 13 and 11 are made; the rest pad to 11
-      still, passes, padded = check(x[:n], y[:n], keys[:n])
+      # As an attack hands them over: its images committed to a device, the labels not.
+      x_adv = jax.device_put(x[:n], jax.devices()[0])
+      still, passes, padded = check(x_adv, jax.numpy.asarray(y[:n]), keys[:n])
       np.testing.assert_array_equal(still, np.argmax(x[:n].reshape(n, -1) @ W, -1) == y[:n])
       assert passes == 1
       padding += padded

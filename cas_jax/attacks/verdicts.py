@@ -65,14 +65,24 @@ def judge(model, random_model: Optional[Callable], draws: int,
 
 
 def _in_batches(verdict, shapes: cascade.BatchShapes, x_adv, y, keys):
-  """verdict over batches of `shapes`' sizes (sharded as the cascade's): the verdicts and the
-  padding rows."""
-  impl, mesh = jax.random.key_impl(keys), cascade.local_mesh()
-  host = (np.asarray(x_adv), np.asarray(y), np.asarray(jax.random.key_data(keys)))
+  """verdict over batches of `shapes`' sizes, each placed as the batch it comes from: the
+  verdicts and the padding rows."""
+  impl = jax.random.key_impl(keys)
+  arrays = (x_adv, y, jax.random.key_data(keys))
+  host = tuple(np.asarray(a) for a in arrays)
   still, padding = np.zeros(y.shape[0], bool), 0
   for take, rows in shapes.batches(np.arange(y.shape[0])):
-    xb, yb, kb = cascade.to_device(mesh, tuple(a[rows] for a in host))
+    xb, yb, kb = (_placed_as(h[rows], a) for h, a in zip(host, arrays))
     value = verdict(xb, yb, jax.random.wrap_key_data(kb, impl=impl))
     still[take] = np.asarray(value)[:take.size]
     padding += rows.size - take.size
   return jnp.asarray(still), padding
+
+
+def _placed_as(host: np.ndarray, array) -> Array:
+  """host on the device(s) of `array`, with its sharding if it is committed to one: the
+  verdict program compiled for the batches an attack hands over serves these too (a committed
+  and an uncommitted input are two compilations)."""
+  if getattr(array, "committed", False):
+    return jax.device_put(host, array.sharding)
+  return jnp.asarray(host)
