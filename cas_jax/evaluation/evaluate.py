@@ -178,8 +178,9 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: Optional[float] = None
   natural_key = jax.random.fold_in(key, zlib.crc32(report_lib.NATURAL.encode()))
   batch_shapes = {} if batch_shapes is None else batch_shapes
   # The natural pass and every attack's verdicts share one program, at these sizes only.
-  judge_shapes = batch_shapes.setdefault((VERDICTS, min(batch_size, y.size)), cascade.BatchShapes(
-      min(batch_size, y.size), jax.local_device_count()))
+  full = min(batch_size, y.size)
+  judge_shapes = batch_shapes.setdefault(
+      (VERDICTS, full), cascade.BatchShapes(full, jax.local_device_count()))
   natural, fraction, natural_rows = _natural(models, x, y, np.asarray(jax.random.key_data(
       image_keys(natural_key, local_indices))), jax.random.key_impl(key), draws, judge_shapes)
   num_classes = jax.eval_shape(lambda z: engine.main_logits(models.main, z), x[:1]).shape[-1]
@@ -197,10 +198,10 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: Optional[float] = None
   state_path = None
   if state_dir:
     state_path = os.path.join(state_dir, f"report_state.p{jax.process_index()}.npz")
-  fingerprint = resume_fingerprint.fingerprint(models, x, y, local_indices, key, natural, eps=eps, norm=norm,
-                             beta=beta,
-                             attacks=[s.name for s in specs], budget=vars(budget),
-                             after=after, draws=draws, processes=jax.process_count())
+  fingerprint = resume_fingerprint.fingerprint(
+      models, x, y, local_indices, key, natural, eps=eps, norm=norm, beta=beta,
+      attacks=[s.name for s in specs], budget=vars(budget), after=after, draws=draws,
+      processes=jax.process_count())
   result = cascade.run(steps, x, y, key_data, eligible={s.name: natural for s in specs},
                        after=after, batch_size=batch_size, shapes=batch_shapes,
                        state_path=state_path,
