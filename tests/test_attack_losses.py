@@ -1,0 +1,88 @@
+"""The losses attacks ascend, by name (ce, cw, dlr, their joint versions with the CAS heads,
+cas_ce) against their formulas in numpy, and the joint losses' gradient reaching the CAS heads.
+The tiny models are tests/test_attacks.py's."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cas_jax import losses
+from cas_jax.attacks import white_box
+from test_attacks import DIM, _images, _linear_model, _normal, pgd
+
+
+def _np_ce(z, y):
+  return np.log(np.sum(np.exp(z))) - z[y]
+
+
+def _np_margin(z, y):
+  return np.max(np.delete(z, y)) - z[y]
+
+
+def _np_dlr(z, y):
+  top = np.sort(z)[::-1]
+  return _np_margin(z, y) / (top[0] - top[2])
+
+
+def test_attack_losses_by_name_equal_their_formulas():
+  logits = np.array([[2.0, 0.5, -1.0, 1.0], [0.0, 3.0, 1.0, -2.0]], np.float32)
+  cas = (np.array([[1.0, 2.0, 0.0, -1.0], [0.5, 0.0, 2.5, 1.0]], np.float32),
+         np.array([[0.0, -1.0, 3.0, 1.0], [2.0, 1.0, 0.0, 0.5]], np.float32))
+  y, beta = np.array([0, 2]), 3.0
+  formulas = {"ce": _np_ce, "cw": _np_margin, "dlr": _np_dlr}
+  for name, formula in formulas.items():
+    main = [formula(logits[i], y[i]) for i in range(2)]
+    heads = [np.mean([formula(c[i], y[i]) for c in cas]) for i in range(2)]
+    joint = "joint_cw" if name == "cw" else f"joint_{name}"
+    outputs = (jnp.asarray(logits), tuple(jnp.asarray(c) for c in cas))
+    np.testing.assert_allclose(white_box.attack_loss(name)(outputs, jnp.asarray(y)), main,
+                               rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(white_box.attack_loss(joint, beta=beta)(outputs, jnp.asarray(y)),
+                               np.add(main, beta * np.asarray(heads)), rtol=1e-5, err_msg=joint)
+    # A plain model's outputs (logits only): the joint loss is the main-head loss.
+    np.testing.assert_allclose(white_box.attack_loss(joint)(jnp.asarray(logits), jnp.asarray(y)),
+                               main, rtol=1e-5, err_msg=joint)
+  cas_ce = [np.mean([_np_ce(c[i], y[i]) for c in cas]) for i in range(2)]
+  np.testing.assert_allclose(white_box.attack_loss("cas_ce")(outputs, jnp.asarray(y)), cas_ce,
+                             rtol=1e-5)
+  custom = lambda outputs, y: -losses.margin(outputs[0], y)
+  assert white_box.attack_loss(custom) is custom
+
+
+@functools.lru_cache(maxsize=None)
+def _cas_only_model():
+  """Main logits constant in x; a CAS head that is linear in x: only the CAS term has gradient."""
+  w = _normal(3, (DIM, 3))
+  return lambda x: (jnp.zeros((x.shape[0], 3)) + jnp.array([1.0, 0.0, -1.0]),
+                    (x.reshape(x.shape[0], -1) @ w,))
+
+
+def test_joint_loss_reaches_cas_heads():
+  model_fn = _cas_only_model()
+  x, y = _images(4, 3), jnp.array([0, 1, 2])
+
+  main_only, joint = ("ce", "cw", "dlr"), ("joint_ce", "joint_cw", "cas_ce")
+
+  @jax.jit
+  def input_grads(x):
+    return {n: jax.grad(lambda z: jnp.sum(white_box.attack_loss(n)(model_fn(z), y)))(x)
+            for n in main_only + joint}
+
+  grads = input_grads(x)
+  for name in main_only:
+    assert float(jnp.max(jnp.abs(grads[name]))) == 0.0, name
+  for name in joint:
+    assert float(jnp.min(jnp.sum(jnp.abs(grads[name]), axis=(1, 2, 3)))) > 0.0, name
+  # So PGD from x itself does not move on CE but does on the joint loss.
+  key = jax.random.key(0)
+  np.testing.assert_array_equal(pgd(model_fn, x, y, eps=0.1, steps=3, key=key, start="none"), x)
+  moved = pgd(model_fn, x, y, eps=0.1, steps=3, key=key, start="none", loss="joint_ce")
+  assert float(jnp.min(jnp.max(jnp.abs(moved - x), axis=(1, 2, 3)))) > 0.03 - 1e-6  # 3 x eps/10
+
+
+def test_cas_loss_on_plain_model_raises():
+  with pytest.raises(ValueError, match="no CAS logits"):
+    pgd(_linear_model(0, 3), _images(0, 2), jnp.zeros(2, jnp.int32), eps=0.1, steps=2,
+        key=jax.random.key(0), loss="cas_ce")
