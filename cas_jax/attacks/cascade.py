@@ -136,6 +136,16 @@ class BatchShapes:
       start += take.size
 
 
+def shapes_of(shapes: Dict[Tuple[str, int], BatchShapes], name: str, batch_size: int,
+              n: int) -> BatchShapes:
+  """The BatchShapes of program `name` in batches of up to `batch_size` of `n` images, from
+  `shapes` (made there on first use: the reports that share the dict share their sizes)."""
+  full = min(batch_size, max(n, 1))
+  if (name, full) not in shapes:
+    shapes[name, full] = BatchShapes(full, jax.local_device_count())
+  return shapes[name, full]
+
+
 class _State:
   """Per-unit attacked / fooled masks, costs and carries, saved to state_path as one .npz."""
 
@@ -235,7 +245,6 @@ def run(steps: Sequence[Step], x: np.ndarray, y: np.ndarray, key_data: np.ndarra
   """
   n, after = y.shape[0], dict(after or {})
   mesh = local_mesh()
-  full = min(batch_size, max(n, 1))
   shapes = {} if shapes is None else shapes
   state = _State(n, state_path, fingerprint, save_every)
   if keep_adversarial and any(a.any() for a in state.attacked.values()):
@@ -259,11 +268,9 @@ def run(steps: Sequence[Step], x: np.ndarray, y: np.ndarray, key_data: np.ndarra
           for name in after.get(m, ()):
             alive[m] &= ~broken[name]
       active = np.logical_and.reduce([alive[m] for m in step.members])
-      key = (program(step.unit.name), full)
-      if key not in shapes:
-        shapes[key] = BatchShapes(full, jax.local_device_count())
-      fooled = _run_unit(step.unit, active, x, y, key_data, shapes[key], mesh, state, x_adv,
-                         signals, progress)
+      fooled = _run_unit(step.unit, active, x, y, key_data,
+                         shapes_of(shapes, program(step.unit.name), batch_size, n), mesh, state,
+                         x_adv, signals, progress)
       for m in step.members:
         broken[m] |= fooled
         cut[m] |= alive[m] & ~active
@@ -291,7 +298,7 @@ def _run_unit(unit: Unit, active: np.ndarray, x, y, key_data, shapes: BatchShape
     carry = None
     if unit.reads_carry:
       carry = tuple(leaf[rows] for leaf in state.carries[unit.carry])
-    out_fooled, out_x, out_carry, forward, gradient, *extra = unit.run(
+    out_fooled, out_x, out_carry, forward, gradient, *padding = unit.run(
         *to_device(mesh, (x[rows], y[rows], key_data[rows])),
         None if carry is None else to_device(mesh, carry))
     real = take.size
@@ -309,10 +316,10 @@ def _run_unit(unit: Unit, active: np.ndarray, x, y, key_data, shapes: BatchShape
     forward, gradient = int(forward), int(gradient)
     cost["images"] += real
     cost["fooled"] += int(fooled[take].sum())
-    extra = int(extra[0]) if extra else 0
-    cost["forward_rows"] += forward * rows.size + extra
+    beyond = int(padding[0]) if padding else 0  # rows the unit padded past the batch (its judge)
+    cost["forward_rows"] += forward * rows.size + beyond
     cost["source_rows" if unit.source_gradient else "gradient_rows"] += gradient * rows.size
-    cost["padding_rows"] += (forward + gradient) * (rows.size - real) + extra
+    cost["padding_rows"] += (forward + gradient) * (rows.size - real) + beyond
     cost["seconds"] += time.perf_counter() - start
     start = time.perf_counter()
     bar.update(real)

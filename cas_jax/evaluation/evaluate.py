@@ -178,9 +178,7 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: Optional[float] = None
   natural_key = jax.random.fold_in(key, zlib.crc32(report_lib.NATURAL.encode()))
   batch_shapes = {} if batch_shapes is None else batch_shapes
   # The natural pass and every attack's verdicts share one program, at these sizes only.
-  full = min(batch_size, y.size)
-  judge_shapes = batch_shapes.setdefault(
-      (VERDICTS, full), cascade.BatchShapes(full, jax.local_device_count()))
+  judge_shapes = cascade.shapes_of(batch_shapes, VERDICTS, batch_size, y.size)
   natural, fraction, natural_rows = _natural(models, x, y, np.asarray(jax.random.key_data(
       image_keys(natural_key, local_indices))), jax.random.key_impl(key), draws, judge_shapes)
   num_classes = jax.eval_shape(lambda z: engine.main_logits(models.main, z), x[:1]).shape[-1]
