@@ -2,6 +2,7 @@
 cas_ce) against their formulas in numpy, and the joint losses' gradient reaching the CAS heads.
 The tiny models are tests/test_attacks.py's."""
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from cas_jax import losses
+from cas_jax.attacks import engine
 from cas_jax.attacks import white_box
 from test_attacks import DIM, _images, _linear_model, _normal, pgd
 
@@ -86,3 +88,33 @@ def test_cas_loss_on_plain_model_raises():
   with pytest.raises(ValueError, match="no CAS logits"):
     pgd(_linear_model(0, 3), _images(0, 2), jnp.zeros(2, jnp.int32), eps=0.1, steps=2,
         key=jax.random.key(0), loss="cas_ce")
+
+
+def _cas_mlp():
+  """A model whose main and CAS heads both depend on x (so every loss of a family differs)."""
+  w, v = _normal(5, (DIM, 4)), _normal(6, (DIM, 4))
+  return lambda x: (x.reshape(x.shape[0], -1) @ w, (x.reshape(x.shape[0], -1) @ v,))
+
+
+def test_a_loss_family_runs_each_member_as_its_own_program_would():
+  """APGD's and PGD's loss families (one compiled program; the loss picked by a traced index,
+  rank 0 for no target) give each member's own result, bit for bit."""
+  apgd_module = importlib.import_module("cas_jax.attacks.apgd")
+  model_fn, x, y = _cas_mlp(), _images(7, 6), jnp.array([0, 1, 2, 0, 1, 2])
+  keys, family = engine.example_keys(jax.random.key(3), 6), apgd_module.APGD_LOSSES
+  results = set()
+  for index, name in enumerate(family):
+    rank = 2 if name in apgd_module.TARGETED_LOSSES else None
+    alone = apgd_module.apgd_round(model_fn, x, y, keys, 0.1, steps=4, loss=name, rank=rank)
+    shared = apgd_module.apgd_round(model_fn, x, y, keys, 0.1, steps=4, loss=family,
+                                    loss_index=index, rank=rank or 0)
+    for a, b in zip(alone, shared):
+      np.testing.assert_array_equal(a, b, err_msg=name)
+    results.add(np.asarray(alone[0]).tobytes())
+  assert len(results) == len(family)  # the members are different attacks
+  pgd_family = ("ce", "cw", "joint_ce", "joint_cw")
+  for index, name in enumerate(pgd_family):
+    np.testing.assert_array_equal(
+        pgd(model_fn, x, y, eps=0.1, steps=3, key=keys[0], loss=name),
+        pgd(model_fn, x, y, eps=0.1, steps=3, key=keys[0], loss=pgd_family, loss_index=index),
+        err_msg=name)

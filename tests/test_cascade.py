@@ -89,7 +89,9 @@ def test_a_rest_runs_in_one_batch_of_its_size_until_an_attack_has_made_three_siz
   assert _batches(shapes, 12) == [(5, 5), (5, 5), (2, 3)]
   assert _batches(shapes, 40) == [(32, 32), (5, 5), (3, 3)]
   assert shapes.sizes == [32, 5, 3]
-  assert cascade.program("apgd-t/3") == cascade.program("apgd-t/10") == "apgd-t"
+  unit = lambda name, program=None: cascade.Unit(name, None, program=program)
+  assert cascade.program(unit("fab-t/3")) == cascade.program(unit("fab-t/10")) == "fab-t"
+  assert cascade.program(unit("apgd-t/3", "apgd")) == "apgd"
 
 
 def test_batch_shapes_are_multiples_of_the_device_count():

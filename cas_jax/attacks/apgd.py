@@ -70,8 +70,16 @@ def checkpoints(steps: int) -> tuple:
   return tuple(found)
 
 
-def apgd_loss(name: str, beta: float = 2.0):
-  """The per-example loss `(outputs, y, targets) -> (N,)` that APGD ascends under `name`."""
+def apgd_loss(name, beta: float = 2.0, index=0):
+  """The per-example loss `(outputs, y, targets) -> (N,)` that APGD ascends under `name`.
+
+  name may be a tuple of loss names, a family: then `index` (traced) picks the one ascended,
+  so that every loss of the family runs in one compiled program (AutoAttack's stages on the
+  main and the joint losses). Only the picked loss is computed and differentiated.
+  """
+  if isinstance(name, tuple):
+    family = [apgd_loss(member, beta) for member in name]
+    return lambda outputs, y, t: jax.lax.switch(index, family, outputs, y, t)
   if name not in APGD_LOSSES:
     raise errors.UserError(f"unknown APGD loss {name!r}; valid: {', '.join(APGD_LOSSES)}")
   if name == "targeted_dlr":
@@ -105,17 +113,18 @@ def largereps_schedule(steps: int) -> tuple:
 
 @engine.jit_with_model("steps", "loss", "beta", "rho", "eot", "norm", "continued")
 def apgd_run(model_fn, x: Array, y: Array, targets: Array, keys: Array, x_start: Array, eps,
-             *, steps: int, loss: str, beta: float, rho: float = 0.75, eot=None,
-             norm: str = "linf", continued: bool = False) -> dict:
+             *, steps: int, loss, beta: float, rho: float = 0.75, eot=None,
+             norm: str = "linf", continued: bool = False, loss_index=0) -> dict:
   """One APGD run from x_start; a dict of per-example results (keys: the EOT draws).
 
   x_adv / fooled: the last misclassified iterate and whether there was one; x_best / loss_best:
   the highest-loss point; step_sizes: (steps, N) the step each image used at each iteration.
   norm: the ball (module doc). continued (L1): x_start is an earlier stage's best point, whose
-  sparsity seeds this run's (the official run with x_init).
+  sparsity seeds this run's (the official run with x_init). loss: a name, or a family of names
+  with the traced loss_index picking one (`apgd_loss`).
   """
   norm = engine.check_norm(norm)
-  loss_fn = apgd_loss(loss, beta)
+  loss_fn = apgd_loss(loss, beta, loss_index)
   n = x.shape[0]
   per_image = lambda v: engine.per_image(v, x)
   is_checkpoint = np.zeros(steps + 1, bool)
@@ -250,13 +259,15 @@ def start_and_run(model_fn, x: Array, y: Array, targets: Array, round_keys: Arra
 
 
 @engine.jit_with_model("steps", "loss", "beta", "rho", "eot", "norm", "use_largereps")
-def apgd_round(model_fn, x: Array, y: Array, keys: Array, eps, *, steps: int, loss: str,
+def apgd_round(model_fn, x: Array, y: Array, keys: Array, eps, *, steps: int, loss,
                beta: float = 2.0, rho: float = 0.75, eot=None, rank=None, number=0,
-               norm: str = "linf", use_largereps: bool = False):
+               norm: str = "linf", use_largereps: bool = False, loss_index=0):
   """Round `number` of APGD (one target rank, one restart) on a batch: (x_adv, fooled).
 
-  rank: the target class's rank by the clean logits (targeted losses), else None. rank and
-  number are traced: every target and restart of a loss runs one compiled program. A round
+  rank: the target class's rank by the clean logits (targeted losses), else None; a traced
+  rank of 0 stands for no target (the untargeted members of a loss family). rank, number and
+  loss_index are traced: every target and restart of a loss, and with `loss` a family of
+  names (`apgd_loss`) every loss of it, runs one compiled program. A round
   costs steps + 1 gradient passes (each over `eot` draws), plus one forward pass for the
   targets (`round_passes`). With `eot` it returns the iterate of the highest EOT-averaged loss
   (its best point, what a judge over many draws should see), not one a single draw misread.
@@ -264,11 +275,13 @@ def apgd_round(model_fn, x: Array, y: Array, keys: Array, eps, *, steps: int, lo
   """
   targets = y
   if rank is not None:
-    clean = engine.predict(model_fn, x, engine.fold_keys(keys, _PREDICT), eot is not None)
-    targets = ranked_targets(clean, rank)
+    def ranked():
+      clean = engine.predict(model_fn, x, engine.fold_keys(keys, _PREDICT), eot is not None)
+      return ranked_targets(clean, rank).astype(y.dtype)
+    targets = jax.lax.cond(rank > 0, ranked, lambda: y)  # no forward pass without a target
   out = start_and_run(model_fn, x, y, targets, engine.fold_keys(keys, _ROUND, number), eps,
                       steps=steps, loss=loss, beta=beta, rho=rho, eot=eot, norm=norm,
-                      use_largereps=use_largereps)
+                      use_largereps=use_largereps, loss_index=loss_index)
   return out["x_best" if eot is not None else "x_adv"], out["fooled"]
 
 

@@ -39,7 +39,7 @@ from cas_jax import errors
 from cas_jax.attacks import cascade
 from cas_jax.attacks import engine
 from cas_jax.attacks import verdicts
-from cas_jax.attacks.apgd import apgd_round, check_budget
+from cas_jax.attacks.apgd import APGD_LOSSES, apgd_round, check_budget
 from cas_jax.attacks.apgd import round_passes as apgd_round_passes
 from cas_jax.attacks.fab import fab_round
 from cas_jax.attacks.fab import round_passes as fab_round_passes
@@ -99,7 +99,7 @@ def stage_units(model_fn, stage: str, *, eps, key_kind: Array, judge: verdicts.J
   tags = (STREAM, tag, int(joint and stage != "fab"))
   impl = jax.random.key_impl(key_kind)
 
-  def unit(name, attack, forward, gradient, carry=None, reads_carry=False):
+  def unit(name, attack, forward, gradient, carry=None, reads_carry=False, program=None):
     def run_batch(x, y, key_data, carry_in):
       image_keys = jax.random.wrap_key_data(key_data, impl=impl)
       stage_keys = engine.fold_keys(image_keys, *tags)
@@ -110,7 +110,8 @@ def stage_units(model_fn, stage: str, *, eps, key_kind: Array, judge: verdicts.J
         x_adv, _, carry_out, made = attack(x, y, stage_keys, carry_in, eps)
       correct, judged, judge_padding = judge(x_adv, y, image_keys)
       return ~correct, x_adv, carry_out, forward + made + judged, gradient, judge_padding
-    return cascade.Unit(prefix + name, run_batch, carry and prefix + carry, reads_carry)
+    return cascade.Unit(prefix + name, run_batch, carry and prefix + carry, reads_carry,
+                        program=program)
 
   if stage.startswith("apgd"):
     plus = version == "plus"
@@ -126,11 +127,14 @@ def stage_units(model_fn, stage: str, *, eps, key_kind: Array, judge: verdicts.J
     forward, gradient = apgd_round_passes(apgd_steps, eot, stage == "apgd-t", largereps)
     label = lambda number, rank: (f"/{rank}" if rank is not None
                                   else f"/r{number}" if len(rounds) > 1 else "")
+    # Every APGD stage, on the main or the joint losses, runs one program: the loss is picked
+    # from APGD_LOSSES by a traced index, and rank 0 stands for no target.
     return [unit(name + label(number, rank),
-                 functools.partial(apgd_round, model_fn, steps=apgd_steps,
-                                   loss=_apgd_loss(stage, joint), beta=beta, eot=eot,
-                                   rank=rank, number=number, norm=norm,
-                                   use_largereps=largereps), forward, gradient)
+                 functools.partial(apgd_round, model_fn, steps=apgd_steps, loss=APGD_LOSSES,
+                                   loss_index=APGD_LOSSES.index(_apgd_loss(stage, joint)),
+                                   beta=beta, eot=eot, rank=rank or 0, number=number,
+                                   norm=norm, use_largereps=largereps), forward, gradient,
+                 program="apgd")
             for number, rank in enumerate(rounds)]
   if stage.startswith("fab"):
     # FAB-T: one round per target from x; FAB: PLUS_RESTARTS restarts, the first from x.

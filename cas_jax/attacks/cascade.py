@@ -10,9 +10,9 @@ them still has standing: a step shared by several attacks (FAB-T and Square of `
 `aa-joint`) runs once. Its images are gathered from the whole set into batches of `batch_size`
 rows, sharded over every local device; the rest of a step runs as one batch of its own size,
 or padded (copies of a real row, whose results are dropped and whose rows are counted apart)
-into a size its attack made before when that wastes at most 1/16 of it (`BatchShapes`, one per
-attack: the units named `program(name)`): an attack makes at most 3 batch sizes, so its
-program compiles for at most 3 shapes whatever the number of images.
+into a size its program made before when that wastes at most 1/16 of it (`BatchShapes`, one
+per compiled program: the units of one `program(unit)`): a program makes at most 3 batch sizes,
+so it compiles for at most 3 shapes whatever the number of images.
 
 Costs are counted in model rows (one image through one forward pass): every unit reports how
 many batch passes it made, with and without a gradient, and the cascade multiplies by the rows
@@ -55,12 +55,14 @@ class Unit:
   a tuple of arrays with a leading batch axis; reads_carry: this unit continues from it (else
   it starts afresh and may write one). source_gradient: its gradient passes are through a
   transfer attack's source model, counted as source_rows, apart from the attacked model's.
+  program: the compiled program it runs, whose units share one BatchShapes (`program`).
   """
   name: str
   run: Callable[..., UnitOutput]
   carry: Optional[str] = None
   reads_carry: bool = False
   source_gradient: bool = False
+  program: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,10 +84,11 @@ class Result:
   x_adv: Optional[np.ndarray] = None
 
 
-def program(unit_name: str) -> str:
-  """The attack a unit belongs to, whose units share one program and so one BatchShapes:
-  its name up to the first "/" (apgd-t/2 and apgd-t/3 -> apgd-t; square/q0 -> square)."""
-  return unit_name.split("/")[0]
+def program(unit: Unit) -> str:
+  """The program a unit runs, whose units share one BatchShapes: its own `program` if set
+  (every APGD stage: "apgd"), else its name up to the first "/" (fab-t/2 and fab-t/3 ->
+  fab-t; square/q0 -> square)."""
+  return unit.program or unit.name.split("/")[0]
 
 
 class BatchShapes:
@@ -269,7 +272,7 @@ def run(steps: Sequence[Step], x: np.ndarray, y: np.ndarray, key_data: np.ndarra
             alive[m] &= ~broken[name]
       active = np.logical_and.reduce([alive[m] for m in step.members])
       fooled = _run_unit(step.unit, active, x, y, key_data,
-                         shapes_of(shapes, program(step.unit.name), batch_size, n), mesh, state,
+                         shapes_of(shapes, program(step.unit), batch_size, n), mesh, state,
                          x_adv, signals, progress)
       for m in step.members:
         broken[m] |= fooled

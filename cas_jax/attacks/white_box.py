@@ -37,10 +37,17 @@ def _cas_ce(cas_logits, labels: Array) -> Array:
   return sum(losses.cross_entropy(c, labels) for c in cas_logits) / len(cas_logits)
 
 
-def attack_loss(name: Union[str, AttackLoss], beta: float = 2.0) -> AttackLoss:
-  """The per-example loss `(outputs, y) -> (N,)` named `name` (a callable passes through)."""
+def attack_loss(name: Union[str, AttackLoss, tuple], beta: float = 2.0, index=0) -> AttackLoss:
+  """The per-example loss `(outputs, y) -> (N,)` named `name` (a callable passes through).
+
+  name may be a tuple of names, a family: `index` (traced) picks the loss, so that every loss
+  of the family runs in one compiled program; only the picked one is computed.
+  """
   if callable(name):
     return name
+  if isinstance(name, tuple):
+    family = [attack_loss(member, beta) for member in name]
+    return lambda outputs, y: jax.lax.switch(index, family, outputs, y)
   per_name = {
       "ce": lambda logits, cas, y: losses.cross_entropy(logits, y),
       "cw": lambda logits, cas, y: losses.margin(logits, y),
@@ -60,8 +67,9 @@ def attack_loss(name: Union[str, AttackLoss], beta: float = 2.0) -> AttackLoss:
 @engine.compiled_attack("steps", "loss", "beta", "start", "keep_misclassified", "norm")
 def pgd(model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 20, key: Array,
         step_size=None, loss="ce", beta: float = 2.0, start: str = "uniform",
-        keep_misclassified: bool = True, norm: str = "linf") -> Array:
-  """PGD-`steps` with step `step_size` (default eps/10, the paper's protocol) on `loss`.
+        keep_misclassified: bool = True, norm: str = "linf", loss_index=0) -> Array:
+  """PGD-`steps` with step `step_size` (default eps/10, the paper's protocol) on `loss`
+  (a name, or a family of names with the traced loss_index picking one: `attack_loss`).
 
   Under norm "l2" each step is step_size * grad / ||grad||_2; under "l1" a sparse step
   (norms.steepest_step), each then projected into the norm's eps-ball and [0, 1].
@@ -72,7 +80,7 @@ def pgd(model_fn, x: Array, y: Array, *, eps=8 / 255, steps: int = 20, key: Arra
   """
   x, y = engine.check_images_and_labels(x, y)
   engine.check_eps(eps, norm)
-  loss_fn = attack_loss(loss, beta)
+  loss_fn = attack_loss(loss, beta, loss_index)
   step_size = eps / 10 if step_size is None else step_size
   options = dict(eps=eps, step_size=step_size, steps=steps, key=key, start=start, norm=norm)
   if not keep_misclassified:

@@ -41,6 +41,7 @@ STAGE_ORDER = ("apgd-ce", "apgd-dlr", "fab", "apgd-t", "fab-t", "square")
 AA_STAGES = {"aa": VERSIONS["standard"], "aa-plus": VERSIONS["plus"],
              "aa-rand": VERSIONS["rand"], **{s: (s,) for s in ATTACKS}}
 AA_VERSIONS = {"aa-plus": "plus", "aa-rand": "rand"}  # the others: standard's settings
+PGD_LOSSES = ("ce", "cw", "joint_ce", "joint_cw")  # PGD's and CW's, one program (_single_attack)
 
 
 class Models(NamedTuple):
@@ -54,16 +55,22 @@ class Models(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "beta", "budget"))
-def _single_attack(models: Models, x: Array, y: Array, keys: Array, eps, *, spec: AttackSpec,
-                   beta: float, budget: AttackBudget):
-  """x_adv of an attack that compiles as one function, and the iterations it made (N-Attack)."""
+def _single_attack(models: Models, x: Array, y: Array, keys: Array, eps, loss_index=0, *,
+                   spec: AttackSpec, beta: float, budget: AttackBudget):
+  """x_adv of an attack that compiles as one function, and the iterations it made (N-Attack).
+
+  PGD and CW (spec.method "pgd", spec.joint False: `_static_spec`) run one program: the loss
+  is PGD_LOSSES[loss_index], traced.
+  """
   ce, cw = ("joint_ce", "joint_cw") if spec.joint else ("ce", "cw")
   method, steps, made = spec.method, spec.steps, 0
-  if method in ("fgsm", "pgd", "cas-head", "cw"):
-    loss = {"cas-head": "cas_ce", "cw": cw}.get(method, ce)
+  if method == "pgd":
+    x_adv = pgd(models.main, x, y, eps=eps, steps=steps, key=keys, loss=PGD_LOSSES,
+                loss_index=loss_index, beta=beta, norm=spec.norm)
+  elif method in ("fgsm", "cas-head"):
     x_adv = pgd(models.main, x, y, eps=eps, steps=1 if method == "fgsm" else steps, key=keys,
-                step_size=eps if method == "fgsm" else None, loss=loss, beta=beta,
-                norm=spec.norm)
+                step_size=eps if method == "fgsm" else None,
+                loss="cas_ce" if method == "cas-head" else ce, beta=beta, norm=spec.norm)
   elif method == "md":
     x_adv = margin_decomposition(models.main, x, y, eps=eps, steps=steps, key=keys,
                                  restarts=budget.md_restarts, beta=beta if spec.joint else 0.0)
@@ -94,9 +101,19 @@ def _single_passes(spec: AttackSpec, budget: AttackBudget) -> Tuple[int, int, in
   return 1, 1 if spec.method == "fgsm" else steps, 0  # + the last iterate's check
 
 
+def _static_spec(spec: AttackSpec) -> Tuple[AttackSpec, int]:
+  """(spec as _single_attack's static argument, loss_index): pgd20 and pgd20@16 share a
+  compilation, and so do PGD and CW on the main or the joint losses (the loss is traced)."""
+  static = dataclasses.replace(spec, name="", eps=0.0)
+  if spec.method not in ("pgd", "cw"):
+    return static, 0
+  loss = ("joint_" if spec.joint else "") + ("cw" if spec.method == "cw" else "ce")
+  return dataclasses.replace(static, method="pgd", joint=False), PGD_LOSSES.index(loss)
+
+
 def single_unit(spec: AttackSpec, models: Models, ctx: "Context") -> List[cascade.Unit]:
   """The one unit of an attack that compiles as one function."""
-  static = dataclasses.replace(spec, name="", eps=0.0)  # pgd20 and pgd20@16 share a compilation
+  static, loss_index = _static_spec(spec)
   stream = zlib.crc32(spec.canonical.encode()) & 0x7FFFFFFF  # pgd20 = pgd20-joint on CAS
   forward, gradient, per_iteration = _single_passes(spec, ctx.budget)
   impl, check = jax.random.key_impl(ctx.key_kind), verdicts.judge(models.main, models.random,
@@ -106,7 +123,7 @@ def single_unit(spec: AttackSpec, models: Models, ctx: "Context") -> List[cascad
     del carry
     image_keys = jax.random.wrap_key_data(key_data, impl=impl)
     x_adv, made = _single_attack(models, x, y, engine.fold_keys(image_keys, stream),
-                                 jnp.float32(spec.eps), spec=static, beta=ctx.beta,
+                                 jnp.float32(spec.eps), loss_index, spec=static, beta=ctx.beta,
                                  budget=ctx.budget)
     still, judged, judge_padding = check(x_adv, y, image_keys)
     return (~still, x_adv, None, forward + per_iteration * made + judged, gradient,
