@@ -163,24 +163,27 @@ def apgd_run(model_fn, x: Array, y: Array, targets: Array, keys: Array, x_start:
   l1_interval = max(int(0.04 * steps), 1)
   nonzero = lambda z: jnp.sum((z - x).reshape(n, -1) != 0, axis=1).astype(x.dtype)
 
-  value, grad, correct = evaluate(x_start, 0)
-  # The reference code compares the first iterate's loss with 0, not with the start's: its
-  # loss history is read one row back, at index -1, which wraps to a row not yet written.
-  first_comparison = jnp.zeros_like(value) if steps > 1 else jnp.full_like(value, jnp.inf)
-  state = dict(x_adv=x_start, x_prev=x_start, grad=grad, step=jnp.full((n,), 2.0 * eps),
-               x_best=x_start, grad_best=grad, loss_best=value, loss_prev=first_comparison,
-               x_fooled=x_start, fooled=~correct, increases=jnp.zeros(n, jnp.int32),
-               loss_best_at_check=value, reduced_at_check=jnp.ones(n, bool),
-               step_sizes=jnp.zeros((steps, n)))
-  if l1:
-    sparse_at_start = nonzero(x_start)
-    state.update(
-        step=jnp.full((n,), 1.0 * eps),
-        sparsity=(sparse_at_start / dim / L1_SHRINK if continued
-                  else jnp.full((n,), L1_SPARSITY, x.dtype)),
-        sparse_old=sparse_at_start if continued else jnp.full((n,), float(dim), x.dtype))
+  def first(value, grad, correct):
+    """The state once x_start is evaluated."""
+    # The reference code compares the first iterate's loss with 0, not with the start's: its
+    # loss history is read one row back, at index -1, which wraps to a row not yet written.
+    first_comparison = jnp.zeros_like(value) if steps > 1 else jnp.full_like(value, jnp.inf)
+    state = dict(x_adv=x_start, x_prev=x_start, grad=grad, step=jnp.full((n,), 2.0 * eps),
+                 x_best=x_start, grad_best=grad, loss_best=value, loss_prev=first_comparison,
+                 x_fooled=x_start, fooled=~correct, increases=jnp.zeros(n, jnp.int32),
+                 loss_best_at_check=value, reduced_at_check=jnp.ones(n, bool),
+                 step_sizes=jnp.zeros((steps, n)))
+    if l1:
+      sparse_at_start = nonzero(x_start)
+      state.update(
+          step=jnp.full((n,), 1.0 * eps),
+          sparsity=(sparse_at_start / dim / L1_SHRINK if continued
+                    else jnp.full((n,), L1_SPARSITY, x.dtype)),
+          sparse_old=sparse_at_start if continued else jnp.full((n,), float(dim), x.dtype))
+    return state
 
-  def body(i, s):
+  def step_from(i, s):
+    """Iteration i's new point."""
     if l1:  # no momentum, as the official L1-APGD
       x_new = engine.project(s["x_adv"] + per_image(s["step"]) * norms.direction(
           s["grad"], norm, s["sparsity"]), x, eps, norm)
@@ -190,7 +193,10 @@ def apgd_run(model_fn, x: Array, y: Array, targets: Array, keys: Array, x_start:
           s["grad"], norm), x, eps, norm)
       x_new = engine.project(s["x_adv"] + momentum * (z - s["x_adv"])
                              + (1.0 - momentum) * (s["x_adv"] - s["x_prev"]), x, eps, norm)
-    value, grad, correct = evaluate(x_new, i + 1)
+    return x_new
+
+  def update(i, s, x_new, value, grad, correct):
+    """The state after iteration i evaluated its new point."""
     improved = value > s["loss_best"]
     x_best = jnp.where(per_image(improved), x_new, s["x_best"])
     grad_best = jnp.where(per_image(improved), grad, s["grad_best"])
@@ -220,7 +226,16 @@ def apgd_run(model_fn, x: Array, y: Array, targets: Array, keys: Array, x_start:
         reduced_at_check=jnp.where(at_check, reduce, s["reduced_at_check"]),
         step_sizes=s["step_sizes"].at[i].set(s["step"]), **extra)
 
-  s = jax.lax.fori_loop(0, steps, body, state)
+  def body(j, s):
+    # Evaluation j of steps + 1, the first at x_start: one gradient program in the loop, where
+    # a first evaluation before it compiled the model's backward pass a second time.
+    x_new = jnp.where(j == 0, x_start, step_from(j - 1, s))
+    value, grad, correct = evaluate(x_new, j)
+    return jax.tree.map(lambda a, b: jnp.where(j == 0, a, b), first(value, grad, correct),
+                        update(j - 1, s, x_new, value, grad, correct))
+
+  placeholder = first(jnp.zeros(n, x.dtype), jnp.zeros_like(x), jnp.ones(n, bool))
+  s = jax.lax.fori_loop(0, steps + 1, body, placeholder)
   return dict(x_adv=s["x_fooled"], fooled=s["fooled"], x_best=s["x_best"],
               loss_best=s["loss_best"], step_sizes=s["step_sizes"])
 
