@@ -94,6 +94,20 @@ def test_a_rest_runs_in_one_batch_of_its_size_until_an_attack_has_made_three_siz
   assert cascade.program(unit("apgd-t/3", "apgd")) == "apgd"
 
 
+def test_stages_sharing_a_program_share_its_sizes_and_make_two_more_each():
+  """APGD's stages run one program: a size one made serves the others, and each may still
+  make 2 of its own, so that none pads its rests into another's (twice the rows at worst)."""
+  shapes = cascade.BatchShapes(32, 1)
+  batches = lambda rows, owner: [(len(t), len(p)) for t, p in shapes.batches(np.arange(rows),
+                                                                            owner)]
+  assert batches(5, "apgd-ce") == [(5, 5)]
+  assert batches(5, "apgd-t") == [(5, 5)]  # apgd-ce's size, nothing new
+  assert batches(3, "apgd-ce") == [(3, 3)]  # apgd-ce's second and last
+  assert batches(2, "apgd-ce") == [(2, 3)]  # padded: apgd-ce made its 2
+  assert batches(2, "apgd-t") == [(2, 2)]  # apgd-t still may
+  assert shapes.sizes == [32, 5, 3, 2]
+
+
 def test_batch_shapes_are_multiples_of_the_device_count():
   assert cascade.BatchShapes(100, 8).sizes == [104]
   shapes = cascade.BatchShapes(8, 4)

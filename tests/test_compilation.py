@@ -24,14 +24,15 @@ def apply_cas(w, x):
   return z, (0.5 * z,)
 
 
-def _default_report(n, target_classes, batch_size=16):
+def _default_report(n, target_classes, batch_size=16, batch_shapes=None):
   model = jax.tree_util.Partial(apply_cas, W)
   x, y = _report_data(n)
   budget = AttackBudget(apgd_steps=3, fab_steps=3, square_queries=40,
                         target_classes=target_classes)
   with compilation.counted() as stats:
     report = evaluate.robustness_report(model, x, y, key=KEY, eps=0.02, attacks="default",
-                                        batch_size=batch_size, budget=budget)
+                                        batch_size=batch_size, budget=budget,
+                                        batch_shapes=batch_shapes)
   return report, stats
 
 
@@ -41,17 +42,21 @@ def _count(stats, program):
 
 def test_each_program_compiles_once_per_batch_shape_whatever_the_targets():
   jax.clear_caches()
-  report, stats = _default_report(40, target_classes=2)
-  shapes = 3  # a report's batch sizes (cascade.BatchShapes)
+  batch_shapes = {}
+  report, stats = _default_report(40, target_classes=2, batch_shapes=batch_shapes)
+  shapes = 3  # a stage's batch sizes (cascade.BatchShapes)
   assert report.verdicts["aa"].sum() < report.verdicts["natural"].sum()  # AutoAttack did work
-  # Distinct computations: APGD once (its 4 losses, CE and targeted DLR each main and joint,
-  # picked by a traced index), FAB-T once (shared by aa and aa-joint; its targets and
+  # Distinct computations: APGD once (its 4 stages, CE and targeted DLR each main and joint,
+  # the loss picked by a traced index: one compilation per batch size any of them made, at
+  # most 3 + 2 per further stage), FAB-T once (shared by aa and aa-joint; its targets and
   # restarts traced), Square's first chunk and its continuing chunks, and PGD once for the
   # report's pgd20 and cw (the loss traced).
-  bounds = {"apgd_round": shapes, "fab_round": shapes, "square_chunk": 2 * shapes,
+  apgd_sizes = batch_shapes["apgd", 16].sizes
+  assert len(apgd_sizes) <= shapes + 2 * 3
+  bounds = {"apgd_round": len(apgd_sizes), "fab_round": shapes, "square_chunk": 2 * shapes,
             "_single_attack": shapes, "correct": shapes}
   for program, bound in bounds.items():
-    assert 1 <= _count(stats, program) <= bound, (program, stats.as_dict())
+    assert 1 <= _count(stats, program) <= bound, (program, apgd_sizes, stats.as_dict())
   # More targets (and so more rounds of APGD-T and FAB-T) compile nothing more: a target's
   # rank is a traced value, not a static argument of the program.
   jax.clear_caches()
@@ -138,7 +143,7 @@ def test_plus_compiles_one_apgd_program_and_one_per_fab_kind_whatever_the_restar
                                         budget=budget)
   assert report.verdicts["aa-plus"].sum() < report.verdicts["natural"].sum()
   shapes = 3
-  for program, bound in {"apgd_round": shapes, "fab_round": 2 * shapes}.items():
+  for program, bound in {"apgd_round": shapes + 2 * 2, "fab_round": 2 * shapes}.items():
     assert 1 <= _count(stats, program) <= bound, (program, stats.as_dict())
 
 

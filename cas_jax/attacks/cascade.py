@@ -11,8 +11,9 @@ them still has standing: a step shared by several attacks (FAB-T and Square of `
 rows, sharded over every local device; the rest of a step runs as one batch of its own size,
 or padded (copies of a real row, whose results are dropped and whose rows are counted apart)
 into a size its program made before when that wastes at most 1/16 of it (`BatchShapes`, one
-per compiled program: the units of one `program(unit)`): a program makes at most 3 batch sizes,
-so it compiles for at most 3 shapes whatever the number of images.
+per compiled program: the units of one `program(unit)`): a stage makes at most 3 batch sizes,
+so its program compiles for at most 3 shapes whatever the number of images (stages sharing a
+program, APGD's, share their sizes and add at most 2 each).
 
 Costs are counted in model rows (one image through one forward pass): every unit reports how
 many batch passes it made, with and without a gradient, and the cascade multiplies by the rows
@@ -87,18 +88,20 @@ class Result:
 def program(unit: Unit) -> str:
   """The program a unit runs, whose units share one BatchShapes: its own `program` if set
   (every APGD stage: "apgd"), else its name up to the first "/" (fab-t/2 and fab-t/3 ->
-  fab-t; square/q0 -> square)."""
+  fab-t; square/q0 -> square). That name (its stage) owns the sizes the unit makes."""
   return unit.program or unit.name.split("/")[0]
 
 
 class BatchShapes:
-  """The batch sizes of one attack in a report, at most `limit` of them (its program compiles
-  for these shapes only): full batches of batch_size, and for a rest smaller than that the
-  smallest size already made that holds it with padding of at most `waste` of it, or two
-  batches of one made size; else, while fewer than `limit` sizes exist, a new size that fits it
-  exactly (rounded up to a multiple of `devices`); else the largest size it fills, the last
-  piece padded to the smallest that holds it. The reports of one evaluation (a workdir's
-  checkpoints) share their BatchShapes, so that the second compiles nothing new.
+  """The batch sizes of one compiled program in a report (it compiles for these shapes only):
+  full batches of batch_size, and for a rest smaller than that the smallest size already made
+  that holds it with padding of at most `waste` of it, or two batches of one made size; else,
+  while its `owner` (an attack stage running the program) has made fewer than `limit` - 1
+  sizes, a new size that fits it exactly (rounded up to a multiple of `devices`); else the
+  largest size it fills, the last piece padded to the smallest that holds it. A program of
+  one stage so makes at most `limit` sizes; stages sharing a program (APGD's, every loss)
+  use each other's sizes and make at most `limit` - 1 each. The reports of one evaluation (a
+  workdir's checkpoints) share their BatchShapes, so that the second compiles nothing new.
 
   A rest runs as one batch of its own size where a fixed ladder of sizes split it into small
   batches (batch 1 costs twice a row of batch 5 on a CPU) or padded it; the sizes follow the
@@ -108,13 +111,14 @@ class BatchShapes:
   def __init__(self, batch_size: int, devices: int, limit: int = 3, waste: float = 0.0625):
     self.devices, self.limit, self.waste = devices, limit, waste
     self.sizes = [self.round_up(batch_size)]
+    self.made: Dict[Optional[str], int] = {}  # rest sizes made, per owner
 
   def round_up(self, rows: int) -> int:
     """rows rounded up to a multiple of the device count (at least one row per device)."""
     return max(self.devices, -(-rows // self.devices) * self.devices)
 
-  def size_for(self, left: int) -> int:
-    """The size of the next batch of a step with `left` rows still to attack."""
+  def size_for(self, left: int, owner: Optional[str] = None) -> int:
+    """The size of the next batch of `owner`'s step with `left` rows still to attack."""
     if left >= self.sizes[0]:
       return self.sizes[0]
     fits = min(s for s in self.sizes if s >= left)
@@ -124,16 +128,17 @@ class BatchShapes:
     pairs = [s for s in self.sizes if s <= left and 2 * s - left <= self.waste * left]
     if pairs and 2 * max(pairs) >= left:
       return max(pairs)
-    if len(self.sizes) < self.limit:
+    if self.made.get(owner, 0) < self.limit - 1:
+      self.made[owner] = self.made.get(owner, 0) + 1
       self.sizes.append(self.round_up(left))
       return self.sizes[-1]
     return max((s for s in self.sizes if s <= left), default=fits)
 
-  def batches(self, rows: np.ndarray):
+  def batches(self, rows: np.ndarray, owner: Optional[str] = None):
     """(real rows, padded rows) batches covering `rows` (padding: copies of a batch's first)."""
     start = 0
     while start < rows.size:
-      size = self.size_for(rows.size - start)
+      size = self.size_for(rows.size - start, owner)
       take = rows[start:start + size]
       yield take, np.concatenate([take, np.full(size - take.size, take[0])])
       start += take.size
@@ -297,7 +302,7 @@ def _run_unit(unit: Unit, active: np.ndarray, x, y, key_data, shapes: BatchShape
                   leave=False, dynamic_ncols=True,
                   disable=None if progress else True)  # None: quiet when not a terminal
   start = time.perf_counter()
-  for take, rows in shapes.batches(todo):
+  for take, rows in shapes.batches(todo, owner=unit.name.split("/")[0]):
     carry = None
     if unit.reads_carry:
       carry = tuple(leaf[rows] for leaf in state.carries[unit.carry])
