@@ -1,4 +1,5 @@
 """Compilations are counted (JAX's monitoring events), bounded per program, and cached on disk."""
+import importlib
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 
 from cas_jax import compilation
 from cas_jax.attacks import cascade
+from cas_jax.attacks import engine
 from cas_jax.attacks import verdicts
 from cas_jax.evaluation import evaluate
 from cas_jax.evaluation.attack_registry import AttackBudget
@@ -224,3 +226,34 @@ def test_a_second_process_fetches_the_programs_from_the_persistent_cache(tmp_pat
   assert second["hits"] >= 0.9 * first["compilations"], (first, second)
   assert second["seconds"] < first["seconds"] / 3, (first, second)
   assert second["verdicts"] == first["verdicts"]
+
+
+def _model_calls(jaxpr, name):
+  """(outside any loop, inside one): calls of the jitted function `name` in a jaxpr."""
+  outside = inside = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ("pjit", "jit") and eqn.params.get("name") == name:
+      outside += 1
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      sub_outside, sub_inside = _model_calls(sub, name)
+      if eqn.primitive.name in ("scan", "while"):
+        inside += sub_outside + sub_inside
+      else:
+        outside, inside = outside + sub_outside, inside + sub_inside
+  return outside, inside
+
+
+def test_apgd_differentiates_the_model_inside_its_loop_only():
+  """APGD evaluates its start inside its loop: the model (and so its backward pass, which
+  XLA compiles wherever it appears) is in the program once, not once more before the loop."""
+  apgd_module = importlib.import_module("cas_jax.attacks.apgd")
+  w = np.asarray(W[:, :4])
+
+  def tiny_linear(x):
+    return x.reshape(x.shape[0], -1) @ w
+  x, y = _report_data(3)
+  keys = jax.random.split(KEY, 3)
+  run = lambda x: apgd_module.apgd_run.jitted(engine.as_partial(tiny_linear), x, y, y, keys, x,
+                                              0.02, steps=3, loss="ce", beta=2.0)
+  outside, inside = _model_calls(jax.make_jaxpr(run)(x).jaxpr, "tiny_linear")
+  assert (outside, inside) == (0, 2), (outside, inside)  # its forward and its transpose
