@@ -88,7 +88,8 @@ class Result:
 def program(unit: Unit) -> str:
   """The program a unit runs, whose units share one BatchShapes: its own `program` if set
   (every APGD stage: "apgd"), else its name up to the first "/" (fab-t/2 and fab-t/3 ->
-  fab-t; square/q0 -> square). That name (its stage) owns the sizes the unit makes."""
+  fab-t; square/q0 -> square). The sizes a unit makes are owned by its stage, its name up to
+  the first "/" (`BatchShapes.size_for`)."""
   return unit.program or unit.name.split("/")[0]
 
 
