@@ -78,8 +78,7 @@ def apgd_loss(name, beta: float = 2.0, index=0):
   main and the joint losses). Only the picked loss is computed and differentiated.
   """
   if isinstance(name, tuple):
-    family = [apgd_loss(member, beta) for member in name]
-    return lambda outputs, y, t: jax.lax.switch(index, family, outputs, y, t)
+    return engine.picked_loss([apgd_loss(member, beta) for member in name], index)
   if name not in APGD_LOSSES:
     raise errors.UserError(f"unknown APGD loss {name!r}; valid: {', '.join(APGD_LOSSES)}")
   if name == "targeted_dlr":

@@ -85,12 +85,16 @@ class Result:
   x_adv: Optional[np.ndarray] = None
 
 
+def stage(unit: Unit) -> str:
+  """The stage a unit belongs to, which owns the batch sizes its units make: its name up to
+  the first "/" (fab-t/2 and fab-t/3 -> fab-t; square/q0 -> square)."""
+  return unit.name.split("/")[0]
+
+
 def program(unit: Unit) -> str:
   """The program a unit runs, whose units share one BatchShapes: its own `program` if set
-  (every APGD stage: "apgd"), else its name up to the first "/" (fab-t/2 and fab-t/3 ->
-  fab-t; square/q0 -> square). The sizes a unit makes are owned by its stage, its name up to
-  the first "/" (`BatchShapes.size_for`)."""
-  return unit.program or unit.name.split("/")[0]
+  (every APGD stage: "apgd"), else its stage's."""
+  return unit.program or stage(unit)
 
 
 class BatchShapes:
@@ -303,7 +307,7 @@ def _run_unit(unit: Unit, active: np.ndarray, x, y, key_data, shapes: BatchShape
                   leave=False, dynamic_ncols=True,
                   disable=None if progress else True)  # None: quiet when not a terminal
   start = time.perf_counter()
-  for take, rows in shapes.batches(todo, owner=unit.name.split("/")[0]):
+  for take, rows in shapes.batches(todo, owner=stage(unit)):
     carry = None
     if unit.reads_carry:
       carry = tuple(leaf[rows] for leaf in state.carries[unit.carry])

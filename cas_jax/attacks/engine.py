@@ -186,6 +186,12 @@ def ascend(loss_fn: LossFn, x: Array, *, eps, step_size, steps: int, key: Array,
   return x_adv if track is None else (x_adv, state)
 
 
+def picked_loss(family, index) -> Callable:
+  """(*args) -> family[index](*args) with a traced `index` (lax.switch): one compiled program
+  serves every loss of the family, and only the picked one is computed and differentiated."""
+  return lambda *args: jax.lax.switch(index, family, *args)
+
+
 def mean_over_draws(draw_loss: Callable[[Array, int], Any], draws: int) -> Callable:
   """z -> the mean over d < draws of draw_loss(z, d) (any pytree): Expectation over
   Transformation's loss (and, if draw_loss returns them, the draws' mean logits).

@@ -46,8 +46,7 @@ def attack_loss(name: Union[str, AttackLoss, tuple], beta: float = 2.0, index=0)
   if callable(name):
     return name
   if isinstance(name, tuple):
-    family = [attack_loss(member, beta) for member in name]
-    return lambda outputs, y: jax.lax.switch(index, family, outputs, y)
+    return engine.picked_loss([attack_loss(member, beta) for member in name], index)
   per_name = {
       "ce": lambda logits, cas, y: losses.cross_entropy(logits, y),
       "cw": lambda logits, cas, y: losses.margin(logits, y),
