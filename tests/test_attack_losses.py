@@ -118,3 +118,18 @@ def test_a_loss_family_runs_each_member_as_its_own_program_would():
         pgd(model_fn, x, y, eps=0.1, steps=3, key=keys[0], loss=name),
         pgd(model_fn, x, y, eps=0.1, steps=3, key=keys[0], loss=pgd_family, loss_index=index),
         err_msg=name)
+
+
+def test_a_loss_family_differentiates_as_its_picked_member():
+  """The family's gradient, taken inside the picked branch (a custom VJP), equals the member's
+  own for any per-example cotangent, through the model and its CAS heads, and for every index."""
+  apgd_module = importlib.import_module("cas_jax.attacks.apgd")
+  model_fn, x, y = _cas_mlp(), _images(7, 6), jnp.array([0, 1, 2, 0, 1, 2])
+  targets, weights = jnp.array([1, 2, 0, 2, 0, 1]), jnp.array([1.0, -2.0, 0.5, 3.0, 0.0, 1.5])
+  family = apgd_module.APGD_LOSSES
+  weighted = lambda loss: lambda z: jnp.sum(weights * loss(model_fn(z), y, targets))
+  for index, name in enumerate(family):
+    own = jax.grad(weighted(apgd_module.apgd_loss(name)))(x)
+    picked = jax.grad(weighted(apgd_module.apgd_loss(family, index=jnp.asarray(index))))(x)
+    np.testing.assert_allclose(picked, own, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert float(jnp.abs(own).max()) > 0, name

@@ -187,9 +187,39 @@ def ascend(loss_fn: LossFn, x: Array, *, eps, step_size, steps: int, key: Array,
 
 
 def picked_loss(family, index) -> Callable:
-  """(*args) -> family[index](*args) with a traced `index` (lax.switch): one compiled program
-  serves every loss of the family, and only the picked one is computed and differentiated."""
-  return lambda *args: jax.lax.switch(index, family, *args)
+  """(outputs, *labels) -> family[index](outputs, *labels) with a traced `index` (lax.switch):
+  one compiled program serves every per-example loss of the family, and only the picked one is
+  computed and differentiated.
+
+  Its gradient with respect to the outputs is taken inside the picked branch, in the forward
+  pass (a custom VJP), so that differentiating the family does not differentiate the switch:
+  JAX traces that in about 6x the time of the switch's own branches (0.2-0.3 s per program
+  for the six APGD losses). The backward pass scales each row's gradient by its cotangent,
+  which is exact because a member's loss of row i depends on row i of the outputs only.
+  """
+  def value_and_output_grad(member):
+    def run(outputs, *labels):
+      (_, value), grad = jax.value_and_grad(
+          lambda o: (lambda v: (jnp.sum(v), v))(member(o, *labels)), has_aux=True)(outputs)
+      return value, grad
+    return run
+
+  @jax.custom_vjp
+  def picked(index, outputs, *labels):
+    return jax.lax.switch(index, family, outputs, *labels)
+
+  def forward(index, outputs, *labels):
+    value, grad = jax.lax.switch(index, [value_and_output_grad(m) for m in family], outputs,
+                                 *labels)
+    return value, (grad, len(labels))
+
+  def backward(saved, cotangent):
+    grad, labels = saved
+    rows = lambda g: g * cotangent.reshape(cotangent.shape + (1,) * (g.ndim - 1))
+    return (None, jax.tree.map(rows, grad)) + (None,) * labels
+
+  picked.defvjp(forward, backward)
+  return lambda outputs, *labels: picked(index, outputs, *labels)
 
 
 def mean_over_draws(draw_loss: Callable[[Array, int], Any], draws: int) -> Callable:
