@@ -51,11 +51,11 @@ def test_each_program_compiles_once_per_batch_shape_whatever_the_targets():
   # Distinct computations: APGD once (its 4 stages, CE and targeted DLR each main and joint,
   # the loss picked by a traced index: one compilation per batch size any of them made, at
   # most 3 + 2 per further stage), FAB-T once (shared by aa and aa-joint; its targets and
-  # restarts traced), Square's first chunk and its continuing chunks, and PGD once for the
-  # report's pgd20 and cw (the loss traced).
+  # restarts traced), Square once (its start a traced branch of every chunk), and PGD once
+  # for the report's pgd20 and cw (the loss traced).
   apgd_sizes = batch_shapes["apgd", 16].sizes
   assert len(apgd_sizes) <= shapes + 2 * 3
-  bounds = {"apgd_round": len(apgd_sizes), "fab_round": shapes, "square_chunk": 2 * shapes,
+  bounds = {"apgd_round": len(apgd_sizes), "fab_round": shapes, "_square_chunk": shapes,
             "_single_attack": shapes, "correct": shapes}
   for program, bound in bounds.items():
     assert 1 <= _count(stats, program) <= bound, (program, apgd_sizes, stats.as_dict())
@@ -128,7 +128,7 @@ def test_a_second_checkpoint_of_a_model_reuses_every_compiled_program():
   assert first.verdicts["aa"].sum() < first.verdicts["natural"].sum()  # the attacks ran
   with compilation.counted() as stats:
     report(jax.tree.map(np.array, variables))  # another checkpoint with these values
-  for program in ("apgd_round", "fab_round", "square_chunk", "_single_attack", "correct"):
+  for program in ("apgd_round", "fab_round", "_square_chunk", "_single_attack", "correct"):
     assert _count(stats, program) == 0, (program, stats.as_dict())
 
 

@@ -216,23 +216,37 @@ def square_run(model_fn, x: Array, y: Array, keys: Array, x_best: Array, margin_
   return x_best, margin_best, last - first_query
 
 
-@jit_with_model("total_queries", "p_init", "rescale_schedule", "norm")
 def square_chunk(model_fn, x: Array, y: Array, keys: Array, carry, first_query, end_query, eps,
                  *, total_queries: int, p_init: float = 0.8, rescale_schedule: bool = False,
                  norm: str = "linf"):
   """One chunk of Square queries: (x_best, fooled, carry for the next chunk, forward passes).
 
   carry None starts the run (vertical stripes under L-inf, `_lp_start` under L2 / L1, one
-  query); else it is (x_best, margin).
+  query); else it is (x_best, margin). Both run one compiled program (`_square_chunk`: the
+  start is a traced branch).
   """
   starts = carry is None
   if starts:
-    x_best = vertical_stripes(keys, x, eps) if norm == "linf" else _lp_start(keys, x, eps, norm)
-    carry = (x_best, _margin(model_fn, x_best, y))
-  x_best, margin, made = square_run(model_fn, x, y, keys, *carry, first_query, end_query, eps,
-                                    total_queries=total_queries, p_init=p_init,
+    carry = (x, jnp.zeros(x.shape[:1], x.dtype))
+  return _square_chunk(model_fn, x, y, keys, *carry, jnp.asarray(starts), first_query,
+                       end_query, eps, total_queries=total_queries, p_init=p_init,
+                       rescale_schedule=rescale_schedule, norm=norm)
+
+
+@jit_with_model("total_queries", "p_init", "rescale_schedule", "norm")
+def _square_chunk(model_fn, x: Array, y: Array, keys: Array, x_best: Array, margin: Array,
+                  starts: Array, first_query, end_query, eps, *, total_queries: int,
+                  p_init: float, rescale_schedule: bool, norm: str):
+  """square_chunk's program: from (x_best, margin), or from Square's start where `starts`."""
+  def start():
+    x_start = vertical_stripes(keys, x, eps) if norm == "linf" else _lp_start(keys, x, eps, norm)
+    return x_start, _margin(model_fn, x_start, y).astype(x.dtype)
+
+  x_best, margin = jax.lax.cond(starts, start, lambda: (x_best, margin.astype(x.dtype)))
+  x_best, margin, made = square_run(model_fn, x, y, keys, x_best, margin, first_query, end_query,
+                                    eps, total_queries=total_queries, p_init=p_init,
                                     rescale_schedule=rescale_schedule, norm=norm)
-  return x_best, margin <= 0, (x_best, margin), made + int(starts)
+  return x_best, margin <= 0, (x_best, margin), made + starts.astype(jnp.int32)
 
 
 def square(model_fn, x: Array, y: Array, *, eps=8 / 255, key: Array, queries: int = 5000,
