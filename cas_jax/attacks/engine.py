@@ -199,27 +199,26 @@ def picked_loss(family, index) -> Callable:
   """
   def value_and_output_grad(member):
     def run(outputs, *labels):
-      (_, value), grad = jax.value_and_grad(
-          lambda o: (lambda v: (jnp.sum(v), v))(member(o, *labels)), has_aux=True)(outputs)
+      def total(o):
+        value = member(o, *labels)
+        return jnp.sum(value), value
+      (_, value), grad = jax.value_and_grad(total, has_aux=True)(outputs)
       return value, grad
     return run
 
   @jax.custom_vjp
-  def picked(index, outputs, *labels):
+  def picked(index, outputs, labels):
     return jax.lax.switch(index, family, outputs, *labels)
 
-  def forward(index, outputs, *labels):
-    value, grad = jax.lax.switch(index, [value_and_output_grad(m) for m in family], outputs,
-                                 *labels)
-    return value, (grad, len(labels))
+  def forward(index, outputs, labels):  # (the loss, the residual: its output gradient)
+    return jax.lax.switch(index, [value_and_output_grad(m) for m in family], outputs, *labels)
 
-  def backward(saved, cotangent):
-    grad, labels = saved
+  def backward(grad, cotangent):
     rows = lambda g: g * cotangent.reshape(cotangent.shape + (1,) * (g.ndim - 1))
-    return (None, jax.tree.map(rows, grad)) + (None,) * labels
+    return None, jax.tree.map(rows, grad), None
 
   picked.defvjp(forward, backward)
-  return lambda outputs, *labels: picked(index, outputs, *labels)
+  return lambda outputs, *labels: picked(index, outputs, labels)
 
 
 def mean_over_draws(draw_loss: Callable[[Array, int], Any], draws: int) -> Callable:
