@@ -5,6 +5,7 @@ import functools
 import importlib
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -122,7 +123,8 @@ def test_a_loss_family_runs_each_member_as_its_own_program_would():
 
 def test_a_loss_family_differentiates_as_its_picked_member():
   """The family's gradient, taken inside the picked branch (a custom VJP), equals the member's
-  own for any per-example cotangent, through the model and its CAS heads, and for every index."""
+  own for any per-example cotangent, through the model and its CAS heads, and for every index;
+  and JAX does not differentiate the family's switch."""
   apgd_module = importlib.import_module("cas_jax.attacks.apgd")
   model_fn, x, y = _cas_mlp(), _images(7, 6), jnp.array([0, 1, 2, 0, 1, 2])
   targets, weights = jnp.array([1, 2, 0, 2, 0, 1]), jnp.array([1.0, -2.0, 0.5, 3.0, 0.0, 1.5])
@@ -133,3 +135,15 @@ def test_a_loss_family_differentiates_as_its_picked_member():
     picked = jax.grad(weighted(apgd_module.apgd_loss(family, index=jnp.asarray(index))))(x)
     np.testing.assert_allclose(picked, own, rtol=1e-5, atol=1e-6, err_msg=name)
     assert float(jnp.abs(own).max()) > 0, name
+  # The switch is not differentiated (JAX traces that slowly): its gradient has the forward
+  # switch only, where differentiating it adds its transpose, a second one.
+  gradient = jax.make_jaxpr(jax.grad(
+      lambda z, index: weighted(apgd_module.apgd_loss(family, index=index))(z)))(x, 1)
+  assert _count_primitive(gradient.jaxpr, "cond") == 1
+
+
+def _count_primitive(jaxpr, name):
+  """How many equations of primitive `name` a jaxpr holds, its sub-jaxprs included."""
+  subs = lambda eqn: jax.extend.core.jaxprs_in_params(eqn.params)
+  return sum(int(eqn.primitive.name == name) + sum(_count_primitive(sub, name) for sub in subs(eqn))
+             for eqn in jaxpr.eqns)
