@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import flax.linen as nn
 import jax
 import numpy as np
@@ -65,6 +66,41 @@ def test_each_program_compiles_once_per_batch_shape_whatever_the_targets():
   _, more = _default_report(40, target_classes=5)
   for program in ("apgd_round", "fab_round"):
     assert _count(more, program) == _count(stats, program), (program, more.as_dict())
+
+
+# What a report may compile: its attack and verdict programs, its per-image keys, and the
+# key streams its units fold (one small program per batch shape).
+REPORT_PROGRAMS = {"apgd_round", "fab_round", "_square_chunk", "_single_attack", "correct",
+                   "_report_key_data"}
+KEY_FOLDING = {"_threefry_fold_in", "convert_element_type"}
+
+
+def test_a_report_compiles_no_one_op_programs_for_its_bookkeeping():
+  """Moving batches to the device, inverting verdicts and adding up rows happen on the host:
+  in JAX each of them (jnp.asarray, ~, + on device arrays) compiles a program of its own per
+  shape, which a full-width network's cold run paid for in tens of compilations."""
+  jax.clear_caches()
+  _, stats = _default_report(40, target_classes=2)
+  compiled = {name[len("jit("):-1] for name in stats.counts}
+  assert compiled - KEY_FOLDING == REPORT_PROGRAMS, stats.as_dict()
+  assert sum(stats.counts[f"jit({name})"] for name in compiled & KEY_FOLDING) <= 2 * 3, (
+      stats.as_dict())  # at most one fold (and its integer cast) per batch size
+
+
+def test_loading_a_torch_checkpoint_compiles_nothing():
+  """The weights go to the device as they are (jax.device_put), not through a staging program
+  per distinct shape (jnp.asarray: 20 of them for a ResNet-18)."""
+  from cas_jax import models  # pylint: disable=g-import-not-at-top
+  from cas_jax.models import interop  # pylint: disable=g-import-not-at-top
+  model = models.create("resnet18", width=4, cas_stages=())
+  variables = jax.jit(lambda: model.init(KEY, np.zeros((1, 32, 32, 3), np.float32),
+                                         train=False))()
+  state_dict = interop.to_torch_state_dict("resnet18", variables)  # numpy, torch's layout
+  jax.clear_caches()
+  with compilation.counted() as stats:
+    loaded = interop.from_torch_state_dict("resnet18", state_dict, width=4, cas_stages=())
+  assert stats.total == 0, stats.as_dict()
+  chex.assert_trees_all_equal(loaded, variables)
 
 
 def test_the_verdicts_compile_for_three_batch_sizes_whatever_sizes_the_attacks_ran_at():

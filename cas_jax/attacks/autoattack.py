@@ -109,7 +109,9 @@ def stage_units(model_fn, stage: str, *, eps, key_kind: Array, judge: verdicts.J
       else:
         x_adv, _, carry_out, made = attack(x, y, stage_keys, carry_in, eps)
       correct, judged, judge_padding = judge(x_adv, y, image_keys)
-      return ~correct, x_adv, carry_out, forward + made + judged, gradient, judge_padding
+      # On the host: one-op device programs here would each compile (per batch shape).
+      return (~np.asarray(correct), x_adv, carry_out, forward + int(made) + judged, gradient,
+              judge_padding)
     return cascade.Unit(prefix + name, run_batch, carry and prefix + carry, reads_carry,
                         program=program)
 

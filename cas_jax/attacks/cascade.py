@@ -238,8 +238,8 @@ def local_mesh():
 
 def to_device(mesh, tree):
   """Host arrays as device arrays, their leading axis sharded over the mesh's devices."""
-  if mesh is None:
-    return jax.tree.map(jnp.asarray, tree)
+  if mesh is None:  # device_put, not jnp.asarray, which compiles a staging program per shape
+    return jax.device_put(tree)
   return jax.device_put(tree, NamedSharding(mesh, P("data")))
 
 

@@ -56,6 +56,14 @@ def check_eps(eps, norm: str = "linf", dim=None) -> None:
   norms.check_eps(eps, norm, dim)
 
 
+def _as_jax(a) -> Array:
+  """a as a JAX array; host data through device_put (jnp.asarray compiles a staging program
+  per shape for it)."""
+  if isinstance(a, (jax.Array, jax.core.Tracer)):
+    return jnp.asarray(a)
+  return jax.device_put(np.asarray(a))
+
+
 def check_images(x) -> Array:
   """x (numpy or JAX) as a JAX float array of NHWC images in [0, 1]; else a ValueError naming the fix.
 
@@ -65,7 +73,7 @@ def check_images(x) -> Array:
     values = None
   else:
     values = np.asarray(x) if isinstance(x, np.ndarray) else x
-  x = jnp.asarray(x)
+  x = _as_jax(x)
   if x.ndim != 4:
     raise errors.UserError(f"images must be NHWC of rank 4 (N, H, W, C), got shape {x.shape}; add the "
                      "missing axes (x[None] for one image, x[..., None] for one channel) or "
@@ -84,7 +92,7 @@ def check_images(x) -> Array:
 def check_images_and_labels(x, y) -> Tuple[Array, Array]:
   """(x, y) as JAX arrays: NHWC images in [0, 1] (check_images) and one integer label per image."""
   x = check_images(x)
-  y = jnp.asarray(y)
+  y = _as_jax(y)
   if y.ndim != 1 or y.shape[0] != x.shape[0]:
     raise errors.UserError(f"labels must have shape (N,) = ({x.shape[0]},), one per image, got "
                      f"{y.shape}; pass class indices (argmax of one-hot labels), as many as images")

@@ -227,8 +227,8 @@ def square_chunk(model_fn, x: Array, y: Array, keys: Array, carry, first_query, 
   """
   starts = carry is None
   if starts:
-    carry = (x, jnp.zeros(x.shape[:1], x.dtype))
-  return _square_chunk(model_fn, x, y, keys, *carry, jnp.asarray(starts), first_query,
+    carry = (x, np.zeros(x.shape[:1], x.dtype))  # numpy: no program compiled for the zeros
+  return _square_chunk(model_fn, x, y, keys, *carry, np.asarray(starts), first_query,
                        end_query, eps, total_queries=total_queries, p_init=p_init,
                        rescale_schedule=rescale_schedule, norm=norm)
 

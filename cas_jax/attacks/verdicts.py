@@ -76,7 +76,7 @@ def _in_batches(verdict, shapes: cascade.BatchShapes, x_adv, y, keys):
     value = verdict(xb, yb, jax.random.wrap_key_data(kb, impl=impl))
     still[take] = np.asarray(value)[:take.size]
     padding += rows.size - take.size
-  return jnp.asarray(still), padding
+  return still, padding
 
 
 def _placed_as(host: np.ndarray, array) -> Array:
@@ -85,4 +85,4 @@ def _placed_as(host: np.ndarray, array) -> Array:
   and an uncommitted input are two compilations)."""
   if getattr(array, "committed", False):
     return jax.device_put(host, array.sharding)
-  return jnp.asarray(host)
+  return jax.device_put(host)  # uncommitted, as jnp.asarray gives, without its staging program

@@ -21,7 +21,7 @@ import zlib
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
 from cas_jax.evaluation.attack_registry import AttackBudget, AttackSpec
 from cas_jax.attacks.autoattack import ATTACKS, VERSIONS, stage_units
@@ -123,11 +123,12 @@ def single_unit(spec: AttackSpec, models: Models, ctx: "Context") -> List[cascad
     del carry
     image_keys = jax.random.wrap_key_data(key_data, impl=impl)
     x_adv, made = _single_attack(models, x, y, engine.fold_keys(image_keys, stream),
-                                 jnp.float32(spec.eps), loss_index, spec=static, beta=ctx.beta,
+                                 np.float32(spec.eps), loss_index, spec=static, beta=ctx.beta,
                                  budget=ctx.budget)
     still, judged, judge_padding = check(x_adv, y, image_keys)
-    return (~still, x_adv, None, forward + per_iteration * made + judged, gradient,
-            judge_padding)
+    # On the host: one-op device programs here would each compile (per batch shape).
+    return (~np.asarray(still), x_adv, None, forward + per_iteration * int(made) + judged,
+            gradient, judge_padding)
   return [cascade.Unit(spec.name, run_batch,
                        source_gradient=spec.method.startswith("transfer-"))]
 

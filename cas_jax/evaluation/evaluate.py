@@ -55,6 +55,13 @@ Partial = jax.tree_util.Partial
 image_keys = jax.jit(engine.index_keys)  # one key per image, from its global index
 
 
+@jax.jit
+def _report_key_data(key, indices):
+  """(attack, natural pass) key data per image: one program, not one per key operation."""
+  natural_key = jax.random.fold_in(key, zlib.crc32(report_lib.NATURAL.encode()))
+  return tuple(jax.random.key_data(image_keys(k, indices)) for k in (key, natural_key))
+
+
 # ----------------------------------------------------------------------------- the report
 
 
@@ -174,13 +181,12 @@ def robustness_report(apply_fn, x, y, *, key: Array, eps: Optional[float] = None
   mesh = cascade.local_mesh()
   if mesh is not None:  # the weights on every device the batches are sharded over
     models = jax.device_put(models, NamedSharding(mesh, P()))
-  key_data = np.asarray(jax.random.key_data(image_keys(key, local_indices)))
-  natural_key = jax.random.fold_in(key, zlib.crc32(report_lib.NATURAL.encode()))
+  key_data, natural_key_data = (np.asarray(k) for k in _report_key_data(key, local_indices))
   batch_shapes = {} if batch_shapes is None else batch_shapes
   # The natural pass and every attack's verdicts share one program, at these sizes only.
   judge_shapes = cascade.shapes_of(batch_shapes, VERDICTS, batch_size, y.size)
-  natural, fraction, natural_rows = _natural(models, x, y, np.asarray(jax.random.key_data(
-      image_keys(natural_key, local_indices))), jax.random.key_impl(key), draws, judge_shapes)
+  natural, fraction, natural_rows = _natural(models, x, y, natural_key_data,
+                                             jax.random.key_impl(key), draws, judge_shapes)
   num_classes = jax.eval_shape(lambda z: engine.main_logits(models.main, z), x[:1]).shape[-1]
   ctx = attack_plan.Context(eps=eps, budget=budget, beta=beta, draws=draws, key_kind=key,
                             ranks=target_ranks(budget.target_classes, num_classes), norm=norm,

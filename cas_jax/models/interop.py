@@ -165,7 +165,8 @@ def from_torch_state_dict(name: str, state_dict: Mapping[str, Any], num_classes:
                f"{', ' + shown if shown else ''}): {'; '.join(problems)}. "
                f"{_hint(name, state_dict)}")
   treedef = jax.tree_util.tree_structure(abstract)
-  return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(a) for a in leaves])
+  # device_put, not jnp.asarray: the latter compiles a staging program per distinct shape.
+  return jax.tree_util.tree_unflatten(treedef, [jax.device_put(a) for a in leaves])
 
 
 def _hint(name: str, state_dict: Mapping[str, Any]) -> str:
