@@ -26,6 +26,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch", 8, "The first batch size compiled (then +1, +2, ...).")
 flags.DEFINE_integer("repeats", 3, "Batch sizes compiled per program.")
 flags.DEFINE_integer("steps", 10, "Gradient steps of the host-loop comparison.")
+flags.DEFINE_enum("threefry", "unrolled", ["unrolled", "rolled"], "JAX's threefry lowering on "
+                  "the CPU: unrolled as the commands compile it "
+                  "(compilation.use_unrolled_threefry_on_cpu), or jax's default loop.")
 flags.DEFINE_string("out", "", "Write the results as JSON here.")
 
 
@@ -127,6 +130,9 @@ def main(_):
   from cas_jax.attacks import engine  # pylint: disable=g-import-not-at-top
   from cas_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_enable_compilation_cache", False)
+  if FLAGS.threefry == "unrolled":
+    from cas_jax import compilation  # pylint: disable=g-import-not-at-top
+    compilation.use_unrolled_threefry_on_cpu()
   network = models.create("resnet18", cas_stages=())
   variables = jax.jit(lambda: network.init(jax.random.key(0), jax.numpy.zeros((1, 32, 32, 3)),
                                            train=False))()
@@ -135,7 +141,7 @@ def main(_):
          "linear": engine.as_partial(Partial(linear, jax.numpy.zeros((32 * 32 * 3, 10))))}
   seconds = compile_seconds(pms)
   result = {"jax": jax.__version__, "cpu_count": os.cpu_count(),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "threefry": FLAGS.threefry,
             "compile_seconds": seconds,
             "median_seconds": {k: sorted(v)[len(v) // 2] for k, v in seconds.items()},
             "host_loop": host_loop(pms["resnet18"])}

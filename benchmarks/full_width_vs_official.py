@@ -71,6 +71,7 @@ def run_ours() -> dict:
   from cas_jax.evaluation import benchmark  # pylint: disable=g-import-not-at-top
   from cas_jax.evaluation.attack_registry import AttackBudget  # pylint: disable=g-import-not-at-top
   compilation.use_persistent_cache(FLAGS.cache)
+  compilation.use_unrolled_threefry_on_cpu()  # as the commands do (cas_jax.cli.run)
   imported = time.perf_counter() - START
   with compilation.counted() as stats:
     begin = time.perf_counter()

@@ -124,4 +124,6 @@ def run(main: Callable[[List[str]], None]) -> None:
   if not sys.modules["__main__"].__doc__:
     sys.modules["__main__"].__doc__ = program.__doc__
   use_eigen_cpu_convolutions()
+  from cas_jax import compilation  # pylint: disable=g-import-not-at-top  (imports jax: after XLA_FLAGS)
+  compilation.use_unrolled_threefry_on_cpu()
   app.run(main, flags_parser=parse_flags)

@@ -293,3 +293,34 @@ def test_apgd_differentiates_the_model_inside_its_loop_only():
                                               0.02, steps=3, loss="ce", beta=2.0)
   outside, inside = _model_calls(jax.make_jaxpr(run)(x).jaxpr, "tiny_linear")
   assert (outside, inside) == (0, 2), (outside, inside)  # its forward and its transpose
+
+
+THREEFRY_SCRIPT = """
+import json
+import jax
+from cas_jax import compilation
+draws = lambda k: (jax.random.uniform(jax.random.fold_in(k, 7), (1000,)),
+                   jax.random.key_data(jax.random.split(k, 4)))
+key = jax.random.key(3)
+rolled = jax.jit(draws)
+before, before_text = rolled(key), rolled.lower(key).compile().as_text()
+switched = compilation.use_unrolled_threefry_on_cpu()
+unrolled = jax.jit(lambda k: draws(k))  # a new function: traced and lowered again
+after, after_text = unrolled(key), unrolled.lower(key).compile().as_text()
+print(json.dumps({"switched": switched, "loop_before": " while(" in before_text,
+                  "loop_after": " while(" in after_text,
+                  "same": all(bool((a == b).all()) for a, b in zip(before, after))}))
+"""
+
+
+def test_unrolled_threefry_draws_the_same_bits_without_a_loop():
+  """compilation.use_unrolled_threefry_on_cpu (the CLI commands call it) changes how XLA:CPU
+  compiles the threefry hash, not what it computes: the same uniforms and split keys, and no
+  while loop left in the program (jax's CPU default has one per threefry call)."""
+  env = {k: v for k, v in fake_devices.environment(1).items() if not k.startswith("JAX_")}
+  env["JAX_PLATFORMS"] = "cpu"
+  done = subprocess.run([sys.executable, "-c", THREEFRY_SCRIPT], env=env, capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  seen = json.loads(done.stdout.strip().splitlines()[-1])
+  assert seen == {"switched": True, "loop_before": True, "loop_after": False, "same": True}

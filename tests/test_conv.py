@@ -96,8 +96,11 @@ def report(argv):
   flags = os.environ.get("XLA_FLAGS", "")
   os.environ.pop("XLA_FLAGS", None)  # as if never set: the backends have started all the same
   os.environ.pop(cli.CPU_CONVOLUTIONS_ENV, None)
+  bits = jax.jit(lambda k: jax.random.bits(k, (4,)))
+  threefry = bits.lower(jax.random.key(0)).compile().as_text()
   print(json.dumps({"flags": flags, "ynn": "__ynn_fusion" in hlo,
-                    "again": cli.use_eigen_cpu_convolutions()}))
+                    "again": cli.use_eigen_cpu_convolutions(),
+                    "threefry_loop": " while(" in threefry}))
 
 cli.run(report)
 """
@@ -108,6 +111,8 @@ cli.run(report)
     ({"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"},
      False)])
 def test_the_commands_convolve_with_eigen_on_the_cpu_unless_told_otherwise(env, eigen):
+  """The commands' XLA:CPU choices: Eigen convolutions (unless told otherwise) and threefry
+  compiled without its loop."""
   base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", cli.CPU_CONVOLUTIONS_ENV)}
   done = subprocess.run([sys.executable, "-c", CLI_SCRIPT], env={**base, **env}, check=True,
                         capture_output=True, text=True, timeout=120)
@@ -115,3 +120,4 @@ def test_the_commands_convolve_with_eigen_on_the_cpu_unless_told_otherwise(env, 
   assert seen["ynn"] is not eigen  # YNNPACK fuses the convolution unless the command says Eigen
   assert (seen["flags"] != env.get("XLA_FLAGS", "")) is eigen  # the user's own choice stays
   assert seen["again"] is False  # once the backends started, XLA_FLAGS no longer matters
+  assert seen["threefry_loop"] is False  # the commands compile threefry unrolled (compilation)
