@@ -324,3 +324,16 @@ def test_unrolled_threefry_draws_the_same_bits_without_a_loop():
   assert done.returncode == 0, done.stderr[-3000:]
   seen = json.loads(done.stdout.strip().splitlines()[-1])
   assert seen == {"switched": True, "loop_before": True, "loop_after": False, "same": True}
+
+
+def test_fab_projects_both_points_of_a_step_in_one_loop():
+  """Each FAB step projects its iterate and the original image onto the same hyperplane; as one
+  call of the projection over both (its rows are independent), its Newton loop is compiled
+  once, not twice (FAB's own loop has a fixed count: a scan, not a while loop)."""
+  from test_attack_losses import _count_primitive  # pylint: disable=g-import-not-at-top
+  fab_module = importlib.import_module("cas_jax.attacks.fab")
+  x, y = _report_data(3)
+  keys = jax.random.split(KEY, 3)
+  jaxpr = jax.make_jaxpr(lambda x: fab_module.fab_round.jitted(
+      jax.tree_util.Partial(apply_cas, W), x, y, keys, 0.02, steps=3, rank=2))(x).jaxpr
+  assert _count_primitive(jaxpr, "while") == 1  # the projection's Newton loop
