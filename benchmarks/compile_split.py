@@ -15,12 +15,13 @@ preparation of the kernels that the compiled loop hoists (XLA's backward convolu
 every kernel reversed and transposed: `prepare_seconds`, the same work as one program).
 """
 import importlib
-import json
 import os
 import time
 
 from absl import app
 from absl import flags
+
+from benchmarks import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch", 8, "The first batch size compiled (then +1, +2, ...).")
@@ -51,13 +52,19 @@ def attack_programs(pm, x, y, keys):
   }
 
 
+def log_likelihood(y):
+  """(model_fn, images) -> the summed log-likelihood of labels y: the loss both parts differentiate."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from cas_jax.attacks import engine  # pylint: disable=g-import-not-at-top
+  return lambda pm, z: jax.numpy.sum(jax.nn.log_softmax(engine.main_logits(pm, z))
+                                     * jax.nn.one_hot(y, 10))
+
+
 def network_programs(pm, x, y):
   """{name: lower()} of the network's input gradient and forward pass alone."""
   import jax  # pylint: disable=g-import-not-at-top
   from cas_jax.attacks import engine  # pylint: disable=g-import-not-at-top
-  loss = lambda pm, z: jax.numpy.sum(jax.nn.log_softmax(engine.main_logits(pm, z))
-                                     * jax.nn.one_hot(y, 10))
-  return {"network_gradient": lambda: jax.jit(jax.grad(loss, 1)).lower(pm, x),
+  return {"network_gradient": lambda: jax.jit(jax.grad(log_likelihood(y), 1)).lower(pm, x),
           "network_forward": lambda: jax.jit(engine.main_logits).lower(pm, x)}
 
 
@@ -87,13 +94,10 @@ def host_loop(pm) -> dict:
   host, and the kernels' preparation alone (what the loop hoists out of its steps)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from cas_jax.attacks import engine  # pylint: disable=g-import-not-at-top
   n = FLAGS.batch
   x = jax.random.uniform(jax.random.key(1), (n, 32, 32, 3))
   y = jnp.arange(n, dtype=jnp.int32) % 10
-  loss = lambda pm, z: jnp.sum(jax.nn.log_softmax(engine.main_logits(pm, z))
-                               * jax.nn.one_hot(y, 10))
-  grad = jax.jit(jax.grad(loss, 1))
+  grad = jax.jit(jax.grad(log_likelihood(y), 1))
   step = jax.jit(lambda z, g: jnp.clip(jnp.clip(z + 0.003 * jnp.sign(g), x - 0.03, x + 0.03),
                                        0, 1))
   looped = jax.jit(lambda pm, z: jax.lax.fori_loop(
@@ -145,10 +149,7 @@ def main(_):
             "compile_seconds": seconds,
             "median_seconds": {k: sorted(v)[len(v) // 2] for k, v in seconds.items()},
             "host_loop": host_loop(pms["resnet18"])}
-  print(json.dumps(result))
-  if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
-      json.dump(result, f, indent=1)
+  common.report(result, FLAGS.out)
 
 
 if __name__ == "__main__":
